@@ -1,0 +1,33 @@
+"""SELFIE (SELF1E) for Hugging Face transformers: an InternVL3 MLLM that segments with one `[SEG]` token.
+
+Importing this package registers the `selfie` model type with `AutoConfig`, `AutoModel`,
+`AutoModelForImageTextToText`, `AutoImageProcessor` and `AutoProcessor`.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
+
+from .configuration_selfie import SelfieConfig
+from .modeling_selfie import SelfieForSegmentation, SelfieModel, SelfieSegmentationHead, SelfieSegmentationOutput
+from .processing_selfie import SelfieImageProcessor, SelfieProcessor
+
+AutoConfig.register("selfie", SelfieConfig, exist_ok=True)
+AutoModel.register(SelfieConfig, SelfieForSegmentation, exist_ok=True)
+AutoModelForImageTextToText.register(SelfieConfig, SelfieForSegmentation, exist_ok=True)
+AutoImageProcessor.register(SelfieConfig, slow_image_processor_class=SelfieImageProcessor, exist_ok=True)
+AutoProcessor.register(SelfieConfig, SelfieProcessor, exist_ok=True)
+
+__all__ = [
+    "SelfieConfig",
+    "SelfieForSegmentation",
+    "SelfieImageProcessor",
+    "SelfieModel",
+    "SelfieProcessor",
+    "SelfieSegmentationHead",
+    "SelfieSegmentationOutput",
+]
