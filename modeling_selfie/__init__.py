@@ -19,7 +19,7 @@ from .processing_selfie import SelfieImageProcessor, SelfieProcessor
 AutoConfig.register("selfie", SelfieConfig, exist_ok=True)
 AutoModel.register(SelfieConfig, SelfieForSegmentation, exist_ok=True)
 AutoModelForImageTextToText.register(SelfieConfig, SelfieForSegmentation, exist_ok=True)
-AutoImageProcessor.register(SelfieConfig, slow_image_processor_class=SelfieImageProcessor, exist_ok=True)
+AutoImageProcessor.register(SelfieConfig, image_processor_classes={"pil": SelfieImageProcessor}, exist_ok=True)
 AutoProcessor.register(SelfieConfig, SelfieProcessor, exist_ok=True)
 
 __all__ = [

@@ -2,6 +2,7 @@
 `post_process_masks`."""
 
 import random
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -12,6 +13,7 @@ from PIL import Image
 from tokenizers import AddedToken
 from transformers import InternVLProcessor
 from transformers.image_processing_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
@@ -164,7 +166,6 @@ class SelfieProcessor(InternVLProcessor):
         self,
         image_processor=None,
         tokenizer=None,
-        video_processor=None,
         image_seq_length: int = 256,
         chat_template=None,
         system_message: str = INTERNVL_SYSTEM_MESSAGE,
@@ -172,7 +173,15 @@ class SelfieProcessor(InternVLProcessor):
     ):
         if tokenizer is not None and tokenizer.convert_tokens_to_ids(SEG_TOKEN) in (None, tokenizer.unk_token_id):
             tokenizer.add_tokens([AddedToken(SEG_TOKEN, special=True, normalized=False)], special_tokens=True)
-        super().__init__(image_processor, tokenizer, video_processor, image_seq_length, chat_template, **kwargs)
+        # InternVLProcessor.__init__ also takes a video processor, which needs torchvision; SELFIE has no video
+        # input, so the processor is set up with an image processor and a tokenizer only.
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self.image_seq_length = image_seq_length
+        self.start_image_token, self.start_image_token_id = tokenizer.start_image_token, tokenizer.start_image_token_id
+        self.end_image_token, self.end_image_token_id = tokenizer.end_image_token, tokenizer.end_image_token_id
+        self.image_token, self.image_token_id = tokenizer.context_image_token, tokenizer.context_image_token_id
+        self.video_token = tokenizer.video_token
+        self.multimodal_pattern = re.compile(f"(?P<image>{re.escape(self.image_token)})")
         self.system_message = system_message
         self.seg_token = SEG_TOKEN
         self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
@@ -204,7 +213,6 @@ class SelfieProcessor(InternVLProcessor):
         self,
         images=None,
         text=None,
-        videos=None,
         queries: str | Sequence[str] | None = None,
         query_kind: str = "phrase",
         conversations: Sequence[Sequence[dict]] | None = None,
@@ -242,7 +250,8 @@ class SelfieProcessor(InternVLProcessor):
         if images is not None and not isinstance(images, (list, tuple)):
             images = [images]
         return_tensors = kwargs.pop("return_tensors", "pt")
-        inputs = super().__call__(images=images, text=text, videos=videos, return_tensors=return_tensors, **kwargs)
+        kwargs.setdefault("padding", True)
+        inputs = super().__call__(images=images, text=text, return_tensors=return_tensors, **kwargs)
         if return_labels:
             inputs["labels"] = self.assistant_labels(inputs["input_ids"], inputs["attention_mask"])
         if masks is not None:

@@ -1,0 +1,54 @@
+"""Shipped model presets (`configuration/selfie-{tiny,2b,8b}.json`) and a tiny model + processor factory."""
+
+import json
+from importlib import resources
+
+import torch
+
+from .configuration_selfie import SelfieConfig
+from .modeling_selfie import SelfieForSegmentation
+from .processing_selfie import SelfieImageProcessor, SelfieProcessor
+from .tokenization import build_word_level_tokenizer
+
+PRESETS = ("selfie-tiny", "selfie-2b", "selfie-8b")
+
+
+def preset_config(name: str, **overrides) -> SelfieConfig:
+    """`SelfieConfig` of a shipped preset (`selfie-tiny`, `selfie-2b`, `selfie-8b`), with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {PRESETS}.")
+    text = resources.files("modeling_selfie.configuration").joinpath(f"{name}.json").read_text()
+    fields = {k: v for k, v in json.loads(text).items() if k not in ("model_type", "architectures", "_comment")}
+    fields.update(overrides)
+    return SelfieConfig(**fields)
+
+
+def tiny_model_and_processor(
+    words=(), seed: int = 0, system_message: str = "", **config_overrides
+) -> tuple[SelfieForSegmentation, SelfieProcessor]:
+    """A randomly initialised `selfie-tiny` model (56 px tiles, 4 LLM tokens per tile) and a matching processor
+    with a word-level tokenizer over `words` plus the paper's prompt words. For tests, examples and benchmarks."""
+    from .processing_selfie import ANSWERS, LONG_QUESTIONS, SHORT_QUESTIONS
+
+    prompt_words = " ".join((*SHORT_QUESTIONS, *LONG_QUESTIONS, *ANSWERS)).replace("{text}", " ")
+    for mark in ".,?":
+        prompt_words = prompt_words.replace(mark, " ")
+    tokenizer = build_word_level_tokenizer([*prompt_words.split(), *words])
+    processor = SelfieProcessor(
+        image_processor=SelfieImageProcessor(size={"height": 56, "width": 56}),
+        tokenizer=tokenizer,
+        image_seq_length=4,
+        system_message=system_message,
+    )
+    config = preset_config(
+        "selfie-tiny",
+        image_token_id=processor.image_token_id,
+        seg_token_id=processor.seg_token_id,
+        **config_overrides,
+    )
+    config.text_config.vocab_size = len(tokenizer)
+    torch.manual_seed(seed)
+    return SelfieForSegmentation(config).eval(), processor
+
+
+__all__ = ["PRESETS", "preset_config", "tiny_model_and_processor"]

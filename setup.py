@@ -1,0 +1,29 @@
+from setuptools import setup
+
+setup(
+    name="modeling-selfie",
+    version="0.1.0",
+    description="SELFIE (SELF1E): an InternVL3 MLLM that segments with a single [SEG] token, for transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=["modeling_selfie", "modeling_selfie.configuration", "modeling_selfie.data"],
+    package_dir={"modeling_selfie.configuration": "configuration"},
+    package_data={"modeling_selfie.configuration": ["*.json", "recipes/*", "launch/*"]},
+    install_requires=[
+        "torch>=2.11,<2.15",
+        "transformers>=5.24,<5.25",
+        "peft>=0.21,<0.22",
+        "trl>=1.16,<1.17",
+        "accelerate>=1.15,<1.16",
+        "safetensors>=0.8,<0.9",
+        "huggingface_hub>=2.4,<2.5",
+        "tokenizers>=0.23,<0.24",
+        "pillow>=12,<14",
+        "pycocotools>=2.0.11,<2.1",
+        "numpy>=2,<3",
+        "tqdm>=4.66",
+    ],
+    extras_require={"dev": ["pytest>=9,<10"]},
+    entry_points={"console_scripts": ["selfie-convert=modeling_selfie.convert:main"]},
+)
