@@ -26,8 +26,9 @@ def preset_config(name: str, **overrides) -> SelfieConfig:
 def tiny_model_and_processor(
     words=(), seed: int = 0, system_message: str = "", **config_overrides
 ) -> tuple[SelfieForSegmentation, SelfieProcessor]:
-    """A randomly initialised `selfie-tiny` model (56 px tiles, 4 LLM tokens per tile) and a matching processor
-    with a word-level tokenizer over `words` plus the paper's prompt words. For tests, examples and benchmarks."""
+    """A randomly initialised `selfie-tiny` model (56 px tiles, 4 LLM tokens per tile, variance-preserving init)
+    and a matching processor with a word-level tokenizer over `words` plus the paper's prompt words. For tests,
+    examples and benchmarks."""
     from .processing_selfie import ANSWERS, LONG_QUESTIONS, SHORT_QUESTIONS
 
     prompt_words = " ".join((*SHORT_QUESTIONS, *LONG_QUESTIONS, *ANSWERS)).replace("{text}", " ")
@@ -48,7 +49,19 @@ def tiny_model_and_processor(
     )
     config.text_config.vocab_size = len(tokenizer)
     torch.manual_seed(seed)
-    return SelfieForSegmentation(config).eval(), processor
+    model = SelfieForSegmentation(config)
+    variance_preserving_init_(model)
+    return model.eval(), processor
+
+
+def variance_preserving_init_(model: torch.nn.Module) -> None:
+    """Re-draw Linear weights from N(0, 1/fan_in) and embeddings from N(0, 1), so a random tiny model gives mask
+    logits of order 1 (transformers' N(0, 0.02^2) makes them ~1e-8 at this size)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=module.in_features**-0.5)
+        elif isinstance(module, torch.nn.Embedding):
+            torch.nn.init.normal_(module.weight, std=1.0)
 
 
 __all__ = ["PRESETS", "preset_config", "tiny_model_and_processor"]

@@ -1,0 +1,16 @@
+"""Helpers shared by tests: paths of shipped fixtures and small synthetic inputs."""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REFERENCE = FIXTURES / "reference"
+WORDS = ("red", "blue", "green", "circle", "square", "shape", "left", "the", "hello", "describe")
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """An RGB image of uniform random pixels."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
