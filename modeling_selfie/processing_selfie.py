@@ -301,28 +301,38 @@ class SelfieProcessor(InternVLProcessor):
         mask_threshold: float = 0.0,
         binarize: bool = True,
     ) -> list[torch.Tensor]:
-        """Masks at each image's own size.
+        """Masks at each image's own size; see [`post_process_masks`]."""
+        return post_process_masks(pred_masks, original_sizes, mask_threshold, binarize)
 
-        Args:
-            pred_masks: `SelfieSegmentationOutput.pred_masks`, one `[n_seg, H, W]` logit tensor per sample.
-            original_sizes: (height, width) of each sample's image.
-            mask_threshold: logit threshold (0.0 = probability 0.5).
-            binarize: return bool masks; `False` returns the resized logits.
-        Returns:
-            One `[n_seg, height, width]` tensor per sample (bool, or float logits without `binarize`).
-        """
-        if len(pred_masks) != len(original_sizes):
-            raise ValueError(f"{len(pred_masks)} mask sets but {len(original_sizes)} original sizes.")
-        results = []
-        for masks, (height, width) in zip(pred_masks, original_sizes):
-            if masks.shape[0] == 0:
-                resized = masks.new_zeros(0, height, width)
-            else:
-                resized = F.interpolate(
-                    masks[:, None].float(), size=(int(height), int(width)), mode="bilinear", align_corners=False
-                )[:, 0]
-            results.append(resized > mask_threshold if binarize else resized)
-        return results
+
+def post_process_masks(
+    pred_masks: Sequence[torch.Tensor],
+    original_sizes: Sequence[tuple[int, int]],
+    mask_threshold: float = 0.0,
+    binarize: bool = True,
+) -> list[torch.Tensor]:
+    """Bring mask logits back to each image's own size (bilinear, `align_corners=False`) and threshold them.
+
+    Args:
+        pred_masks: `SelfieSegmentationOutput.pred_masks`, one `[n_seg, H, W]` logit tensor per sample.
+        original_sizes: (height, width) of each sample's image.
+        mask_threshold: logit threshold (0.0 = probability 0.5).
+        binarize: return bool masks; `False` returns the resized logits.
+    Returns:
+        One `[n_seg, height, width]` tensor per sample (bool, or float logits without `binarize`).
+    """
+    if len(pred_masks) != len(original_sizes):
+        raise ValueError(f"{len(pred_masks)} mask sets but {len(original_sizes)} original sizes.")
+    results = []
+    for masks, (height, width) in zip(pred_masks, original_sizes):
+        if masks.shape[0] == 0:
+            resized = masks.new_zeros(0, int(height), int(width))
+        else:
+            resized = F.interpolate(
+                masks[:, None].float(), size=(int(height), int(width)), mode="bilinear", align_corners=False
+            )[:, 0]
+        results.append(resized > mask_threshold if binarize else resized)
+    return results
 
 
 def image_size_of(image) -> tuple[int, int]:
@@ -334,4 +344,11 @@ def image_size_of(image) -> tuple[int, int]:
     return tuple(np.asarray(image).shape[:2])
 
 
-__all__ = ["SelfieImageProcessor", "SelfieProcessor", "select_tile_grid", "segmentation_question"]
+__all__ = [
+    "SelfieImageProcessor",
+    "SelfieProcessor",
+    "image_size_of",
+    "post_process_masks",
+    "segmentation_question",
+    "select_tile_grid",
+]

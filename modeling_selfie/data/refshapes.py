@@ -1,0 +1,779 @@
+"""RefShapes: a synthetic referring-segmentation dataset of coloured shapes, generated on the fly.
+
+Every item is one scene (an image of 2-6 coloured shapes on a plain, gradient or noisy pale background, of varied
+size and aspect ratio) and one expression that refers to some of its shapes, with the exact mask of the referent:
+
+    kind            example                                     referent
+    colour_shape    "red circle"                                the only red circle
+    position        "leftmost shape", "triangle at the top"     the extreme member of a group, by a clear margin
+    size            "largest square", "small blue star"         the clearly largest / smallest member of a group
+    relation        "circle left of the blue square"            the only group member on that side of the anchor
+    multi_target    "all red shapes", "both stars", "circles"   the union of a group of two or more shapes
+    no_target       "green star" (there is none)                nothing: an empty mask
+    reasoning       "Which shape has three corners?"            the only shape with that property (an instruction)
+
+Phrases carry no leading article ("red circle", not "the red circle"), as RefCOCO expressions, because the
+paper's templates already supply one ("Can you segment the {text} in this image?"). Reasoning questions are full
+sentences and use the instruction templates.
+
+Correctness by construction: every shape's mask is rasterised on its own (no anti-aliasing) and painted in one
+exact colour; the parts hidden by later shapes are removed from earlier masks. For each scene the generator
+enumerates every expression of the requested kind, keeps only those whose meaning resolves unambiguously in the
+scene (margins on positions and sizes, uniqueness of the referent, emptiness for `no_target`) and draws one of them;
+a scene with none is redrawn.
+
+Determinism: item `i` of a split is generated from its own `random.Random` seeded with the string
+`"refshapes/{split}/{seed}/{i}"` (string seeds are hashed with SHA-512, independently of `PYTHONHASHSEED`), so it
+is the same in every run and whatever the access order, and the train, validation and test splits draw from
+unrelated streams.
+"""
+
+import math
+import operator
+import random
+import re
+import textwrap
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ..processing_selfie import segmentation_answer, segmentation_question
+
+SOURCE = "refshapes"
+SPLITS = ("train", "validation", "test")
+
+COLOURS = {
+    "red": (215, 38, 38),
+    "green": (34, 160, 60),
+    "blue": (35, 80, 215),
+    "yellow": (240, 205, 30),
+    "purple": (135, 55, 175),
+    "orange": (245, 130, 20),
+}
+FORMS = ("circle", "square", "triangle", "star", "ring", "diamond", "cross")
+PLURALS = {**{form: form + "s" for form in FORMS}, "cross": "crosses", "shape": "shapes"}
+
+EXPRESSION_KINDS = ("colour_shape", "position", "size", "relation", "multi_target", "no_target", "reasoning")
+DEFAULT_KIND_WEIGHTS = {
+    "colour_shape": 2.0,
+    "position": 2.0,
+    "size": 1.5,
+    "relation": 1.5,
+    "multi_target": 1.0,
+    "no_target": 0.5,
+    "reasoning": 1.0,
+}
+
+# Scene layout.
+MIN_SIDE, MAX_SIDE = 96, 320
+MIN_SHAPES, MAX_SHAPES = 2, 6
+SMALL_RADIUS, LARGE_RADIUS = (0.08, 0.11), (0.14, 0.20)  # fractions of the short image side
+MIN_RADIUS = 7.0
+SEPARATION = 0.9  # centres at least SEPARATION * (r1 + r2) apart: bounding discs overlap a little at most
+MIN_VISIBLE = 0.8  # every shape keeps this fraction of its pixels after occlusion
+PLACEMENT_ATTEMPTS = 40  # positions tried per shape
+LAYOUT_ATTEMPTS = 100  # layouts tried per scene
+MAX_SCENES = 200  # scenes tried per item for an expression of its kind
+
+# Shape geometry, in units of the shape's radius.
+SQUARE_HALF_SIDE = 0.82
+DIAMOND_HALF_WIDTH = 0.7
+TRIANGLE_HALF_BASE, TRIANGLE_BASE_Y = 0.95, 0.8
+STAR_INNER = 0.45
+RING_INNER = 0.55
+CROSS_HALF_WIDTH = 0.32
+
+# Unambiguity margins.
+POSITION_MARGIN = 0.08  # fraction of the image side along the axis
+SUPERLATIVE_AREA_RATIO, SUPERLATIVE_RADIUS_RATIO = 1.3, 1.15  # "largest", "smallest"
+ADJECTIVE_AREA_RATIO, ADJECTIVE_RADIUS_RATIO = 1.8, 1.3  # "big", "small"
+
+# Expression wording. `{group}` is a singular noun phrase ("red circle", "shape"); `{anchor}` names one shape.
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "top": (1, -1), "bottom": (1, 1)}  # (axis, sign): larger = more
+SUPERLATIVE_POSITIONS = {
+    "left": ("leftmost {group}",),
+    "right": ("rightmost {group}",),
+    "top": ("topmost {group}", "highest {group}"),
+    "bottom": ("bottommost {group}", "lowest {group}"),
+}
+PAIR_POSITIONS = {  # only for a group of two shapes
+    "left": ("{group} on the left",),
+    "right": ("{group} on the right",),
+    "top": ("{group} at the top",),
+    "bottom": ("{group} at the bottom",),
+}
+SIZE_PHRASES = {  # (largest?, superlative?) -> templates
+    (True, True): ("largest {group}", "biggest {group}"),
+    (False, True): ("smallest {group}",),
+    (True, False): ("big {group}", "large {group}"),
+    (False, False): ("small {group}",),
+}
+RELATIONS = {
+    "left": ("{group} left of the {anchor}", "{group} to the left of the {anchor}"),
+    "right": ("{group} right of the {anchor}", "{group} to the right of the {anchor}"),
+    "top": ("{group} above the {anchor}",),
+    "bottom": ("{group} below the {anchor}",),
+}
+MULTI_PHRASES = ("all {groups}", "{groups}")
+PAIR_MULTI_PHRASES = ("both {groups}",)
+FORM_RIDDLES = {
+    "circle": ("Which solid {subject} is perfectly round?",),
+    "square": ("Which {subject} has four equal sides and four right angles?",),
+    "triangle": ("Which {subject} has three corners?", "Which {subject} has exactly three sides?"),
+    "star": ("Which {subject} has five points?",),
+    "ring": ("Which {subject} has a hole in the middle?",),
+    "diamond": ("Which {subject} looks like the diamond on a playing card?",),
+    "cross": ("Which {subject} looks like a plus sign?",),
+}
+COLOUR_RIDDLES = {
+    "red": "a ripe tomato",
+    "green": "fresh grass",
+    "blue": "a clear summer sky",
+    "yellow": "a banana",
+    "purple": "a plum",
+    "orange": "a carrot",
+}
+COLOUR_RIDDLE_TEMPLATE = "Which {subject} is the colour of {thing}?"
+SIZE_RIDDLES = {
+    True: ("Which shape covers the largest area?", "Which shape is the biggest in the picture?"),
+    False: ("Which shape covers the smallest area?", "Which shape is the smallest in the picture?"),
+}
+
+_WORD = re.compile(r"[^\s.,?!:;]+")
+
+
+def split_words(text: str) -> list[str]:
+    """The words of `text` as the word-level tokenizer of `modeling_selfie.tokenization` splits them: on spaces,
+    with punctuation (`.,?!:;`) set apart and dropped here; case is kept."""
+    return _WORD.findall(text)
+
+
+@dataclass(frozen=True)
+class PlacedShape:
+    """One shape of a scene: its form (one of `FORMS`), colour (a key of `COLOURS`), centre (x, y) in pixels and
+    radius (the radius of its bounding disc) in pixels."""
+
+    form: str
+    colour: str
+    center: tuple[float, float]
+    radius: float
+
+
+@dataclass(frozen=True, eq=False)
+class Scene:
+    """A rendered scene.
+
+    Attributes:
+        image: the RGB image.
+        shapes: the shapes, in drawing order (later ones on top).
+        masks: bool `[n_shapes, H, W]`, the visible pixels of each shape (occluded parts removed).
+        areas: `[n_shapes]`, visible pixel counts.
+        centroids: `[n_shapes, 2]`, (x, y) centroids of the visible pixels.
+        full_areas: `[n_shapes]`, pixel counts before occlusion.
+    """
+
+    image: Image.Image
+    shapes: tuple[PlacedShape, ...]
+    masks: np.ndarray
+    areas: np.ndarray
+    centroids: np.ndarray
+    full_areas: np.ndarray
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the image."""
+        return self.image.size
+
+
+@dataclass(frozen=True)
+class Group:
+    """A noun phrase selecting shapes by colour and/or form; neither given means every shape ("shape")."""
+
+    colour: str | None = None
+    form: str | None = None
+
+    def contains(self, shape: PlacedShape) -> bool:
+        """Whether the shape has the group's colour and form (where given)."""
+        return self.colour in (None, shape.colour) and self.form in (None, shape.form)
+
+    def members(self, scene: Scene) -> tuple[int, ...]:
+        """Indices of the scene's shapes the group selects."""
+        return tuple(i for i, shape in enumerate(scene.shapes) if self.contains(shape))
+
+    @property
+    def singular(self) -> str:
+        return " ".join(word for word in (self.colour, self.form or "shape") if word)
+
+    @property
+    def plural(self) -> str:
+        return " ".join(word for word in (self.colour, PLURALS[self.form or "shape"]) if word)
+
+
+@dataclass(frozen=True)
+class Expression:
+    """A referring expression resolved in its scene.
+
+    Attributes:
+        text: the expression ("red circle", "Which shape has three corners?").
+        kind: one of `EXPRESSION_KINDS`.
+        targets: indices of the referred shapes (empty for `no_target`); the mask is their union.
+        group: indices of the shapes the expression chooses among (the referent's group, e.g. every red shape for
+            "leftmost red shape"; the targets themselves for `colour_shape` and `multi_target`).
+        anchor: index of the reference shape of a `relation` expression, else `None`.
+    """
+
+    text: str
+    kind: str
+    targets: tuple[int, ...]
+    group: tuple[int, ...]
+    anchor: int | None = None
+
+    @property
+    def query_kind(self) -> str:
+        """The prompt kind of `segmentation_question`: "instruction" for reasoning questions, else "phrase"."""
+        return "instruction" if self.kind == "reasoning" else "phrase"
+
+
+@dataclass(frozen=True)
+class RefShapesExample:
+    """A scene and the expression generated for it."""
+
+    scene: Scene
+    expression: Expression
+
+    def target_mask(self) -> np.ndarray:
+        """uint8 `[H, W]`: the union of the target shapes' visible masks."""
+        width, height = self.scene.size
+        mask = np.zeros((height, width), dtype=bool)
+        for index in self.expression.targets:
+            mask |= self.scene.masks[index]
+        return mask.astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scenes
+
+
+def _image_size(rng: random.Random) -> tuple[int, int]:
+    """(width, height) in [MIN_SIDE, MAX_SIDE]: a third near-square, a third wide, a third tall."""
+    layout = rng.choice(("square", "wide", "tall"))
+    long_side = rng.randint(160, MAX_SIDE)
+    aspect = rng.uniform(1.0, 1.25) if layout == "square" else rng.uniform(1.4, 3.0)
+    short_side = max(MIN_SIDE, round(long_side / aspect))
+    wide = layout == "wide" or (layout == "square" and rng.random() < 0.5)
+    return (long_side, short_side) if wide else (short_side, long_side)
+
+
+def _pale_colour(rng: random.Random) -> np.ndarray:
+    """A light, barely saturated colour, far from every shape colour."""
+    grey = rng.randint(185, 245)
+    return np.array([min(255, max(0, grey + rng.randint(-12, 12))) for _ in range(3)], dtype=np.float32)
+
+
+def _background(rng: random.Random, width: int, height: int) -> np.ndarray:
+    """uint8 `[H, W, 3]`: a plain, gradient or noisy pale background."""
+    style = rng.choice(("plain", "gradient", "noise"))
+    base = _pale_colour(rng)
+    pixels = np.broadcast_to(base, (height, width, 3)).copy()
+    if style == "gradient":
+        xs, ys = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
+        ramp = {"horizontal": xs, "vertical": ys, "diagonal": (xs + ys) / 2}[
+            rng.choice(("horizontal", "vertical", "diagonal"))
+        ]
+        pixels += ramp[..., None] * (_pale_colour(rng) - base)
+    elif style == "noise":
+        noise = np.random.default_rng(rng.getrandbits(63)).integers(-8, 9, (height, width, 1))
+        pixels += noise
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+def _place_shapes(rng: random.Random, width: int, height: int) -> list[PlacedShape]:
+    """Up to a random 2-6 shapes, inside the image, their bounding discs overlapping a little at most.
+
+    Each scene draws from 2-4 colours and 2-4 forms so that groups (several red shapes, several circles) are common.
+    """
+    colours = rng.sample(list(COLOURS), rng.randint(2, 4))
+    forms = rng.sample(FORMS, rng.randint(2, 4))
+    short_side = min(width, height)
+    shapes: list[PlacedShape] = []
+    for _ in range(rng.randint(MIN_SHAPES, MAX_SHAPES)):
+        for _attempt in range(PLACEMENT_ATTEMPTS):
+            radius = max(MIN_RADIUS, short_side * rng.uniform(*rng.choice((SMALL_RADIUS, LARGE_RADIUS))))
+            center = (rng.uniform(radius + 1, width - radius - 2), rng.uniform(radius + 1, height - radius - 2))
+            if all(math.dist(center, other.center) >= SEPARATION * (radius + other.radius) for other in shapes):
+                shapes.append(PlacedShape(rng.choice(forms), rng.choice(colours), center, radius))
+                break
+    return shapes
+
+
+def _star_vertices(x: float, y: float, r: float) -> list[tuple[float, float]]:
+    """Five-pointed star, one point up."""
+    points = []
+    for k in range(10):
+        angle = -math.pi / 2 + k * math.pi / 5
+        reach = r if k % 2 == 0 else r * STAR_INNER
+        points.append((x + reach * math.cos(angle), y + reach * math.sin(angle)))
+    return points
+
+
+def _cross_vertices(x: float, y: float, r: float) -> list[tuple[float, float]]:
+    """Plus sign with arms reaching the bounding disc."""
+    w = r * CROSS_HALF_WIDTH
+    quarter = [(w, -r), (w, -w), (r, -w)]  # top arm's right edge to right arm's top edge
+    points = []
+    for turn in range(4):  # rotate the quarter by 90 degrees four times
+        for dx, dy in quarter:
+            for _ in range(turn):
+                dx, dy = -dy, dx
+            points.append((x + dx, y + dy))
+    return points
+
+
+def _polygon_vertices(form: str, x: float, y: float, r: float) -> list[tuple[float, float]]:
+    if form == "square":
+        h = r * SQUARE_HALF_SIDE
+        return [(x - h, y - h), (x + h, y - h), (x + h, y + h), (x - h, y + h)]
+    if form == "diamond":
+        w = r * DIAMOND_HALF_WIDTH
+        return [(x, y - r), (x + w, y), (x, y + r), (x - w, y)]
+    if form == "triangle":
+        half_base, base_y = r * TRIANGLE_HALF_BASE, y + r * TRIANGLE_BASE_Y
+        return [(x, y - r), (x + half_base, base_y), (x - half_base, base_y)]
+    if form == "star":
+        return _star_vertices(x, y, r)
+    if form == "cross":
+        return _cross_vertices(x, y, r)
+    raise ValueError(f"Unknown shape form {form!r}; choose one of {FORMS}.")
+
+
+def rasterise_shape(shape: PlacedShape, width: int, height: int) -> np.ndarray:
+    """bool `[height, width]`: every pixel the shape covers, drawn alone and without anti-aliasing."""
+    canvas = Image.new("1", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    x, y = shape.center
+    r = shape.radius
+    if shape.form in ("circle", "ring"):
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=1)
+        if shape.form == "ring":
+            inner = r * RING_INNER
+            draw.ellipse((x - inner, y - inner, x + inner, y + inner), fill=0)
+    else:
+        draw.polygon(_polygon_vertices(shape.form, x, y, r), fill=1)
+    return np.array(canvas, dtype=bool)
+
+
+def render_scene(shapes: list[PlacedShape], background: np.ndarray) -> Scene:
+    """Paint `shapes` in order over `background` (uint8 `[H, W, 3]`) and compute their visible masks."""
+    height, width = background.shape[:2]
+    pixels = background.copy()
+    full = np.stack([rasterise_shape(shape, width, height) for shape in shapes])
+    for shape, mask in zip(shapes, full):
+        pixels[mask] = COLOURS[shape.colour]
+    visible = full.copy()
+    covered = np.zeros((height, width), dtype=bool)
+    for index in range(len(shapes) - 1, -1, -1):  # topmost first
+        visible[index] &= ~covered
+        covered |= full[index]
+    areas = visible.sum(axis=(1, 2))
+    ys, xs = np.mgrid[:height, :width]
+    centroids = np.stack([(visible * xs).sum(axis=(1, 2)), (visible * ys).sum(axis=(1, 2))], axis=1)
+    centroids = centroids / np.maximum(areas, 1)[:, None]
+    return Scene(Image.fromarray(pixels, "RGB"), tuple(shapes), visible, areas, centroids, full.sum(axis=(1, 2)))
+
+
+def make_scene(rng: random.Random) -> Scene:
+    """A random scene of 2-6 shapes, each keeping at least `MIN_VISIBLE` of its pixels after occlusion."""
+    for _ in range(LAYOUT_ATTEMPTS):
+        width, height = _image_size(rng)
+        background = _background(rng, width, height)
+        shapes = _place_shapes(rng, width, height)
+        if len(shapes) < MIN_SHAPES:
+            continue
+        scene = render_scene(shapes, background)
+        if np.all(scene.areas >= MIN_VISIBLE * scene.full_areas):
+            return scene
+    raise RuntimeError(f"Could not lay out a scene in {LAYOUT_ATTEMPTS} tries.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Meaning: each helper returns the referent, or None when the scene does not make it unambiguous.
+
+
+def _groups(scene: Scene) -> list[Group]:
+    """Every group that selects at least one shape: "shape", each colour, each form, each colour and form."""
+    colours = [c for c in COLOURS if any(s.colour == c for s in scene.shapes)]
+    forms = [f for f in FORMS if any(s.form == f for s in scene.shapes)]
+    groups = [Group(), *(Group(colour=c) for c in colours), *(Group(form=f) for f in forms)]
+    groups += [Group(c, f) for c in colours for f in forms]
+    return [group for group in groups if group.members(scene)]
+
+
+def extreme_member(scene: Scene, members: tuple[int, ...], direction: str) -> int | None:
+    """The member furthest towards `direction`, at least `POSITION_MARGIN` of the image side ahead of the next."""
+    if len(members) < 2:
+        return None
+    axis, sign = DIRECTIONS[direction]
+    ranked = sorted(members, key=lambda i: sign * scene.centroids[i, axis], reverse=True)
+    lead = sign * (scene.centroids[ranked[0], axis] - scene.centroids[ranked[1], axis])
+    return ranked[0] if lead >= POSITION_MARGIN * scene.size[axis] else None
+
+
+def size_extreme_member(
+    scene: Scene, members: tuple[int, ...], largest: bool, area_ratio: float, radius_ratio: float
+) -> int | None:
+    """The largest (or smallest) member, ahead of every other by `area_ratio` in visible area and by
+    `radius_ratio` in extent, so that both pixel count and apparent size agree."""
+    if len(members) < 2:
+        return None
+    radii = {i: scene.shapes[i].radius for i in members}
+
+    def ratio(big: float, small: float) -> float:
+        return big / small if largest else small / big
+
+    best = max(members, key=lambda i: scene.areas[i] if largest else -scene.areas[i])
+    others = [i for i in members if i != best]
+    if all(
+        ratio(scene.areas[best], scene.areas[i]) >= area_ratio and ratio(radii[best], radii[i]) >= radius_ratio
+        for i in others
+    ):
+        return best
+    return None
+
+
+def related_member(scene: Scene, members: tuple[int, ...], anchor: int, direction: str) -> int | None:
+    """The only member beyond the anchor's edge towards `direction` and more in that direction than across it
+    (within 45 degrees), every other member lying on the far side of the anchor's centre."""
+    if len(members) < 2 or anchor in members:
+        return None
+    axis, sign = DIRECTIONS[direction]
+    offsets = scene.centroids - scene.centroids[anchor]
+    along = {i: sign * offsets[i, axis] for i in members}
+    beyond = [i for i in members if along[i] > scene.shapes[anchor].radius and along[i] >= abs(offsets[i, 1 - axis])]
+    if len(beyond) == 1 and all(along[i] < 0 for i in members if i != beyond[0]):
+        return beyond[0]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Expressions: every unambiguous expression of a kind for a scene.
+
+
+def _colour_shape_expressions(scene: Scene) -> list[Expression]:
+    expressions = []
+    for group in _groups(scene):
+        members = group.members(scene)
+        if group.colour and group.form and len(members) == 1:
+            expressions.append(Expression(group.singular, "colour_shape", members, members))
+    return expressions
+
+
+def _no_target_expressions(scene: Scene) -> list[Expression]:
+    """Absent colour-and-form pairs sharing the colour or the form of a shape in the scene (hard negatives)."""
+    present = {(s.colour, s.form) for s in scene.shapes}
+    colours = {s.colour for s in scene.shapes}
+    forms = {s.form for s in scene.shapes}
+    return [
+        Expression(Group(colour, form).singular, "no_target", (), ())
+        for colour in COLOURS
+        for form in FORMS
+        if (colour, form) not in present and (colour in colours or form in forms)
+    ]
+
+
+def _position_expressions(scene: Scene) -> list[Expression]:
+    expressions = []
+    for group in _groups(scene):
+        members = group.members(scene)
+        for direction in DIRECTIONS:
+            target = extreme_member(scene, members, direction)
+            if target is None:
+                continue
+            templates = SUPERLATIVE_POSITIONS[direction] + (PAIR_POSITIONS[direction] if len(members) == 2 else ())
+            expressions += [
+                Expression(t.format(group=group.singular), "position", (target,), members) for t in templates
+            ]
+    return expressions
+
+
+def _size_expressions(scene: Scene) -> list[Expression]:
+    expressions = []
+    for group in _groups(scene):
+        members = group.members(scene)
+        for (largest, superlative), templates in SIZE_PHRASES.items():
+            if superlative:
+                ratios = (SUPERLATIVE_AREA_RATIO, SUPERLATIVE_RADIUS_RATIO)
+            else:
+                ratios = (ADJECTIVE_AREA_RATIO, ADJECTIVE_RADIUS_RATIO)
+            target = size_extreme_member(scene, members, largest, *ratios)
+            if target is not None:
+                expressions += [
+                    Expression(t.format(group=group.singular), "size", (target,), members) for t in templates
+                ]
+    return expressions
+
+
+def _relation_expressions(scene: Scene) -> list[Expression]:
+    groups = _groups(scene)
+    anchors = [(g, g.members(scene)[0]) for g in groups if g.form and len(g.members(scene)) == 1]
+    expressions = []
+    for group in groups:
+        for anchor_group, anchor in anchors:
+            members = tuple(i for i in group.members(scene) if i != anchor)
+            for direction, templates in RELATIONS.items():
+                target = related_member(scene, members, anchor, direction)
+                if target is None:
+                    continue
+                expressions += [
+                    Expression(
+                        t.format(group=group.singular, anchor=anchor_group.singular), "relation", (target,), members,
+                        anchor,
+                    )
+                    for t in templates
+                ]
+    return expressions
+
+
+def _multi_target_expressions(scene: Scene) -> list[Expression]:
+    expressions = []
+    for group in _groups(scene):
+        members = group.members(scene)
+        if len(members) < 2:
+            continue
+        templates = MULTI_PHRASES + (PAIR_MULTI_PHRASES if len(members) == 2 else ())
+        expressions += [Expression(t.format(groups=group.plural), "multi_target", members, members) for t in templates]
+    return expressions
+
+
+def _reasoning_expressions(scene: Scene) -> list[Expression]:
+    expressions = []
+    for group in _groups(scene):
+        members = group.members(scene)
+        if len(members) != 1:
+            continue
+        if group.form and not (group.colour and len(Group(form=group.form).members(scene)) == 1):
+            subject = Group(colour=group.colour).singular  # "shape" or "red shape"; the form is the riddle
+            templates = FORM_RIDDLES[group.form]
+            expressions += [Expression(t.format(subject=subject), "reasoning", members, members) for t in templates]
+        if group.colour and not (group.form and len(Group(colour=group.colour).members(scene)) == 1):
+            subject = Group(form=group.form).singular  # "shape" or "circle"; the colour is the riddle
+            text = COLOUR_RIDDLE_TEMPLATE.format(subject=subject, thing=COLOUR_RIDDLES[group.colour])
+            expressions.append(Expression(text, "reasoning", members, members))
+    everything = tuple(range(len(scene.shapes)))
+    for largest, templates in SIZE_RIDDLES.items():
+        target = size_extreme_member(scene, everything, largest, SUPERLATIVE_AREA_RATIO, SUPERLATIVE_RADIUS_RATIO)
+        if target is not None:
+            expressions += [Expression(t, "reasoning", (target,), everything) for t in templates]
+    return expressions
+
+
+EXPRESSION_BUILDERS = {
+    "colour_shape": _colour_shape_expressions,
+    "position": _position_expressions,
+    "size": _size_expressions,
+    "relation": _relation_expressions,
+    "multi_target": _multi_target_expressions,
+    "no_target": _no_target_expressions,
+    "reasoning": _reasoning_expressions,
+}
+
+
+def scene_expressions(scene: Scene, kind: str) -> list[Expression]:
+    """Every unambiguous expression of `kind` (one of `EXPRESSION_KINDS`) for `scene`, in a fixed order."""
+    if kind not in EXPRESSION_BUILDERS:
+        raise ValueError(f"Unknown expression kind {kind!r}; choose one of {EXPRESSION_KINDS}.")
+    return EXPRESSION_BUILDERS[kind](scene)
+
+
+def _check_kind_weights(kind_weights: Mapping[str, float] | None) -> dict[str, float]:
+    """`DEFAULT_KIND_WEIGHTS` updated with `kind_weights`, validated."""
+    weights = dict(DEFAULT_KIND_WEIGHTS)
+    if kind_weights is not None:
+        unknown = sorted(set(kind_weights) - set(EXPRESSION_KINDS))
+        if unknown:
+            raise ValueError(f"Unknown expression kinds {unknown} in kind_weights; choose from {EXPRESSION_KINDS}.")
+        weights.update(kind_weights)
+    if any(weight < 0 for weight in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"kind_weights must be non-negative with a positive sum, got {weights}.")
+    return weights
+
+
+def generate_example(rng: random.Random, kind_weights: Mapping[str, float] | None = None) -> RefShapesExample:
+    """Draw an expression kind by `kind_weights` (missing kinds keep `DEFAULT_KIND_WEIGHTS`; 0 disables a kind),
+    then scenes until one admits an unambiguous expression of that kind, and one of its expressions."""
+    weights = _check_kind_weights(kind_weights)
+    kind = rng.choices(list(weights), weights=list(weights.values()))[0]
+    for _ in range(MAX_SCENES):
+        scene = make_scene(rng)
+        expressions = scene_expressions(scene, kind)
+        if expressions:
+            return RefShapesExample(scene, rng.choice(expressions))
+    raise RuntimeError(f"No scene out of {MAX_SCENES} admitted a {kind!r} expression.")
+
+
+def vocabulary() -> list[str]:
+    """Every word that can appear in an expression (split as `split_words` does, case kept), sorted."""
+    nouns = [*COLOURS, *FORMS, *PLURALS.values()]
+    templates = [
+        *(t for ts in SUPERLATIVE_POSITIONS.values() for t in ts),
+        *(t for ts in PAIR_POSITIONS.values() for t in ts),
+        *(t for ts in SIZE_PHRASES.values() for t in ts),
+        *(t for ts in RELATIONS.values() for t in ts),
+        *MULTI_PHRASES,
+        *PAIR_MULTI_PHRASES,
+        *(t for ts in FORM_RIDDLES.values() for t in ts),
+        COLOUR_RIDDLE_TEMPLATE,
+        *COLOUR_RIDDLES.values(),
+        *(t for ts in SIZE_RIDDLES.values() for t in ts),
+    ]
+    fixed = " ".join(re.sub(r"\{\w+\}", " ", template) for template in templates)
+    return sorted({*nouns, *split_words(fixed)})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dataset
+
+
+class RefShapesDataset(torch.utils.data.Dataset):
+    r"""
+    Synthetic referring segmentation: lazily generated, deterministic sample dicts (see `modeling_selfie.data.sample`).
+
+    Item `i` of a split comes from `random.Random(f"refshapes/{split}/{seed}/{i}")`: it does not depend on the
+    access order, and the splits use unrelated seed streams.
+
+    Args:
+        split: "train", "validation" or "test".
+        size: number of items.
+        seed: seed of the split's stream.
+        train: sample training prompt templates and answers (random, per item) rather than the validation ones;
+            defaults to `split == "train"`.
+        kind_weights: relative frequency of each expression kind (see `DEFAULT_KIND_WEIGHTS`, whose values fill in
+            missing kinds; a weight of 0 disables a kind).
+
+    Each item holds `image` (PIL RGB), `conversation` (one user question, one assistant answer with one [SEG]),
+    `masks` (uint8 `[1, H, W]`, empty for `no_target`), `task` "referring", `source` "refshapes", `query` (the
+    expression), `query_kind` ("phrase" or "instruction") and `expression_kind` (one of `EXPRESSION_KINDS`).
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 1000,
+        seed: int = 0,
+        train: bool | None = None,
+        kind_weights: Mapping[str, float] | None = None,
+    ):
+        if split not in SPLITS:
+            raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}.")
+        if size < 0:
+            raise ValueError(f"size must be non-negative, got {size}.")
+        self.split = split
+        self.size = size
+        self.seed = seed
+        self.train = split == "train" if train is None else train
+        self.kind_weights = _check_kind_weights(kind_weights)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _rng(self, index: int) -> random.Random:
+        index = operator.index(index)
+        if index < 0:
+            index += self.size
+        if not 0 <= index < self.size:
+            raise IndexError(f"Index {index} out of range for a RefShapes {self.split} split of {self.size} items.")
+        return random.Random(f"{SOURCE}/{self.split}/{self.seed}/{index}")
+
+    def example(self, index: int) -> RefShapesExample:
+        """The scene and expression behind item `index`."""
+        return generate_example(self._rng(index), self.kind_weights)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = self._rng(index)
+        example = generate_example(rng, self.kind_weights)
+        expression = example.expression
+        prompt_rng = rng if self.train else None
+        return {
+            "image": example.scene.image,
+            "conversation": [
+                {"role": "user", "content": segmentation_question(expression.text, expression.query_kind, prompt_rng)},
+                {"role": "assistant", "content": segmentation_answer(prompt_rng)},
+            ],
+            "masks": example.target_mask()[None],
+            "task": "referring",
+            "source": SOURCE,
+            "query": expression.text,
+            "query_kind": expression.query_kind,
+            "expression_kind": expression.kind,
+        }
+
+    def __repr__(self) -> str:
+        return f"RefShapesDataset(split={self.split!r}, size={self.size}, seed={self.seed}, train={self.train})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Documentation helper
+
+
+def _overlay(image: Image.Image, mask: np.ndarray) -> Image.Image:
+    """The image with everything outside `mask` faded towards white."""
+    pixels = np.asarray(image, dtype=np.float32)
+    faded = pixels * 0.3 + 255 * 0.7
+    return Image.fromarray(np.where(mask[..., None].astype(bool), pixels, faded).astype(np.uint8), "RGB")
+
+
+def render_example_grid(dataset, n: int, path: str | Path, columns: int = 4, cell_size: int = 200) -> Image.Image:
+    """Write a PNG contact sheet of the first `n` samples of `dataset` and return it.
+
+    Each cell shows the image fitted into `cell_size` pixels with everything outside the target mask faded, and
+    under it the expression kind and the query. Works with any dataset of sample dicts that carry `query`.
+    """
+    if not 0 < n <= len(dataset):
+        raise ValueError(f"n must be in [1, {len(dataset)}], got {n}.")
+    font = ImageFont.load_default()
+    caption_lines, line_height = 3, 14
+    cell_w, cell_h = cell_size, cell_size + caption_lines * line_height + 6
+    rows = math.ceil(n / columns)
+    sheet = Image.new("RGB", (min(n, columns) * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i in range(n):
+        sample = dataset[i]
+        image = _overlay(sample["image"], sample["masks"].max(axis=0))
+        image.thumbnail((cell_size - 8, cell_size - 8), Image.Resampling.NEAREST)
+        left, top = (i % columns) * cell_w, (i // columns) * cell_h
+        sheet.paste(image, (left + (cell_w - image.width) // 2, top + (cell_size - image.height) // 2))
+        kind = sample.get("expression_kind", sample.get("query_kind", ""))
+        caption = textwrap.wrap(f"[{kind}] {sample['query']}", width=cell_w // 6)[:caption_lines]
+        for line_index, line in enumerate(caption):
+            draw.text((left + 4, top + cell_size + line_index * line_height), line, fill="black", font=font)
+    sheet.save(path, format="PNG")
+    return sheet
+
+
+__all__ = [
+    "COLOURS",
+    "DEFAULT_KIND_WEIGHTS",
+    "EXPRESSION_KINDS",
+    "FORMS",
+    "Expression",
+    "Group",
+    "PlacedShape",
+    "RefShapesDataset",
+    "RefShapesExample",
+    "SPLITS",
+    "Scene",
+    "extreme_member",
+    "generate_example",
+    "make_scene",
+    "rasterise_shape",
+    "related_member",
+    "render_example_grid",
+    "render_scene",
+    "scene_expressions",
+    "size_extreme_member",
+    "split_words",
+    "vocabulary",
+]

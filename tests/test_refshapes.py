@@ -1,0 +1,271 @@
+"""RefShapes: determinism, exact masks, the meaning of every expression kind, format and vocabulary."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from modeling_selfie.data.refshapes import (
+    COLOUR_RIDDLES,
+    COLOURS,
+    EXPRESSION_KINDS,
+    FORM_RIDDLES,
+    FORMS,
+    PLURALS,
+    Group,
+    RefShapesDataset,
+    rasterise_shape,
+    render_example_grid,
+    split_words,
+    vocabulary,
+)
+from modeling_selfie.data.sample import check_sample
+from modeling_selfie.processing_selfie import (
+    ANSWERS,
+    LONG_QUESTIONS,
+    SHORT_QUESTIONS,
+    VALIDATION_ANSWER,
+    segmentation_question,
+)
+
+ITEMS_PER_KIND = 12
+SINGULAR = {plural: form for form, plural in PLURALS.items()}
+POSITION_WORDS = {
+    "leftmost": "left", "left": "left", "rightmost": "right", "right": "right",
+    "topmost": "top", "highest": "top", "top": "top", "bottommost": "bottom", "lowest": "bottom", "bottom": "bottom",
+}  # fmt: skip
+RELATION_WORDS = {"left": (0, -1), "right": (0, 1), "above": (1, -1), "below": (1, 1)}
+
+
+def only_kind(kind: str, split: str = "validation", size: int = ITEMS_PER_KIND) -> RefShapesDataset:
+    return RefShapesDataset(split, size=size, seed=7, kind_weights={k: float(k == kind) for k in EXPRESSION_KINDS})
+
+
+@pytest.fixture(scope="module")
+def examples_by_kind():
+    """kind -> [(example, sample)] from datasets producing only that kind."""
+    out = {}
+    for kind in EXPRESSION_KINDS:
+        dataset = only_kind(kind)
+        out[kind] = [(dataset.example(i), dataset[i]) for i in range(len(dataset))]
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    dataset = RefShapesDataset("validation", size=80, seed=1)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def parse_group(phrase: str) -> Group:
+    """The colour and form named in a noun phrase ("leftmost red shape" -> Group("red", None))."""
+    words = split_words(phrase)
+    colour = next((w for w in words if w in COLOURS), None)
+    form = next((SINGULAR.get(w, w) for w in words if SINGULAR.get(w, w) in FORMS), None)
+    return Group(colour, form)
+
+
+def centroid(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.mean(), ys.mean()])
+
+
+def assert_same_sample(a: dict, b: dict):
+    assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    assert np.array_equal(a["masks"], b["masks"])
+    assert a["conversation"] == b["conversation"]
+    assert (a["query"], a["expression_kind"]) == (b["query"], b["expression_kind"])
+
+
+def test_same_seed_gives_identical_items_in_any_order():
+    first = RefShapesDataset("train", size=8, seed=5)
+    second = RefShapesDataset("train", size=8, seed=5)
+    backwards = {i: second[i] for i in reversed(range(8))}
+    for i in range(8):
+        assert_same_sample(first[i], backwards[i])
+    assert_same_sample(first[-1], first[7])
+
+
+def test_splits_and_seeds_draw_different_items():
+    def images(split, seed):
+        dataset = RefShapesDataset(split, size=6, seed=seed)
+        return [np.asarray(dataset[i]["image"]) for i in range(6)]
+
+    reference = images("train", 0)
+    for other in (images("validation", 0), images("test", 0), images("train", 1)):
+        assert all(a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(reference, other))
+
+
+def test_samples_follow_the_format(mixed):
+    for i, sample in enumerate(mixed):
+        check_sample(sample, where=f"refshapes item {i}")
+        image, masks = sample["image"], sample["masks"]
+        assert isinstance(image, Image.Image) and image.mode == "RGB"
+        assert masks.dtype == np.uint8 and masks.shape == (1, image.height, image.width)
+        assert set(np.unique(masks)) <= {0, 1}
+        assert (sample["task"], sample["source"]) == ("referring", "refshapes")
+        assert sample["expression_kind"] in EXPRESSION_KINDS
+        expected_kind = "instruction" if sample["expression_kind"] == "reasoning" else "phrase"
+        assert sample["query_kind"] == expected_kind
+        user, assistant = sample["conversation"]
+        assert user == {"role": "user", "content": segmentation_question(sample["query"], expected_kind)}
+        assert assistant == {"role": "assistant", "content": VALIDATION_ANSWER}
+
+
+def test_train_prompts_are_sampled_templates_over_the_same_scenes():
+    train = RefShapesDataset("test", size=30, seed=2, train=True)
+    plain = RefShapesDataset("test", size=30, seed=2)
+    questions, answers = set(), set()
+    for i in range(len(train)):
+        sample, reference = train[i], plain[i]
+        assert np.array_equal(sample["masks"], reference["masks"]) and sample["query"] == reference["query"]
+        user, assistant = (turn["content"] for turn in sample["conversation"])
+        templates = LONG_QUESTIONS if sample["query_kind"] == "instruction" else SHORT_QUESTIONS
+        assert user in {t.format(text=sample["query"]) for t in templates}
+        assert assistant in ANSWERS and assistant.count("[SEG]") == 1
+        questions.add(user.replace(sample["query"], "{text}"))
+        answers.add(assistant)
+    assert len(questions) > 2 and len(answers) > 2
+
+
+def test_every_kind_occurs_in_the_default_mix(mixed):
+    assert {sample["expression_kind"] for sample in mixed} == set(EXPRESSION_KINDS)
+
+
+def test_aspect_ratios_and_sizes_vary(mixed):
+    sizes = [sample["image"].size for sample in mixed]
+    assert all(96 <= side <= 320 for size in sizes for side in size)
+    aspects = [width / height for width, height in sizes]
+    assert max(aspects) > 1.5 and min(aspects) < 1 / 1.5
+    assert any(0.8 < aspect < 1.25 for aspect in aspects)
+    assert len(set(sizes)) > len(sizes) // 2
+
+
+@pytest.mark.parametrize("kind", EXPRESSION_KINDS)
+def test_masks_are_exact(examples_by_kind, kind):
+    for example, sample in examples_by_kind[kind]:
+        scene = example.scene
+        pixels = np.asarray(scene.image)
+        width, height = scene.size
+        assert scene.masks.sum(axis=0).max() <= 1  # visible masks are disjoint
+        for shape, mask, area in zip(scene.shapes, scene.masks, scene.areas):
+            assert mask.sum() == area > 0
+            assert np.all(pixels[mask] == COLOURS[shape.colour])  # every visible pixel has the shape's colour
+            assert not np.any(mask & ~rasterise_shape(shape, width, height))
+        union = np.zeros((height, width), dtype=np.uint8)
+        for index in example.expression.targets:
+            union |= scene.masks[index]
+        assert np.array_equal(sample["masks"][0], union)
+
+
+def test_colour_shape_names_the_only_such_shape(examples_by_kind):
+    for example, sample in examples_by_kind["colour_shape"]:
+        group = parse_group(sample["query"])
+        assert group.colour and group.form and group.singular == sample["query"]
+        (target,) = group.members(example.scene)
+        assert example.expression.targets == (target,)
+        pixels = np.asarray(sample["image"])[sample["masks"][0].astype(bool)]
+        assert len(pixels) and np.all(pixels == COLOURS[group.colour])
+
+
+def test_position_picks_the_extreme_member_of_its_group(examples_by_kind):
+    for example, sample in examples_by_kind["position"]:
+        scene, expression = example.scene, example.expression
+        (direction,) = {POSITION_WORDS[w] for w in split_words(sample["query"]) if w in POSITION_WORDS}
+        group = parse_group(sample["query"]).members(scene)
+        assert expression.group == group and len(group) >= 2
+        axis = 0 if direction in ("left", "right") else 1
+        coords = {i: centroid(scene.masks[i])[axis] for i in group}
+        pick = min if direction in ("left", "top") else max
+        assert expression.targets == (pick(coords, key=coords.get),)
+        assert np.array_equal(sample["masks"][0], scene.masks[expression.targets[0]])
+
+
+def test_size_picks_the_largest_or_smallest_member_of_its_group(examples_by_kind):
+    for example, sample in examples_by_kind["size"]:
+        scene, expression = example.scene, example.expression
+        words = split_words(sample["query"])
+        group = parse_group(sample["query"]).members(scene)
+        assert expression.group == group and len(group) >= 2
+        areas = {i: int(scene.masks[i].sum()) for i in group}
+        pick = min if {"smallest", "small"} & set(words) else max
+        (target,) = expression.targets
+        assert target == pick(areas, key=areas.get)
+        assert int(sample["masks"].sum()) == areas[target]
+
+
+def test_relation_target_is_the_only_one_on_that_side_of_the_anchor(examples_by_kind):
+    for example, sample in examples_by_kind["relation"]:
+        scene, expression = example.scene, example.expression
+        subject, anchor_phrase = sample["query"].rsplit(" the ", 1)
+        (relation,) = [w for w in split_words(subject) if w in RELATION_WORDS]
+        (anchor,) = parse_group(anchor_phrase).members(scene)
+        assert expression.anchor == anchor
+        group = tuple(i for i in parse_group(subject).members(scene) if i != anchor)
+        assert expression.group == group and len(group) >= 2
+        axis, sign = RELATION_WORDS[relation]
+        along = {i: sign * (centroid(scene.masks[i]) - centroid(scene.masks[anchor]))[axis] for i in group}
+        (target,) = expression.targets
+        assert along[target] > 0 and all(along[i] < 0 for i in group if i != target)
+
+
+def test_multi_target_is_the_union_of_its_group(examples_by_kind):
+    for example, sample in examples_by_kind["multi_target"]:
+        scene = example.scene
+        group = parse_group(sample["query"]).members(scene)
+        assert example.expression.targets == group and len(group) >= 2
+        if sample["query"].startswith("both"):
+            assert len(group) == 2
+        assert np.array_equal(sample["masks"][0], scene.masks[list(group)].any(axis=0))
+
+
+def test_no_target_names_an_absent_shape_and_has_an_empty_mask(examples_by_kind):
+    for example, sample in examples_by_kind["no_target"]:
+        group = parse_group(sample["query"])
+        assert group.colour and group.form and group.members(example.scene) == ()
+        assert example.expression.targets == () and sample["masks"].sum() == 0
+        assert sample["conversation"][1]["content"].count("[SEG]") == 1
+
+
+def test_reasoning_questions_have_one_fitting_answer(examples_by_kind):
+    form_of = {template.split("{subject}")[-1]: form for form, ts in FORM_RIDDLES.items() for template in ts}
+    colour_of = {thing: colour for colour, thing in COLOUR_RIDDLES.items()}
+    for example, sample in examples_by_kind["reasoning"]:
+        query, scene = sample["query"], example.scene
+        assert sample["query_kind"] == "instruction" and query.startswith("Which ") and query.endswith("?")
+        (target,) = example.expression.targets
+        shape = scene.shapes[target]
+        form = next((f for ending, f in form_of.items() if query.endswith(ending)), None)
+        thing = next((t for t in colour_of if query.endswith(f"colour of {t}?")), None)
+        if form:
+            assert shape.form == form
+        elif thing:
+            assert shape.colour == colour_of[thing]
+        else:  # largest or smallest shape of the scene
+            pick = max if "largest" in query or "biggest" in query else min
+            assert target == pick(range(len(scene.shapes)), key=lambda i: scene.areas[i])
+
+
+def test_vocabulary_covers_every_expression(examples_by_kind, mixed):
+    words = set(vocabulary())
+    assert all(split_words(word) == [word] for word in words)
+    queries = [s["query"] for pairs in examples_by_kind.values() for _, s in pairs] + [s["query"] for s in mixed]
+    assert {w for query in queries for w in split_words(query)} <= words
+
+
+def test_invalid_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="split"):
+        RefShapesDataset("dev")
+    with pytest.raises(ValueError, match="Unknown expression kinds"):
+        RefShapesDataset(kind_weights={"colour": 1.0})
+    with pytest.raises(ValueError, match="non-negative"):
+        RefShapesDataset(kind_weights=dict.fromkeys(EXPRESSION_KINDS, 0.0))
+    with pytest.raises(IndexError):
+        RefShapesDataset(size=3)[3]
+
+
+def test_render_example_grid_writes_a_png(tmp_path):
+    path = tmp_path / "grid.png"
+    sheet = render_example_grid(RefShapesDataset("validation", size=5, seed=0), 5, path, columns=3, cell_size=120)
+    with Image.open(path) as written:
+        assert written.format == "PNG" and written.size == sheet.size
+    assert sheet.width == 3 * 120 and sheet.height > 2 * 120
