@@ -94,39 +94,51 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return resized.permute(0, 2, 3, 1)
 
 
-def dual_pathway_mask_function(
-    image_mask: torch.Tensor, seg_mask: torch.Tensor, segmenting: torch.Tensor, mode: str
-) -> Callable | None:
+def dual_pathway_pattern(
+    image_mask: torch.Tensor,
+    seg_mask: torch.Tensor,
+    segmenting: torch.Tensor,
+    mode: str,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The attention that segmentation samples add to the causal mask (paper Sec. 3.5, Tab. 7).
 
-    Returned as a mask function `(batch, head, query, key) -> bool` to OR with the causal mask in
-    `transformers.masking_utils.create_causal_mask`, which also applies padding.
+    Query q of sample b additionally attends to key k when `queries[b, q] & keys[b, k]`.
 
     Args:
         image_mask: `[B, L]` bool, image (IMG_CONTEXT) tokens.
         seg_mask: `[B, L]` bool, `[SEG]` tokens.
         segmenting: `[B]` bool, samples that contain a `[SEG]`; every other sample stays causal.
         mode: one of `SelfieConfig.seg_attention`.
+        attention_mask: `[B, L]`, 0 on padding (padding keys are never added).
     Returns:
-        The mask function, or `None` for `"causal"`.
+        `(queries, keys)`, two `[B, L]` bool tensors, or `None` for `"causal"`.
     """
     if mode == "causal":
         return None
-    query_is_image = image_mask & segmenting[:, None]
+    queries = image_mask & segmenting[:, None]
     if mode == "image_bidirectional":
-        visible_to_image = image_mask
+        keys = image_mask
     elif mode == "image_to_seg":
-        visible_to_image = image_mask | seg_mask
+        keys = image_mask | seg_mask
     elif mode == "image_to_text":
-        visible_to_image = torch.ones_like(image_mask)
+        keys = torch.ones_like(image_mask)
     elif mode == "bidirectional":
-        query_is_image = segmenting[:, None].expand_as(image_mask)
-        visible_to_image = torch.ones_like(image_mask)
+        queries = segmenting[:, None].expand_as(image_mask)
+        keys = torch.ones_like(image_mask)
     else:
         raise ValueError(f"Unknown seg_attention mode {mode!r}.")
+    if attention_mask is not None:
+        keys = keys & attention_mask.bool()
+    return queries, keys
+
+
+def dual_pathway_mask_function(queries: torch.Tensor, keys: torch.Tensor) -> Callable:
+    """The pattern of `dual_pathway_pattern` as a mask function `(batch, head, q, kv) -> bool`, to OR with the
+    causal mask in `transformers.masking_utils.create_causal_mask` (used for flex attention's block mask)."""
 
     def mask_function(batch_idx, head_idx, q_idx, kv_idx):
-        return query_is_image[batch_idx, q_idx] & visible_to_image[batch_idx, kv_idx]
+        return queries[batch_idx, q_idx] & keys[batch_idx, kv_idx]
 
     return mask_function
 
@@ -324,24 +336,32 @@ class SelfieModel(InternVLModel):
                 return attention_mask
             seg_mask = seg_mask & attention_mask.bool()
         segmenting = seg_mask.any(dim=1)
-        mask_function = dual_pathway_mask_function(
-            input_ids == self.config.image_token_id, seg_mask, segmenting, self.config.seg_attention
+        pattern = dual_pathway_pattern(
+            input_ids == self.config.image_token_id, seg_mask, segmenting, self.config.seg_attention, attention_mask
         )
-        if mask_function is None or not bool(segmenting.any()):
+        if pattern is None or not bool(segmenting.any()):
             return attention_mask
-        if self.config.text_config._attn_implementation == "flash_attention_2":
+        implementation = self.config.text_config._attn_implementation
+        if implementation == "flash_attention_2":
             raise ValueError(
                 "SELFIE's dual-pathway attention cannot be expressed with flash_attention_2 (it keeps only padding "
                 "masks). Load the model with attn_implementation='sdpa', 'eager' or 'flex_attention'."
             )
-        mask = create_causal_mask(
+        mask_kwargs = dict(
             config=self.config.text_config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             cache=cache,
             position_ids=position_ids,
-            or_mask_function=mask_function,
         )
+        if implementation == "flex_attention":
+            mask = create_causal_mask(**mask_kwargs, or_mask_function=dual_pathway_mask_function(*pattern))
+        else:
+            # A dense mask either way: build causal + padding in the backend's format (fast path), then add the
+            # pattern with tensor ops (the mask-function path evaluates it under vmap, ~10x slower here).
+            mask = create_causal_mask(**mask_kwargs, allow_is_causal_skip=False)
+            added = pattern[0][:, None, :, None] & pattern[1][:, None, None, :]
+            mask = mask | added if mask.dtype == torch.bool else mask.masked_fill(added, 0.0)
         return {"full_attention": mask}
 
     def forward(
@@ -564,6 +584,41 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         else:
             denominator = max(n_masks, 1)
         return bce_total / denominator, dice_total / denominator
+
+    @torch.inference_mode()
+    def segment(
+        self,
+        processor,
+        images,
+        queries: str | list[str],
+        query_kind: str = "phrase",
+        mask_threshold: float = 0.0,
+        return_logits: bool = False,
+    ) -> list[torch.Tensor]:
+        """Segment each image from its query in one teacher-forced forward pass (prompt + "[SEG].").
+
+        Args:
+            processor: the model's [`SelfieProcessor`].
+            images: one image or a list (PIL, numpy HWC or torch CHW), one per query; a single image is used for
+                every query.
+            queries: a phrase / instruction per image.
+            query_kind: `"phrase"` or `"instruction"` (paper Sec. 9.2 templates).
+            mask_threshold: logit threshold of the returned masks.
+            return_logits: return the mask logits (float) instead of bool masks.
+        Returns:
+            One `[height, width]` mask per query, at its image's own size.
+        """
+        from .processing_selfie import image_size_of, post_process_masks
+
+        queries = [queries] if isinstance(queries, str) else list(queries)
+        images = list(images) if isinstance(images, (list, tuple)) else [images] * len(queries)
+        if len(images) != len(queries):
+            raise ValueError(f"{len(images)} images for {len(queries)} queries: give one image per query.")
+        inputs = processor(images=images, queries=queries, query_kind=query_kind).to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        pred_masks = self(**inputs).pred_masks
+        sizes = [image_size_of(image) for image in images]
+        return [m[0] for m in post_process_masks(pred_masks, sizes, mask_threshold, binarize=not return_logits)]
 
     def forward(
         self,

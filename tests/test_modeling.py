@@ -7,7 +7,12 @@ import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from modeling_selfie import SelfieConfig, SelfieForSegmentation
-from modeling_selfie.modeling_selfie import depth_to_space, dual_pathway_mask_function, stitch_tiles
+from modeling_selfie.modeling_selfie import (
+    depth_to_space,
+    dual_pathway_mask_function,
+    dual_pathway_pattern,
+    stitch_tiles,
+)
 from modeling_selfie.presets import preset_config, tiny_model_and_processor
 
 from .helpers import WORDS, random_image
@@ -60,19 +65,29 @@ def reference_dual_pathway(input_ids, attention_mask, image_id, seg_id):
     return allowed
 
 
-def test_dual_pathway_mask_matches_reference_rule():
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "mask_function"])
+def test_dual_pathway_mask_matches_reference_rule(attn):
     from transformers.masking_utils import create_causal_mask
 
-    image_id, seg_id = 7, 9
-    input_ids = torch.tensor([[0, 1, 7, 7, 7, 2, 9, 3, 9], [1, 7, 7, 7, 2, 3, 4, 5, 6], [0, 0, 1, 7, 7, 7, 2, 9, 3]])
+    model, _ = tiny_model_and_processor(WORDS)
+    image_id, seg_id = model.config.image_token_id, model.config.seg_token_id
+    ids = [[0, 1, image_id, image_id, image_id, 2, seg_id, 3, seg_id], [1, image_id, image_id, image_id, 2, 3, 4, 5, 6],
+           [0, 0, 1, image_id, image_id, image_id, 2, seg_id, 3]]
+    input_ids = torch.tensor(ids)
     attention_mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 9, [0, 0, 1, 1, 1, 1, 1, 1, 1]])
-    seg = (input_ids == seg_id) & attention_mask.bool()
-    config = preset_config("selfie-tiny").text_config
-    config._attn_implementation = "sdpa"
-    mask = create_causal_mask(
-        config=config, inputs_embeds=torch.zeros(3, 9, 4), attention_mask=attention_mask, cache=None,
-        or_mask_function=dual_pathway_mask_function(input_ids == image_id, seg, seg.any(1), "image_to_seg"),
-    )
+    embeds = torch.zeros(3, 9, 64)
+    if attn == "mask_function":  # the form flex attention receives, rendered densely by the sdpa mask builder
+        seg = (input_ids == seg_id) & attention_mask.bool()
+        pattern = dual_pathway_pattern(input_ids == image_id, seg, seg.any(1), "image_to_seg", attention_mask)
+        config = model.config.text_config
+        config._attn_implementation = "sdpa"
+        mask = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=attention_mask, cache=None,
+                                  or_mask_function=dual_pathway_mask_function(*pattern))
+    else:
+        model.set_attn_implementation(attn)
+        mask = model.model.seg_attention_mask(input_ids, embeds, attention_mask, None, None)["full_attention"]
+        if attn == "eager":  # additive float mask: 0 = attend
+            mask = mask == 0
     expected = reference_dual_pathway(input_ids, attention_mask, image_id, seg_id)
     real_rows = attention_mask.bool()[:, :, None].expand_as(expected)  # padding rows mean nothing
     assert torch.equal(mask[:, 0][real_rows], expected[real_rows])
@@ -85,13 +100,14 @@ def test_dual_pathway_mask_matches_reference_rule():
 def test_attention_ablation_modes(mode, image_sees_text, text_sees_future_image):
     input_ids = torch.tensor([[1, 7, 7, 2, 9, 3]])
     seg = input_ids == 9
-    fn = dual_pathway_mask_function(input_ids == 7, seg, seg.any(1), mode)
-    grid = torch.tensor([[bool(fn(0, 0, q, k)) for k in range(6)] for q in range(6)])
+    queries, keys = dual_pathway_pattern(input_ids == 7, seg, seg.any(1), mode)
+    grid = queries[0][:, None] & keys[0][None, :]
     assert grid[1, 2]  # image -> later image token, in every non-causal mode
     assert grid[1, 4] == (mode != "image_bidirectional")  # image -> [SEG]
     assert grid[1, 3] == image_sees_text
     assert grid[0, 1] == text_sees_future_image
-    assert dual_pathway_mask_function(input_ids == 7, seg, seg.any(1), "causal") is None
+    assert dual_pathway_pattern(input_ids == 7, seg, seg.any(1), "causal") is None
+    assert not dual_pathway_pattern(input_ids == 7, seg, torch.tensor([False]), mode)[0].any()  # no [SEG]: causal
 
 
 # --------------------------------------------------------------------------------------------- forward

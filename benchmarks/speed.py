@@ -1,0 +1,171 @@
+"""SELFIE forward (masks at the image's own size) vs. plain InternVL prefill, measured in one run.
+
+    python benchmarks/speed.py                      # CPU: the tiny preset; GPU: selfie-2b and selfie-8b
+    python benchmarks/speed.py --presets selfie-8b --batch-sizes 1 --tiles 1 --compile
+
+Both models share the same random weights (same compute as the real checkpoints): the plain model is
+transformers' `InternVLForConditionalGeneration` built around SELFIE's vision tower, projector, LLM and lm_head.
+The SELFIE input is the validation prompt answered "[SEG]." (one teacher-forced forward); the plain input is the
+same sequence with "[SEG]" replaced by an ordinary token. Latency is the median over interleaved repeats (CUDA
+events on GPU),
+peak memory is `torch.cuda.max_memory_allocated` (GPU only). Prints absolute numbers and SELFIE / plain ratios.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+from modeling_selfie import SelfieForSegmentation
+from modeling_selfie.presets import preset_config, variance_preserving_init_
+from modeling_selfie.processing_selfie import post_process_masks
+
+PROMPT_TOKENS = 28  # system + user turn + question around the image, as in the validation template
+TILE_GRIDS = {1: (1, 1), 2: (1, 2), 4: (2, 2), 6: (2, 3), 12: (3, 4)}
+
+
+def build_models(preset: str, device: torch.device, dtype: torch.dtype, attn: str):
+    """SELFIE and a plain InternVL that share every weight but the SELFIE head."""
+    config = preset_config(preset)
+    with device:
+        selfie = SelfieForSegmentation(config)
+    if preset == "selfie-tiny":
+        variance_preserving_init_(selfie)
+    selfie = selfie.to(dtype).eval()
+    selfie.set_attn_implementation(attn)
+    plain_config = InternVLConfig(**{k: v for k, v in config.to_dict().items() if k in InternVLConfig.__dataclass_fields__})
+    with torch.device("meta"):
+        plain = InternVLForConditionalGeneration(plain_config)
+    plain.model.vision_tower = selfie.model.vision_tower
+    plain.model.multi_modal_projector = selfie.model.multi_modal_projector
+    plain.model.language_model = selfie.model.language_model
+    plain.lm_head = selfie.lm_head
+    plain.config._attn_implementation = attn
+    return selfie, plain.eval()
+
+
+def make_inputs(config, batch: int, tiles: int, device, dtype):
+    """Synthetic token ids laid out like the validation prompt, random pixels, and the tile grid."""
+    rows, cols = TILE_GRIDS[tiles]
+    image_size = config.vision_config.image_size[0]
+    vocab = config.text_config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    words = lambda n: torch.randint(10, min(vocab, 1000), (n,), generator=generator)  # noqa: E731
+    image = torch.full((config.image_seq_length * tiles,), config.image_token_id)
+    sequence = torch.cat([words(PROMPT_TOKENS // 2), image, words(PROMPT_TOKENS // 2), torch.tensor([config.seg_token_id]), words(2)])
+    input_ids = sequence.repeat(batch, 1).to(device)
+    plain_ids = input_ids.clone()
+    plain_ids[plain_ids == config.seg_token_id] = 11
+    pixel_values = torch.randn(batch * tiles, 3, image_size, image_size, generator=generator).to(device, dtype)
+    tile_grid = torch.tensor([[rows, cols]] * batch, device=device)
+    original_sizes = [(rows * image_size, cols * image_size)] * batch
+    return input_ids, plain_ids, pixel_values, tile_grid, original_sizes
+
+
+def time_once(fn, device) -> float:
+    """Seconds of one call of `fn` (CUDA events on GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def timed_pair(fns: dict, device, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each function, calls interleaved so that load changes hit all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(time_once(fn, device))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def peak_memory(fn, device) -> float | None:
+    """Peak GPU memory (GiB) of one call, or `None` on CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def measure(preset, device, dtype, attn, batch, tiles, compile_mode, repeats, warmup):
+    selfie, plain = build_models(preset, device, dtype, attn)
+    input_ids, plain_ids, pixel_values, tile_grid, sizes = make_inputs(selfie.config, batch, tiles, device, dtype)
+    selfie_forward, plain_forward = selfie, plain
+    if compile_mode:
+        selfie_forward = torch.compile(selfie, mode=compile_mode)
+        plain_forward = torch.compile(plain, mode=compile_mode)
+
+    @torch.inference_mode()
+    def run_selfie():
+        out = selfie_forward(input_ids=input_ids, pixel_values=pixel_values, tile_grid=tile_grid, logits_to_keep=1)
+        return post_process_masks(out.pred_masks, sizes)
+
+    @torch.inference_mode()
+    def run_plain():
+        return plain_forward(input_ids=plain_ids, pixel_values=pixel_values, logits_to_keep=1)
+
+    results = {}
+    fns = {"plain": run_plain, "selfie": run_selfie}
+    for name, seconds in timed_pair(fns, device, repeats, warmup).items():
+        results[name] = {"ms": seconds * 1000, "ms_per_image": seconds * 1000 / batch, "images_per_s": batch / seconds,
+                         "peak_gib": peak_memory(fns[name], device)}
+    del selfie, plain
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="+", help="default: selfie-tiny on CPU, selfie-2b selfie-8b on GPU")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--tiles", nargs="+", type=int, default=[1, 6], choices=sorted(TILE_GRIDS))
+    parser.add_argument("--compile", nargs="?", const="default", default=None,
+                        help="also run under torch.compile (mode, e.g. reduce-overhead)")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flex_attention"])
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    presets = args.presets or (["selfie-2b", "selfie-8b"] if device.type == "cuda" else ["selfie-tiny"])
+    repeats = args.repeats or (20 if device.type == "cuda" else 5)
+    warmup = args.warmup or (5 if device.type == "cuda" else 2)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    import transformers
+
+    print(f"device: {name} | torch {torch.__version__} | transformers {transformers.__version__} | {dtype} | {args.attn}")
+    header = ("preset", "mode", "batch", "tiles", "plain ms/img", "selfie ms/img", "ratio", "plain GiB", "selfie GiB",
+              "extra GiB", "selfie img/s")
+    print(" | ".join(header))
+    modes = [None] + ([args.compile] if args.compile else [])
+    for preset in presets:
+        for mode in modes:
+            for batch in args.batch_sizes:
+                for tiles in args.tiles:
+                    r = measure(preset, device, dtype, args.attn, batch, tiles, mode, repeats, warmup)
+                    plain, selfie = r["plain"], r["selfie"]
+                    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+                    extra = None if plain["peak_gib"] is None else selfie["peak_gib"] - plain["peak_gib"]
+                    print(" | ".join([
+                        preset, mode or "eager", str(batch), str(tiles), f"{plain['ms_per_image']:.2f}",
+                        f"{selfie['ms_per_image']:.2f}", f"{selfie['ms'] / plain['ms']:.3f}x",
+                        fmt(plain["peak_gib"]), fmt(selfie["peak_gib"]), fmt(extra), f"{selfie['images_per_s']:.1f}",
+                    ]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
