@@ -1,0 +1,119 @@
+"""ReasonSeg reasoning segmentation.
+
+Files: `root/reason_seg/ReasonSeg/<split>/<name>.jpg` (split `train`, `val` or `test`), each with `<name>.json`:
+
+    {"text": [query, ...], "is_sentence": bool,
+     "shapes": [{"label": "target" | "ignore", "points": [[x, y], ...], "shape_type": "polygon"}, ...]}
+
+All queries of an image describe the same target. Sentence queries (`is_sentence`) use the "instruction"
+templates, the others the "phrase" templates (paper Sec. 9.1).
+
+Masks: the polygons are filled largest first, each over the ones beneath, so a small polygon inside a large one
+wins: a shape whose label contains "ignore" paints ignore, a "flag" shape (a deprecated annotation) is skipped,
+any other paints target. The target mask holds the target pixels; the ignore pixels are left out of it and
+returned as `sample["ignore_masks"]` (`uint8` `[1, H, W]`, 1 = pixels to leave out of the loss and the metrics).
+
+Training samples (`train=True`) are one per image, with a random query and random templates; evaluation samples
+are one per (image, query), with the validation template, `query` and `query_kind`.
+"""
+
+import random
+from pathlib import Path
+
+import numpy as np
+
+from ..processing_selfie import segmentation_answer, segmentation_question
+from .common import SelfieDataset, load_image, polygon_mask, read_json, require_paths
+
+IGNORE, TARGET = 2, 1
+
+
+def reasonseg_label_map(shapes: list[dict], height: int, width: int) -> np.ndarray:
+    """Paint the polygons of a ReasonSeg JSON, largest first: `uint8` `[height, width]` with 0 background,
+    `TARGET` and `IGNORE`."""
+    painted = []
+    for shape in shapes:
+        label = shape["label"].lower()
+        if label == "flag":
+            continue
+        region = polygon_mask(shape["points"], height, width).astype(bool)
+        painted.append((int(region.sum()), IGNORE if "ignore" in label else TARGET, region))
+    label_map = np.zeros((height, width), dtype=np.uint8)
+    for _, value, region in sorted(painted, key=lambda entry: entry[0], reverse=True):
+        label_map[region] = value
+    return label_map
+
+
+class ReasonSegDataset(SelfieDataset):
+    """ReasonSeg, one split (see the module docstring).
+
+    Args:
+        root: the folder holding `reason_seg/ReasonSeg/`.
+        split: `train`, `val` or `test`.
+        train: training samples (one per image) or evaluation samples (one per query).
+        seed, max_samples: see [`SelfieDataset`].
+
+    Samples: `masks` and `ignore_masks` `uint8` `[1, H, W]`.
+    """
+
+    source = "reasonseg"
+    task = "reasoning"
+    check_script = "processing/check_reasonseg.py"
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        *,
+        train: bool = False,
+        seed: int = 0,
+        max_samples: int | None = None,
+    ):
+        (folder,) = self.expected_paths(root, split)
+        require_paths([folder], self.check_script)
+        images = sorted(folder.glob("*.jpg"))
+        if not images:
+            raise ValueError(f"{folder} holds no .jpg image.")
+        if train:
+            items = [(image, None) for image in images]
+        else:
+            items = [
+                (image, query)
+                for image in images
+                for query in range(len(read_json(image.with_suffix(".json"), self.check_script)["text"]))
+            ]
+        super().__init__(items, train=train, seed=seed, max_samples=max_samples)
+
+    @classmethod
+    def expected_paths(cls, root: str | Path, split: str = "train") -> list[Path]:
+        """The split folder."""
+        return [Path(root) / "reason_seg" / "ReasonSeg" / split]
+
+    def data_files(self) -> list[Path]:
+        images = sorted({image for image, _ in self.items})
+        return [path for image in images for path in (image, image.with_suffix(".json"))]
+
+    def build_sample(self, item, rng: random.Random | None) -> dict:
+        image_path, query = item
+        annotation = read_json(image_path.with_suffix(".json"), self.check_script)
+        texts = annotation["text"]
+        if not texts:
+            raise ValueError(f"{image_path.with_suffix('.json')} has no query in 'text'.")
+        text = (texts[query] if rng is None else rng.choice(texts)).strip()
+        kind = "instruction" if annotation["is_sentence"] else "phrase"
+        image = load_image(image_path, self.check_script)
+        label_map = reasonseg_label_map(annotation["shapes"], image.height, image.width)
+        sample = {
+            "image": image,
+            "conversation": [
+                {"role": "user", "content": segmentation_question(text, kind, rng)},
+                {"role": "assistant", "content": segmentation_answer(rng)},
+            ],
+            "masks": (label_map == TARGET)[None].astype(np.uint8),
+            "ignore_masks": (label_map == IGNORE)[None].astype(np.uint8),
+            "task": self.task,
+            "source": self.source,
+        }
+        if rng is None:
+            sample.update(query=text, query_kind=kind)
+        return sample

@@ -1,0 +1,565 @@
+"""Evaluation of SELFIE: referring / reasoning segmentation and open-vocabulary semantic segmentation.
+
+* [`ReferringMetrics`]: cIoU, gIoU and, on splits with no-target samples (gRefCOCO), N-acc / T-acc;
+* [`SemanticMetrics`]: confusion matrix -> mIoU, per-class IoU, pixel accuracy;
+* [`evaluate_referring`], [`evaluate_open_vocab`]: batched inference loops returning the metrics dict;
+* [`main`]: the `python -m modeling_selfie.evaluate` command line.
+
+Both accumulators can be filled in any order, merged ([`merge`]) and summed over `torch.distributed` processes
+([`all_reduce`]): give each process a shard of the data, `all_reduce()`, then `compute()`.
+"""
+
+import argparse
+import json
+import pickle
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from .io_utils import atomic_output_file
+from .processing_selfie import image_size_of
+
+REFERRING_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef", "grefcoco", "reasonseg")
+OPEN_VOCAB_DATASETS = ("ade150", "pc59", "pc459", "voc20")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _SummableState:
+    """Accumulators whose whole state is one 1-D tensor of sums, so they merge and all-reduce by addition."""
+
+    def _state(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _set_state(self, state: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def merge(self, other: "_SummableState") -> "_SummableState":
+        """Add the counts of `other` (same kind, same settings) to this accumulator; returns `self`."""
+        self._set_state(self._state() + other._state())
+        return self
+
+    def all_reduce(self, group=None) -> "_SummableState":
+        """Sum the counts over the processes of `torch.distributed` (a no-op when it is not initialised)."""
+        if dist.is_available() and dist.is_initialized():
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+            state = self._state().to(device)
+            dist.all_reduce(state, group=group)
+            self._set_state(state.cpu())
+        return self
+
+
+def _flat_masks(pred, *others) -> list[torch.Tensor]:
+    """Masks of one shape, `[H, W]` or `[N, H, W]` (numpy or torch), as bool `[N, H * W]` on `pred`'s device."""
+    pred = torch.as_tensor(pred)
+    others = [torch.as_tensor(mask) for mask in others]
+    if pred.dim() not in (2, 3) or any(mask.shape != pred.shape for mask in others):
+        shapes = ", ".join(str(tuple(mask.shape)) for mask in (pred, *others))
+        raise ValueError(f"Masks must be [H, W] or [N, H, W], all of one shape; got {shapes}.")
+    flat = (-1 if pred.dim() == 3 else 1, pred.shape[-2] * pred.shape[-1])
+    return [mask.to(pred.device).reshape(flat).bool() for mask in (pred, *others)]
+
+
+class ReferringMetrics(_SummableState):
+    r"""
+    Referring / reasoning segmentation metrics over a split, one binary mask per sample.
+
+    Pixels marked in `ignore` (ReasonSeg's "ignore" regions) are left out of both masks.
+
+    * `cIoU`: cumulative IoU, total intersection / total union over the split (1.0 if every union is empty);
+    * `gIoU`: mean per-sample IoU; a sample with an empty target scores 1.0 if the prediction is empty too, else 0.0;
+    * `count`: number of samples;
+    * on splits with no-target samples (gRefCOCO) also `N-acc`, the fraction of no-target samples predicted empty,
+      and `T-acc`, the fraction of samples with a target predicted non-empty (when there are such samples).
+    """
+
+    _COUNTERS = (
+        "intersection", "union", "iou_sum", "count", "no_target_count", "no_target_correct", "target_correct",
+    )  # fmt: skip
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        for name in self._COUNTERS:
+            setattr(self, name, 0)
+        self.iou_sum = 0.0
+
+    def update(self, pred, target, ignore=None) -> None:
+        """Add samples. `pred`, `target` and the optional `ignore`: bool (or 0/1) `[H, W]` masks of one sample, or
+        `[N, H, W]` for N samples."""
+        if ignore is None:
+            pred, target = _flat_masks(pred, target)
+        else:
+            pred, target, ignore = _flat_masks(pred, target, ignore)
+            pred, target = pred & ~ignore, target & ~ignore
+        intersection = (pred & target).sum(-1)
+        union = (pred | target).sum(-1)
+        iou = torch.where(union > 0, intersection / union.clamp(min=1), 1.0)
+        has_target, pred_empty = target.any(-1), ~pred.any(-1)
+        sums = torch.stack(
+            [intersection.sum(), union.sum(), (~has_target).sum(), (~has_target & pred_empty).sum(),
+             (has_target & ~pred_empty).sum()]
+        ).tolist()  # fmt: skip
+        self.intersection += sums[0]
+        self.union += sums[1]
+        self.no_target_count += sums[2]
+        self.no_target_correct += sums[3]
+        self.target_correct += sums[4]
+        self.iou_sum += float(iou.double().sum())
+        self.count += pred.shape[0]
+
+    def compute(self) -> dict:
+        """`{"cIoU", "gIoU", "count"}` plus `"N-acc"` / `"T-acc"` on splits with no-target samples."""
+        if self.count == 0:
+            raise ValueError("ReferringMetrics.compute() needs at least one sample: call update() first.")
+        metrics = {
+            "cIoU": self.intersection / self.union if self.union else 1.0,
+            "gIoU": self.iou_sum / self.count,
+            "count": self.count,
+        }
+        if self.no_target_count:
+            metrics["N-acc"] = self.no_target_correct / self.no_target_count
+            if self.count > self.no_target_count:
+                metrics["T-acc"] = self.target_correct / (self.count - self.no_target_count)
+        return metrics
+
+    def _state(self) -> torch.Tensor:
+        return torch.tensor([getattr(self, name) for name in self._COUNTERS], dtype=torch.float64)
+
+    def _set_state(self, state: torch.Tensor) -> None:
+        for name, value in zip(self._COUNTERS, state.tolist()):
+            setattr(self, name, value if name == "iou_sum" else round(value))
+
+
+class SemanticMetrics(_SummableState):
+    r"""
+    Semantic segmentation metrics from a `[num_classes, num_classes]` confusion matrix (rows: target class,
+    columns: predicted class), accumulated over labelled pixels (`target != ignore_index`).
+
+    * `mIoU`: mean IoU over the classes present in the target or the prediction of the split;
+    * `per_class_IoU`: IoU per class (`None` for a class absent from both), keyed by name if `class_names` given;
+    * `pixel_accuracy`: correctly classified labelled pixels / labelled pixels;
+    * `count`: number of label maps.
+
+    Args:
+        num_classes: number of classes; target and prediction values must lie in `[0, num_classes)` (or equal
+            `ignore_index` in the target).
+        ignore_index: target value of pixels left out.
+        class_names: optional names, `num_classes` of them.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, class_names: Sequence[str] | None = None):
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}.")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.class_names = tuple(class_names) if class_names is not None else None
+        self.reset()
+
+    def reset(self) -> None:
+        self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+        self.count = 0
+
+    def _check_range(self, values: torch.Tensor, name: str) -> None:
+        if values.numel() and (values.min() < 0 or values.max() >= self.num_classes):
+            bad = values[(values < 0) | (values >= self.num_classes)][0]
+            raise ValueError(
+                f"{name} holds class {int(bad)}, outside [0, {self.num_classes}) "
+                f"(ignore_index={self.ignore_index} applies to the target only)."
+            )
+
+    def update(self, pred, target) -> None:
+        """Add label maps. `pred`, `target`: integer `[H, W]` (one map) or `[N, H, W]` (numpy or torch)."""
+        pred = torch.as_tensor(pred).long()
+        target = torch.as_tensor(target).to(pred.device).long()
+        if pred.shape != target.shape or pred.dim() not in (2, 3):
+            raise ValueError(
+                f"pred and target must be [H, W] or [N, H, W] of one shape, got {tuple(pred.shape)} and "
+                f"{tuple(target.shape)}."
+            )
+        labelled = target != self.ignore_index
+        target_values, pred_values = target[labelled], pred[labelled]
+        self._check_range(target_values, "target")
+        self._check_range(pred_values, "pred")
+        pairs = torch.bincount(target_values * self.num_classes + pred_values, minlength=self.num_classes**2)
+        self.confusion += pairs.view(self.num_classes, self.num_classes).cpu()
+        self.count += 1 if pred.dim() == 2 else pred.shape[0]
+
+    def compute(self) -> dict:
+        """`{"mIoU", "pixel_accuracy", "per_class_IoU", "count"}`."""
+        confusion = self.confusion.double()
+        labelled = confusion.sum()
+        if labelled == 0:
+            raise ValueError("SemanticMetrics.compute() needs labelled pixels: call update() first.")
+        intersection = confusion.diag()
+        union = confusion.sum(0) + confusion.sum(1) - intersection
+        present = union > 0
+        iou = intersection / union.clamp(min=1)
+        per_class = [value if seen else None for value, seen in zip(iou.tolist(), present.tolist())]
+        return {
+            "mIoU": float(iou[present].mean()),
+            "pixel_accuracy": float(intersection.sum() / labelled),
+            "per_class_IoU": dict(zip(self.class_names, per_class)) if self.class_names else per_class,
+            "count": self.count,
+        }
+
+    def _state(self) -> torch.Tensor:
+        return torch.cat([self.confusion.flatten(), torch.tensor([self.count])])
+
+    def _set_state(self, state: torch.Tensor) -> None:
+        self.confusion = state[:-1].view(self.num_classes, self.num_classes).clone()
+        self.count = int(state[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _identity(batch):
+    """`collate_fn` that keeps samples as they are (a list of sample dicts, or one sample)."""
+    return batch
+
+
+def _prepare_model(model, device: str | torch.device | None) -> None:
+    """Move `model` to `device` (when given) and put it in eval mode."""
+    if device is not None:
+        model.to(device)
+    model.eval()
+
+
+@torch.inference_mode()
+def segment_images(model, processor, images: Sequence, binarize: bool = True, **text_inputs) -> list[torch.Tensor]:
+    """One forward pass; the masks of every sample at its image's size.
+
+    Args:
+        images: one image per sample.
+        binarize: bool masks (logit > 0) or, with `False`, the float logits.
+        text_inputs: the prompts, as the processor takes them (`queries=` and `query_kind=`, or `conversations=`).
+    Returns:
+        One `[n_seg, H, W]` tensor per sample, on the model's device.
+    """
+    inputs = processor(images=list(images), **text_inputs).to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    outputs = model(**inputs, logits_to_keep=1)
+    sizes = [image_size_of(image) for image in images]
+    return processor.post_process_masks(outputs.pred_masks, sizes, binarize=binarize)
+
+
+def _union_mask(sample: dict, key: str, index: int) -> torch.Tensor:
+    """bool `[H, W]` union of the `[n, H, W]` masks `sample[key]` (gRefCOCO targets may be several objects or
+    none)."""
+    masks = torch.as_tensor(np.asarray(sample[key]))
+    masks = masks[None] if masks.dim() == 2 else masks
+    size = tuple(image_size_of(sample["image"]))
+    if masks.dim() != 3 or tuple(masks.shape[1:]) != size:
+        raise ValueError(
+            f"Sample {index}: {key} of shape {tuple(masks.shape)} do not match its image of (height, width) {size}."
+        )
+    return masks.bool().any(0)
+
+
+def _check_referring_sample(sample: dict, index: int) -> None:
+    missing = [key for key in ("image", "masks", "query") if sample.get(key) is None]
+    if missing:
+        raise ValueError(f"Evaluation sample {index} lacks {missing}: referring evaluation needs image, masks, query.")
+
+
+def evaluate_referring(
+    model, processor, dataset, batch_size: int = 8, device=None, progress: bool = True, num_workers: int = 0
+) -> dict:
+    """Referring / reasoning segmentation of every sample of `dataset`, scored by [`ReferringMetrics`].
+
+    Each sample (a dict with `image`, `masks` `[1, H, W]`, `query` and `query_kind`, `"phrase"` by default) gets
+    the paper's validation prompt answered "[SEG]."; its predicted mask (logit > 0 at image size) is compared with
+    the union of its `masks`, leaving out the pixels of its `ignore_masks` if it has them (ReasonSeg). Under
+    `torch.distributed`, give each process its shard: counts are summed over processes before the metrics are
+    computed.
+
+    Args:
+        model: a [`SelfieForSegmentation`] (put in eval mode, moved to `device` when given).
+        processor: its [`SelfieProcessor`].
+        dataset: a map-style dataset or a list of sample dicts.
+        batch_size: samples per forward pass.
+        progress: show a tqdm bar.
+        num_workers: `DataLoader` workers that load samples.
+    Returns:
+        [`ReferringMetrics.compute`]'s dict.
+    """
+    _prepare_model(model, device)
+    metrics = ReferringMetrics()
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_identity, num_workers=num_workers)
+    index = 0
+    bar = tqdm(total=len(dataset), desc="referring", unit="sample", disable=not progress)
+    with torch.inference_mode(), bar:
+        for batch in loader:
+            for offset, sample in enumerate(batch):
+                _check_referring_sample(sample, index + offset)
+            conversations = [
+                processor.segmentation_conversation(sample["query"], sample.get("query_kind", "phrase"))
+                for sample in batch
+            ]
+            preds = segment_images(model, processor, [sample["image"] for sample in batch], conversations=conversations)
+            for offset, (sample, pred) in enumerate(zip(batch, preds)):
+                ignore = _union_mask(sample, "ignore_masks", index + offset) if "ignore_masks" in sample else None
+                metrics.update(pred[0], _union_mask(sample, "masks", index + offset), ignore)
+            index += len(batch)
+            bar.update(len(batch))
+    return metrics.all_reduce().compute()
+
+
+def chunked_argmax(class_scores: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Per-pixel argmax over classes whose scores arrive in chunks, without holding them all.
+
+    Args:
+        class_scores: `[n_k, H, W]` score maps of consecutive classes (chunk k holds the next `n_k` classes).
+    Returns:
+        int64 `[H, W]` index of the best class; ties go to the lowest index, as `torch.argmax` over all classes.
+    """
+    best_score = best_class = None
+    offset = 0
+    for scores in class_scores:
+        score, label = scores.max(0)
+        label = label + offset
+        if best_score is None:
+            best_score, best_class = score, label
+        else:
+            better = score > best_score
+            best_score = torch.where(better, score, best_score)
+            best_class = torch.where(better, label, best_class)
+        offset += scores.shape[0]
+    if best_class is None:
+        raise ValueError("chunked_argmax needs at least one chunk of class scores.")
+    return best_class
+
+
+def predict_open_vocab(model, processor, image, class_names: Sequence[str], query_batch_size: int = 8) -> torch.Tensor:
+    """Open-vocabulary semantic segmentation of one image (paper Sec. 4.2.4).
+
+    Every class is asked for with one query, "What is {class} in this image? Please output segmentation mask.",
+    `query_batch_size` queries per forward pass; each pixel takes the class whose mask logit (upsampled to the
+    image size) is highest. There is no "no class" outcome: every pixel is assigned one of `class_names`; pixels the
+    benchmark leaves unlabelled are dropped by the metric's `ignore_index` instead.
+
+    Returns:
+        int64 `[H, W]` class indices into `class_names`, on the model's device.
+    """
+    if not class_names:
+        raise ValueError("predict_open_vocab needs at least one class name.")
+    chunks = (list(class_names[s : s + query_batch_size]) for s in range(0, len(class_names), query_batch_size))
+    scores = (
+        torch.cat(segment_images(model, processor, [image] * len(chunk), binarize=False, queries=chunk))
+        for chunk in chunks
+    )
+    return chunked_argmax(scores)
+
+
+def evaluate_open_vocab(
+    model,
+    processor,
+    dataset,
+    query_batch_size: int = 8,
+    device=None,
+    progress: bool = True,
+    ignore_index: int | None = None,
+    num_workers: int = 0,
+) -> dict:
+    """Open-vocabulary semantic segmentation of every sample of `dataset` ([`predict_open_vocab`]), scored by
+    [`SemanticMetrics`] over the class list of the samples.
+
+    Args:
+        dataset: yields `{"image", "label" int64 [H, W], "class_names"}` (see `modeling_selfie.data.open_vocab`).
+        query_batch_size: class queries per forward pass.
+        ignore_index: label value left out; defaults to `dataset.ignore_index`, else 255.
+        Others as in [`evaluate_referring`].
+    Returns:
+        [`SemanticMetrics.compute`]'s dict.
+    """
+    _prepare_model(model, device)
+    ignore_index = getattr(dataset, "ignore_index", 255) if ignore_index is None else ignore_index
+    metrics = None
+    loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=num_workers)
+    with torch.inference_mode():
+        for sample in tqdm(loader, total=len(dataset), desc="open-vocab", unit="image", disable=not progress):
+            class_names = tuple(sample["class_names"])
+            if metrics is None:
+                metrics = SemanticMetrics(len(class_names), ignore_index=ignore_index, class_names=class_names)
+            elif class_names != metrics.class_names:
+                raise ValueError("All samples of an open-vocabulary dataset must share one class list.")
+            pred = predict_open_vocab(model, processor, sample["image"], class_names, query_batch_size)
+            metrics.update(pred, torch.as_tensor(sample["label"]))
+    if metrics is None:
+        raise ValueError("evaluate_open_vocab got an empty dataset.")
+    return metrics.all_reduce().compute()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _UsageError(Exception):
+    """Bad input on the command line: reported as one line on stderr, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_selfie.evaluate",
+        description="Evaluate a SELFIE checkpoint on a referring / reasoning or open-vocabulary benchmark.",
+    )
+    parser.add_argument("--model", required=True, help="folder of a SELFIE checkpoint (model and processor)")
+    parser.add_argument(
+        "--dataset", required=True, help=f"one of {', '.join(REFERRING_DATASETS + OPEN_VOCAB_DATASETS)}"
+    )
+    parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    parser.add_argument("--data-root", required=True, help="folder holding the dataset")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="samples (referring) or class queries (open-vocab) per forward"
+    )
+    parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights dtype (default: auto, the checkpoint's)",
+    )  # fmt: skip
+    parser.add_argument("--limit", type=int, help="evaluate the first N samples only")
+    parser.add_argument("--max-tiles", type=int, default=1, help="most 448 px tiles per image (default: 1)")
+    parser.add_argument("--num-workers", type=int, default=0, help="data loading workers (default: 0)")
+    return parser
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.dataset not in REFERRING_DATASETS + OPEN_VOCAB_DATASETS:
+        choices = ", ".join(REFERRING_DATASETS + OPEN_VOCAB_DATASETS)
+        raise _UsageError(f"unknown dataset {args.dataset!r}; choose one of {choices}")
+    if not Path(args.model).is_dir():
+        raise _UsageError(f"model directory {args.model} does not exist")
+    if not Path(args.data_root).is_dir():
+        raise _UsageError(f"data root {args.data_root} does not exist")
+    for name in ("batch_size", "max_tiles", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise _UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.num_workers < 0:
+        raise _UsageError(f"--num-workers must be at least 0, got {args.num_workers}")
+
+
+def _resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise _UsageError(f"bad --device {name!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _UsageError(f"--device {name} asked for CUDA, which is not available here")
+    return device
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _load_dataset(args: argparse.Namespace):
+    """The evaluation dataset named on the command line, cut to `--limit`."""
+    try:
+        if args.dataset in OPEN_VOCAB_DATASETS:
+            from .data.open_vocab import build_open_vocab_dataset
+
+            dataset = build_open_vocab_dataset(args.dataset, args.data_root, args.split)
+        else:
+            try:
+                from .data.registry import build_dataset
+            except ImportError as error:
+                raise _UsageError(f"referring datasets need modeling_selfie.data.registry: {error}") from None
+            dataset = build_dataset(args.dataset, args.split, args.data_root, train=False)
+    except (OSError, ValueError, KeyError, pickle.UnpicklingError) as error:
+        message = f"cannot read {args.dataset} ({args.split}) from {args.data_root}: {_one_line(error)}"
+        raise _UsageError(message) from None
+    if args.limit is not None and args.limit < len(dataset):
+        dataset = Subset(dataset, range(args.limit))
+    return dataset
+
+
+def _load_model(args: argparse.Namespace, device: torch.device):
+    """Model and processor from `--model`, the processor set to `--max-tiles`."""
+    import modeling_selfie  # noqa: F401  (registers the selfie model type with the Auto classes)
+    from transformers import AutoModel, AutoProcessor
+
+    try:
+        model = AutoModel.from_pretrained(args.model, dtype=args.dtype)
+        processor = AutoProcessor.from_pretrained(args.model)
+    except (OSError, ValueError, KeyError) as error:
+        raise _UsageError(f"cannot load a SELFIE model from {args.model}: {_one_line(error)}") from None
+    processor.image_processor.max_patches = args.max_tiles
+    return model.to(device), processor
+
+
+def _summary(args: argparse.Namespace, metrics: dict, seconds: float) -> str:
+    scores = ", ".join(
+        f"{name} {value:.4f}" for name, value in metrics.items() if isinstance(value, float)
+    )
+    return f"{args.dataset} {args.split}: {scores} (count {metrics['count']}, {seconds:.1f} s)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m modeling_selfie.evaluate`: evaluate, print a one-line summary, optionally write JSON."""
+    args = build_parser().parse_args(argv)
+    try:
+        _check_arguments(args)
+        device = _resolve_device(args.device)
+        dataset = _load_dataset(args)
+        model, processor = _load_model(args, device)
+    except _UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    start = time.perf_counter()
+    if args.dataset in OPEN_VOCAB_DATASETS:
+        ignore_index = (dataset.dataset if isinstance(dataset, Subset) else dataset).ignore_index
+        metrics = evaluate_open_vocab(
+            model, processor, dataset, query_batch_size=args.batch_size, ignore_index=ignore_index,
+            num_workers=args.num_workers,
+        )  # fmt: skip
+    else:
+        metrics = evaluate_referring(
+            model, processor, dataset, batch_size=args.batch_size, num_workers=args.num_workers
+        )
+    seconds = time.perf_counter() - start
+
+    print(_summary(args, metrics, seconds))
+    if args.output:
+        results = {
+            "model": str(args.model),
+            "dataset": args.dataset,
+            "split": args.split,
+            "count": metrics["count"],
+            "time_s": round(seconds, 3),
+            "metrics": metrics,
+        }
+        with atomic_output_file(args.output) as staging:
+            staging.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+__all__ = [
+    "ReferringMetrics",
+    "SemanticMetrics",
+    "chunked_argmax",
+    "evaluate_open_vocab",
+    "evaluate_referring",
+    "main",
+        "predict_open_vocab",
+    "segment_images",
+]

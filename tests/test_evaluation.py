@@ -1,0 +1,388 @@
+"""Evaluation: metrics on hand-made masks, open-vocab argmax and readers, the loops and the CLI end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_selfie.data.open_vocab import (
+    ADE150_CLASSES,
+    ADE150Dataset,
+    PascalContext459Dataset,
+    VOC20Dataset,
+    build_open_vocab_dataset,
+)
+from modeling_selfie.evaluation import (
+    ReferringMetrics,
+    SemanticMetrics,
+    chunked_argmax,
+    evaluate_open_vocab,
+    evaluate_referring,
+    main,
+    predict_open_vocab,
+    segment_images,
+)
+
+from .data_fixtures import write_grefcoco, write_reasonseg, write_refer_dataset
+from .helpers import WORDS, random_image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def mask(shape, *pixels):
+    """bool mask of `shape` with the given (y, x) pixels set."""
+    out = np.zeros(shape, dtype=bool)
+    for y, x in pixels:
+        out[y, x] = True
+    return out
+
+
+# --------------------------------------------------------------------------------------------- referring metrics
+
+
+def test_ciou_and_giou_differ_on_a_large_and_a_small_object():
+    metrics = ReferringMetrics()
+    metrics.update(np.ones((4, 4), bool), np.ones((4, 4), bool))  # IoU 16/16
+    metrics.update(mask((4, 4), (0, 0), (0, 1)), mask((4, 4), (0, 0)))  # IoU 1/2
+    result = metrics.compute()
+    assert result["cIoU"] == pytest.approx(17 / 18)
+    assert result["gIoU"] == pytest.approx(0.75)
+    assert result["count"] == 2
+    assert "N-acc" not in result and "T-acc" not in result
+
+
+def test_empty_targets_count_one_when_predicted_empty_and_give_n_acc_t_acc():
+    empty = np.zeros((3, 3), bool)
+    two = mask((3, 3), (1, 1), (2, 2))
+    metrics = ReferringMetrics()
+    metrics.update(empty, empty)  # no target, right: IoU 1
+    metrics.update(mask((3, 3), (0, 0)), empty)  # no target, wrong: IoU 0
+    metrics.update(empty, two)  # target missed: IoU 0
+    metrics.update(two, two)  # target found: IoU 1
+    result = metrics.compute()
+    assert result["gIoU"] == pytest.approx(0.5)
+    assert result["cIoU"] == pytest.approx(2 / 5)
+    assert result["N-acc"] == pytest.approx(0.5)
+    assert result["T-acc"] == pytest.approx(0.5)
+
+
+def test_only_empty_samples_score_one_and_no_update_raises():
+    metrics = ReferringMetrics()
+    with pytest.raises(ValueError, match="update"):
+        metrics.compute()
+    metrics.update(torch.zeros(2, 2, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.bool))
+    assert metrics.compute() == {"cIoU": 1.0, "gIoU": 1.0, "count": 1, "N-acc": 1.0}
+
+
+def test_referring_batched_update_and_merge_match_sample_by_sample():
+    rng = np.random.default_rng(0)
+    preds, targets = rng.random((6, 5, 7)) > 0.5, rng.random((6, 5, 7)) > 0.6
+    targets[2] = False
+    one_by_one = ReferringMetrics()
+    for pred, target in zip(preds, targets):
+        one_by_one.update(pred, target)
+    first, second = ReferringMetrics(), ReferringMetrics()
+    first.update(preds[:4], targets[:4])
+    second.update(torch.as_tensor(preds[4:]), torch.as_tensor(targets[4:]))
+    merged = first.merge(second).compute()
+    expected = one_by_one.compute()
+    assert merged.keys() == expected.keys()
+    for key, value in expected.items():
+        assert merged[key] == pytest.approx(value)
+
+
+def test_ignored_pixels_are_left_out_of_both_masks():
+    metrics = ReferringMetrics()
+    target, pred = mask((2, 2), (0, 0), (0, 1)), mask((2, 2), (0, 0), (1, 1))
+    metrics.update(pred, target, ignore=mask((2, 2), (0, 1), (1, 1)))
+    assert metrics.compute()["gIoU"] == 1.0
+
+
+def test_referring_update_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="shape"):
+        ReferringMetrics().update(np.zeros((2, 3), bool), np.zeros((3, 2), bool))
+
+
+# --------------------------------------------------------------------------------------------- semantic metrics
+
+
+def test_miou_on_a_hand_computed_confusion_with_ignore_and_absent_class():
+    target = np.array([[0, 0, 1], [1, 2, 255]])
+    pred = np.array([[0, 1, 1], [1, 1, 2]])  # the prediction under 255 must not count
+    metrics = SemanticMetrics(4, class_names=("a", "b", "c", "d"))
+    metrics.update(pred, target)
+    # confusion (rows target): a: [1, 1, 0], b: [0, 2, 0], c: [0, 1, 0]; d absent everywhere
+    assert metrics.confusion[:3, :3].tolist() == [[1, 1, 0], [0, 2, 0], [0, 1, 0]]
+    result = metrics.compute()
+    assert result["per_class_IoU"] == {"a": 0.5, "b": 0.5, "c": 0.0, "d": None}
+    assert result["mIoU"] == pytest.approx(1 / 3)
+    assert result["pixel_accuracy"] == pytest.approx(3 / 5)
+    assert result["count"] == 1
+
+
+def test_semantic_ignore_index_is_configurable_and_ranges_are_checked():
+    metrics = SemanticMetrics(300, ignore_index=65535)
+    metrics.update(torch.tensor([[299, 0]]), torch.tensor([[299, 65535]]))
+    result = metrics.compute()
+    assert result["mIoU"] == 1.0 and result["pixel_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="target holds class 5"):
+        SemanticMetrics(3).update(np.zeros((1, 2)), np.array([[0, 5]]))
+    with pytest.raises(ValueError, match="pred holds class 7"):
+        SemanticMetrics(3).update(np.array([[7, 0]]), np.array([[0, 0]]))
+
+
+def test_semantic_merge_adds_confusions():
+    a, b, both = SemanticMetrics(3), SemanticMetrics(3), SemanticMetrics(3)
+    x, y = np.array([[0, 1, 2]]), np.array([[0, 2, 2]])
+    a.update(x, y)
+    b.update(y, x)
+    both.update(np.stack([x, y]), np.stack([y, x]))
+    assert torch.equal(a.merge(b).confusion, both.confusion)
+    assert a.compute() == both.compute()
+
+
+def test_all_reduce_sums_over_a_process_group_and_keeps_types():
+    import torch.distributed as dist
+
+    referring, semantic = ReferringMetrics(), SemanticMetrics(3)
+    referring.update(mask((2, 2), (0, 0)), mask((2, 2), (0, 0), (1, 1)))
+    semantic.update(np.array([[0, 1]]), np.array([[0, 2]]))
+    expected = referring.compute(), semantic.compute()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert (referring.all_reduce().compute(), semantic.all_reduce().compute()) == expected
+    finally:
+        dist.destroy_process_group()
+    assert isinstance(referring.intersection, int) and semantic.confusion.dtype == torch.int64
+
+
+# --------------------------------------------------------------------------------------------- open vocabulary
+
+
+def test_chunked_argmax_equals_argmax_over_all_classes_including_ties():
+    scores = torch.randint(0, 3, (6, 5, 4)).float()  # many ties
+    chunks = [scores[:2], scores[2:5], scores[5:]]
+    assert torch.equal(chunked_argmax(iter(chunks)), scores.argmax(0))
+
+
+def test_predict_open_vocab_is_the_argmax_of_per_class_logits(tiny):
+    model, processor = tiny
+    image = random_image(40, 30, seed=3)
+    names = ["red", "blue", "green", "circle", "square"]
+    per_class = torch.cat(
+        [segment_images(model, processor, [image], binarize=False, queries=[name])[0] for name in names]
+    )
+    pred = predict_open_vocab(model, processor, image, names, query_batch_size=2)
+    assert pred.shape == (30, 40) and pred.dtype == torch.int64
+    top2 = per_class.topk(2, dim=0).values
+    decided = (top2[0] - top2[1]) > 1e-4  # pixels where batching noise cannot flip the winner
+    assert decided.float().mean() > 0.9
+    assert torch.equal(pred[decided], per_class.argmax(0)[decided])
+
+
+def test_evaluate_open_vocab_on_in_memory_samples(tiny):
+    model, processor = tiny
+    names = ("red", "blue", "green")
+    samples = [
+        {"image": random_image(24, 20, seed=i), "label": np.random.default_rng(i).integers(0, 3, (20, 24)),
+         "class_names": names}
+        for i in range(2)
+    ]  # fmt: skip
+    samples[0]["label"][:5] = 255
+    result = evaluate_open_vocab(model, processor, samples, query_batch_size=2, progress=False)
+    expected = SemanticMetrics(3, class_names=names)
+    for sample in samples:
+        expected.update(predict_open_vocab(model, processor, sample["image"], names, 2), sample["label"])
+    assert result == expected.compute()
+    assert 0.0 <= result["mIoU"] <= 1.0 and result["count"] == 2
+
+
+def write_ade150(root: Path, sizes=((20, 16), (12, 18))) -> Path:
+    """A tiny ADE20K-150 validation set in the released layout: random images, labels 0..3 (0 = ignore)."""
+    base = root / "ADEChallengeData2016"
+    (base / "images" / "validation").mkdir(parents=True)
+    (base / "annotations" / "validation").mkdir(parents=True)
+    for i, (width, height) in enumerate(sizes):
+        stem = f"ADE_val_{i + 1:08d}"
+        random_image(width, height, seed=i).save(base / "images" / "validation" / f"{stem}.jpg")
+        label = np.random.default_rng(i).integers(0, 4, (height, width), dtype=np.uint8)
+        Image.fromarray(label).save(base / "annotations" / "validation" / f"{stem}.png")
+    return root
+
+
+def test_ade150_reader_maps_zero_to_ignore_and_shifts_classes(tmp_path):
+    write_ade150(tmp_path)
+    dataset = build_open_vocab_dataset("ade150", tmp_path)
+    assert len(dataset) == 2 and dataset.ignore_index == 255
+    sample = dataset[0]
+    raw = np.asarray(Image.open(tmp_path / "ADEChallengeData2016/annotations/validation/ADE_val_00000001.png"))
+    assert sample["label"].dtype == np.int64 and sample["label"].shape == (16, 20)
+    assert np.array_equal(sample["label"], np.where(raw == 0, 255, raw.astype(np.int64) - 1))
+    assert sample["image"].size == (20, 16) and sample["class_names"] == ADE150_CLASSES
+
+
+def test_readers_name_missing_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="images/validation.*annotations/validation"):
+        ADE150Dataset(tmp_path)
+    assert PascalContext459Dataset.expected_paths(tmp_path)[-1] == tmp_path / "pascal_ctx_d2" / "labels.txt"
+    write_ade150(tmp_path)
+    (tmp_path / "ADEChallengeData2016/annotations/validation/ADE_val_00000002.png").unlink()
+    with pytest.raises(FileNotFoundError, match="ADE_val_00000002.png"):
+        ADE150Dataset(tmp_path)
+
+
+def test_pc459_reads_16_bit_tiffs_and_class_names_file(tmp_path):
+    base = tmp_path / "pascal_ctx_d2"
+    (base / "images/validation").mkdir(parents=True)
+    (base / "annotations_ctx459/validation").mkdir(parents=True)
+    random_image(5, 4).save(base / "images/validation/2008_000001.jpg")
+    label = np.full((4, 5), 458, dtype=np.uint16)
+    label[0, 0] = 65535
+    Image.fromarray(label).save(base / "annotations_ctx459/validation/2008_000001.tif")
+    (base / "labels.txt").write_text("".join(f"{k}: class {k}\n" for k in range(1, 460)))
+    dataset = PascalContext459Dataset(tmp_path)
+    sample = dataset[0]
+    assert dataset.ignore_index == 65535 and sample["class_names"][0] == "class 1" and len(sample["class_names"]) == 459
+    assert sample["label"][0, 0] == 65535 and sample["label"][1, 1] == 458
+
+
+def test_voc20_lists_samples_from_its_annotations(tmp_path):
+    base = tmp_path / "VOC2012"
+    (base / "JPEGImages").mkdir(parents=True)
+    (base / "annotations_detectron2/val").mkdir(parents=True)
+    for stem in ("2007_000033", "2007_000042"):  # the second is a training image, with no annotation
+        random_image(6, 4).save(base / "JPEGImages" / f"{stem}.jpg")
+    Image.fromarray(np.full((4, 6), 19, np.uint8)).save(base / "annotations_detectron2/val/2007_000033.png")
+    dataset = VOC20Dataset(tmp_path)
+    assert dataset.stems == ["2007_000033"] and dataset[0]["class_names"][19] == "tv monitor"
+
+
+# --------------------------------------------------------------------------------------------- referring loop
+
+
+def referring_samples():
+    rng = np.random.default_rng(0)
+    sizes = [(40, 30), (25, 35), (30, 30), (50, 20), (20, 44)]
+    samples = []
+    for i, (width, height) in enumerate(sizes):
+        masks = (rng.random((1, height, width)) > 0.7).astype(np.uint8)
+        if i == 3:
+            masks[:] = 0  # a no-target sample
+        kind = "instruction" if i == 4 else "phrase"
+        query = "describe the red shape" if kind == "instruction" else WORDS[i]
+        samples.append({"image": random_image(width, height, seed=i), "masks": masks, "query": query,
+                        "query_kind": kind})  # fmt: skip
+        if kind == "instruction":  # a ReasonSeg-like sample with pixels to leave out
+            samples[-1]["ignore_masks"] = (rng.random((1, height, width)) > 0.8).astype(np.uint8)
+    return samples
+
+
+def test_evaluate_referring_matches_metrics_recomputed_from_the_model(tiny):
+    model, processor = tiny
+    samples = referring_samples()
+    result = evaluate_referring(model, processor, samples, batch_size=2, progress=False)
+    assert result["count"] == len(samples)
+    assert all(0.0 <= result[key] <= 1.0 for key in ("cIoU", "gIoU", "N-acc", "T-acc"))
+
+    expected = ReferringMetrics()
+    for start in range(0, len(samples), 2):  # the same batches, through the model's own API
+        batch = samples[start : start + 2]
+        conversations = [processor.segmentation_conversation(s["query"], s["query_kind"]) for s in batch]
+        inputs = processor(images=[s["image"] for s in batch], conversations=conversations)
+        with torch.no_grad():
+            pred_masks = model(**inputs).pred_masks
+        sizes = [(s["image"].height, s["image"].width) for s in batch]
+        for sample, pred in zip(batch, processor.post_process_masks(pred_masks, sizes)):
+            ignore = sample["ignore_masks"][0] if "ignore_masks" in sample else None
+            expected.update(pred[0], sample["masks"][0], ignore)
+    expected = expected.compute()
+    assert result.keys() == expected.keys()
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value)
+
+
+def test_evaluate_referring_names_a_sample_without_query(tiny):
+    model, processor = tiny
+    samples = referring_samples()[:2]
+    del samples[1]["query"]
+    with pytest.raises(ValueError, match="sample 1 lacks"):
+        evaluate_referring(model, processor, samples, progress=False)
+
+
+# --------------------------------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    from modeling_selfie.presets import tiny_model_and_processor
+
+    model, processor = tiny_model_and_processor(WORDS, seed=0)
+    folder = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--model": "missing-model"}, "model directory missing-model does not exist"),
+        ({"--dataset": "coco"}, "unknown dataset 'coco'"),
+        ({"--data-root": "missing-data"}, "data root missing-data does not exist"),
+        ({}, "ade150: missing"),
+    ],
+)
+def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tmp_path, saved_tiny, capsys, change, message):
+    args = {"--model": str(saved_tiny), "--dataset": "ade150", "--data-root": str(tmp_path)} | change
+    code = main([part for pair in args.items() for part in pair])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_cli_evaluates_ade150_end_to_end(tmp_path, saved_tiny):
+    write_ade150(tmp_path / "data")
+    output = tmp_path / "out" / "results.json"
+    command = [
+        sys.executable, "-m", "modeling_selfie.evaluate", "--model", str(saved_tiny), "--dataset", "ade150",
+        "--data-root", str(tmp_path / "data"), "--batch-size", "150", "--device", "cpu", "--limit", "1",
+        "--output", str(output),
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("ade150 val: mIoU ") and run.stdout.count("\n") == 1
+    results = json.loads(output.read_text())
+    assert results["dataset"] == "ade150" and results["split"] == "val" and results["count"] == 1
+    assert results["model"] == str(saved_tiny) and results["time_s"] >= 0
+    assert 0.0 <= results["metrics"]["mIoU"] <= 1.0
+    assert len(results["metrics"]["per_class_IoU"]) == 150
+    assert not [p for p in output.parent.iterdir() if p.name.endswith(".partial")]
+
+
+@pytest.mark.parametrize(
+    "dataset, split, write, count, keys",
+    [
+        ("refcoco", "val", lambda root: write_refer_dataset(root / "refer_seg"), 1, {"cIoU", "gIoU", "count"}),
+        ("grefcoco", "train", lambda root: write_grefcoco(root / "refer_seg"), 3,
+         {"cIoU", "gIoU", "count", "N-acc", "T-acc"}),
+        ("reasonseg", "val", lambda root: write_reasonseg(root, "val"), 3, {"cIoU", "gIoU", "count"}),
+    ],
+)  # fmt: skip
+def test_cli_evaluates_referring_datasets_from_the_registry(tmp_path, saved_tiny, capsys, dataset, split, write,
+                                                           count, keys):  # fmt: skip
+    write(tmp_path / "data")
+    output = tmp_path / "results.json"
+    code = main([
+        "--model", str(saved_tiny), "--dataset", dataset, "--split", split, "--data-root", str(tmp_path / "data"),
+        "--batch-size", "2", "--device", "cpu", "--output", str(output),
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith(f"{dataset} {split}: cIoU ")
+    results = json.loads(output.read_text())
+    assert results["count"] == count and set(results["metrics"]) == keys
+    assert all(0.0 <= value <= 1.0 for key, value in results["metrics"].items() if key != "count")
