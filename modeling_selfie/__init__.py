@@ -1,7 +1,8 @@
 """SELFIE (SELF1E) for Hugging Face transformers: an InternVL3 MLLM that segments with one `[SEG]` token.
 
 Importing this package registers the `selfie` model type with `AutoConfig`, `AutoModel`,
-`AutoModelForImageTextToText`, `AutoImageProcessor` and `AutoProcessor`.
+`AutoModelForImageTextToText`, `AutoImageProcessor` and `AutoProcessor`, and the
+`referring-segmentation` pipeline task.
 """
 
 from transformers import (
@@ -14,6 +15,7 @@ from transformers import (
 
 from .configuration_selfie import SelfieConfig
 from .modeling_selfie import SelfieForSegmentation, SelfieModel, SelfieSegmentationHead, SelfieSegmentationOutput
+from .pipeline_selfie import ReferringSegmentationPipeline
 from .processing_selfie import SelfieImageProcessor, SelfieProcessor
 
 AutoConfig.register("selfie", SelfieConfig, exist_ok=True)
@@ -23,6 +25,7 @@ AutoImageProcessor.register(SelfieConfig, image_processor_classes={"pil": Selfie
 AutoProcessor.register(SelfieConfig, SelfieProcessor, exist_ok=True)
 
 __all__ = [
+    "ReferringSegmentationPipeline",
     "SelfieConfig",
     "SelfieForSegmentation",
     "SelfieImageProcessor",

@@ -91,4 +91,6 @@ class SelfieConfig(InternVLConfig):
         return image_size // patch_size // self.unshuffle_factor
 
 
+SelfieConfig.register_for_auto_class()  # save_pretrained writes auto_map + this file (remote code)
+
 __all__ = ["SelfieConfig"]

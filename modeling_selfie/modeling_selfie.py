@@ -200,6 +200,11 @@ class SelfieSegmentationOutput(InternVLCausalLMOutputWithPast):
         One `[n_seg, H, W]` tensor of mask logits per sample, `n_seg` = number of `[SEG]` in the sample (may be 0),
         the k-th mask for the k-th `[SEG]`. `H, W` = 4x the LLM token grid of the sample's image (tiles stitched
         row-major). Pass them to `SelfieProcessor.post_process_masks` for masks at the image's own size.
+    presence_logits (`list[torch.FloatTensor]`, *optional*):
+        One `[n_seg]` tensor per sample: whether the referred object is in the image at all (the convention of
+        SAM3's `presence_logits`). Derived from the masks, no extra parameters: the logit of the most confident
+        pixel, so `sigmoid(presence) < 0.5` exactly when the mask is empty at the default threshold, and a higher
+        `presence_threshold` in `post_process_masks` drops low-confidence masks.
     text_loss (`torch.FloatTensor` of shape `()`, *optional*):
         Next-token cross entropy (when `labels` are given).
     mask_bce_loss, mask_dice_loss (`torch.FloatTensor` of shape `()`, *optional*):
@@ -208,6 +213,7 @@ class SelfieSegmentationOutput(InternVLCausalLMOutputWithPast):
     """
 
     pred_masks: list[torch.FloatTensor] | None = None
+    presence_logits: list[torch.FloatTensor] | None = None
     text_loss: torch.FloatTensor | None = None
     mask_bce_loss: torch.FloatTensor | None = None
     mask_dice_loss: torch.FloatTensor | None = None
@@ -593,6 +599,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         queries: str | list[str],
         query_kind: str = "phrase",
         mask_threshold: float = 0.0,
+        presence_threshold: float = 0.5,
         return_logits: bool = False,
     ) -> list[torch.Tensor]:
         """Segment each image from its query in one teacher-forced forward pass (prompt + "[SEG].").
@@ -604,6 +611,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
             queries: a phrase / instruction per image.
             query_kind: `"phrase"` or `"instruction"` (paper Sec. 9.2 templates).
             mask_threshold: logit threshold of the returned masks.
+            presence_threshold: masks whose presence score is lower come back empty.
             return_logits: return the mask logits (float) instead of bool masks.
         Returns:
             One `[height, width]` mask per query, at its image's own size.
@@ -616,9 +624,64 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
             raise ValueError(f"{len(images)} images for {len(queries)} queries: give one image per query.")
         inputs = processor(images=images, queries=queries, query_kind=query_kind).to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        pred_masks = self(**inputs).pred_masks
+        out = self(**inputs)
         sizes = [image_size_of(image) for image in images]
-        return [m[0] for m in post_process_masks(pred_masks, sizes, mask_threshold, binarize=not return_logits)]
+        masks = post_process_masks(
+            out.pred_masks, sizes, mask_threshold, not return_logits, out.presence_logits, presence_threshold
+        )
+        return [m[0] for m in masks]
+
+    @torch.inference_mode()
+    def chat(
+        self,
+        processor,
+        image,
+        messages: list[dict],
+        max_new_tokens: int = 64,
+        mask_threshold: float = 0.0,
+        **generate_kwargs,
+    ) -> dict:
+        """Answer freely, then segment every `[SEG]` the answer holds (generate-then-segment).
+
+        `generate()` writes the answer with InternVL's causal attention; if it contains `[SEG]`, one extra forward
+        over prompt + answer with the dual-pathway attention (the pattern the model was trained with) gives one
+        mask per `[SEG]`. The teacher-forced path (`segment`, or `processor(queries=...)`) instead fixes the answer
+        to "[SEG]." and needs a single forward: use it for benchmarks and batch segmentation, and `chat` when the
+        model should decide what to say (and how many objects to segment).
+
+        Args:
+            processor: the model's [`SelfieProcessor`].
+            image: the conversation's image (PIL, numpy HWC or torch CHW) or `None`.
+            messages: the conversation so far, `{"role": "user" | "assistant", "content": str}` turns ending with a
+                user turn; earlier turns are kept as history.
+            max_new_tokens, generate_kwargs: passed to `generate` (greedy by default).
+        Returns:
+            `{"text": answer, "masks": bool [n_seg, H, W] at the image size (n_seg = [SEG] in this answer),
+            "scores": presence scores [n_seg]}`.
+        """
+        from .processing_selfie import image_size_of, post_process_masks
+
+        prompt = processor.render_conversation(messages, with_image=image is not None, add_generation_prompt=True)
+        inputs = processor(images=[image] if image is not None else None, text=[prompt]).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        tile_grid = inputs.pop("tile_grid", None)
+        end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        generate_kwargs = {"do_sample": False, "eos_token_id": end_id, **generate_kwargs}
+        generated = self.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)[0]
+        answer_ids = generated[inputs["input_ids"].shape[1] :].tolist()
+        if end_id in answer_ids:
+            answer_ids = answer_ids[: answer_ids.index(end_id) + 1]
+        text = processor.tokenizer.decode([i for i in answer_ids if i != end_id], skip_special_tokens=False)
+        n_seg = answer_ids.count(self.config.seg_token_id)
+        empty = torch.zeros(0, *(image_size_of(image) if image is not None else (0, 0)), dtype=torch.bool)
+        if n_seg == 0 or image is None:
+            return {"text": text, "masks": empty, "scores": torch.zeros(0)}
+        full = torch.cat([inputs["input_ids"][0], torch.tensor(answer_ids, device=self.device)])[None]
+        out = self(input_ids=full, pixel_values=inputs["pixel_values"], tile_grid=tile_grid)
+        logits, presence = out.pred_masks[0][-n_seg:], out.presence_logits[0][-n_seg:]
+        masks = post_process_masks([logits], [image_size_of(image)], mask_threshold)[0]
+        return {"text": text, "masks": masks.cpu(), "scores": presence.sigmoid().cpu()}
 
     def forward(
         self,
@@ -692,6 +755,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
             mask_loss = self.config.bce_loss_weight * bce_loss + self.config.dice_loss_weight * dice_loss
             loss = mask_loss if loss is None else loss + mask_loss
 
+        presence_logits = None if pred_masks is None else [masks.flatten(1).amax(1) for masks in pred_masks]
         return SelfieSegmentationOutput(
             loss=loss,
             logits=logits,
@@ -700,10 +764,13 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
             attentions=outputs.attentions,
             image_outputs=outputs.image_outputs,
             pred_masks=pred_masks,
+            presence_logits=presence_logits,
             text_loss=text_loss,
             mask_bce_loss=bce_loss,
             mask_dice_loss=dice_loss,
         )
 
+
+SelfieForSegmentation.register_for_auto_class("AutoModel")  # remote code: auto_map + module files
 
 __all__ = ["SelfieForSegmentation", "SelfieModel", "SelfieSegmentationHead", "SelfieSegmentationOutput"]

@@ -188,9 +188,12 @@ class SelfieProcessor(InternVLProcessor):
         self._assistant_header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
         self._turn_end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
 
-    def render_conversation(self, turns: Sequence[dict], with_image: bool = True) -> str:
+    def render_conversation(
+        self, turns: Sequence[dict], with_image: bool = True, add_generation_prompt: bool = False
+    ) -> str:
         """InternVL chat text of `turns` (`{"role": "user" | "assistant", "content": str}`), the image placeholder
-        at the start of the first user turn, and every assistant turn closed (teacher forcing)."""
+        at the start of the first user turn, every assistant turn closed (teacher forcing) and, with
+        `add_generation_prompt`, an open assistant turn at the end (for `generate`)."""
         parts = [f"<|im_start|>system\n{self.system_message}<|im_end|>\n"] if self.system_message else []
         image_pending = with_image
         for turn in turns:
@@ -200,6 +203,8 @@ class SelfieProcessor(InternVLProcessor):
             if role == "user" and image_pending:
                 content, image_pending = f"{self.image_token}\n{content}", False
             parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+        if add_generation_prompt:
+            parts.append("<|im_start|>assistant\n")
         return "".join(parts)
 
     def segmentation_conversation(self, query: str, kind: str = "phrase") -> list[dict]:
@@ -300,9 +305,13 @@ class SelfieProcessor(InternVLProcessor):
         original_sizes: Sequence[tuple[int, int]],
         mask_threshold: float = 0.0,
         binarize: bool = True,
+        presence_logits: Sequence[torch.Tensor] | None = None,
+        presence_threshold: float = 0.5,
     ) -> list[torch.Tensor]:
         """Masks at each image's own size; see [`post_process_masks`]."""
-        return post_process_masks(pred_masks, original_sizes, mask_threshold, binarize)
+        return post_process_masks(
+            pred_masks, original_sizes, mask_threshold, binarize, presence_logits, presence_threshold
+        )
 
 
 def post_process_masks(
@@ -310,6 +319,8 @@ def post_process_masks(
     original_sizes: Sequence[tuple[int, int]],
     mask_threshold: float = 0.0,
     binarize: bool = True,
+    presence_logits: Sequence[torch.Tensor] | None = None,
+    presence_threshold: float = 0.5,
 ) -> list[torch.Tensor]:
     """Bring mask logits back to each image's own size (bilinear, `align_corners=False`) and threshold them.
 
@@ -318,6 +329,9 @@ def post_process_masks(
         original_sizes: (height, width) of each sample's image.
         mask_threshold: logit threshold (0.0 = probability 0.5).
         binarize: return bool masks; `False` returns the resized logits.
+        presence_logits: `SelfieSegmentationOutput.presence_logits` (one `[n_seg]` tensor per sample); with it,
+            a mask whose presence score `sigmoid(presence_logit)` is below `presence_threshold` comes back empty
+            (all False), so a phrase that matches nothing yields no mask.
     Returns:
         One `[n_seg, height, width]` tensor per sample (bool, or float logits without `binarize`).
     """
@@ -331,7 +345,12 @@ def post_process_masks(
             resized = F.interpolate(
                 masks[:, None].float(), size=(int(height), int(width)), mode="bilinear", align_corners=False
             )[:, 0]
-        results.append(resized > mask_threshold if binarize else resized)
+        if binarize:
+            resized = resized > mask_threshold
+            if presence_logits is not None:
+                absent = presence_logits[len(results)].sigmoid() < presence_threshold
+                resized = resized & ~absent.to(resized.device)[:, None, None]
+        results.append(resized)
     return results
 
 
@@ -343,6 +362,9 @@ def image_size_of(image) -> tuple[int, int]:
         return tuple(image.shape[-2:])
     return tuple(np.asarray(image).shape[:2])
 
+
+SelfieImageProcessor.register_for_auto_class("AutoImageProcessor")  # remote code: auto_map + this file
+SelfieProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "SelfieImageProcessor",

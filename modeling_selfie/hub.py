@@ -1,0 +1,119 @@
+"""Sharing checkpoints on the Hub: a generated model card and one call that uploads model + processor + card."""
+
+import json
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+CARD_TEMPLATE = """---
+{card_data}
+---
+
+# {model_name}
+
+A SELFIE (SELF1E) model: an InternVL3 MLLM that segments images from language with a single `[SEG]` token and
+no mask decoder (*Rethinking MLLM Itself as a Segmenter with a Single Segmentation Token*, CVPR 2026).
+
+## Usage
+
+```python
+import torch
+from transformers import AutoModel, AutoProcessor
+from PIL import Image
+
+model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
+image = Image.open("image.png").convert("RGB")
+mask = model.segment(processor, image, "the red circle")[0]  # bool [height, width]
+```
+
+With the `modeling-selfie` package installed, `import modeling_selfie` registers the classes and
+`trust_remote_code` is not needed.
+
+## Training
+
+{training}
+
+## Evaluation
+
+{evaluation}
+"""
+
+
+def read_metrics(evaluation: dict | str | Path | None) -> dict:
+    """Evaluation results as `{"dataset/split": {metric: value}}` from the JSON `modeling_selfie.evaluate` writes
+    (or a list of them, or such a dict)."""
+    if evaluation is None:
+        return {}
+    if isinstance(evaluation, (str, Path)):
+        evaluation = json.loads(Path(evaluation).read_text())
+    runs = evaluation if isinstance(evaluation, list) else [evaluation]
+    return {
+        f"{run['dataset']}/{run.get('split', 'val')}": {k: v for k, v in run["metrics"].items() if isinstance(v, float)}
+        for run in runs
+    }
+
+
+def model_card(
+    repo_id: str,
+    base_model: str | None = None,
+    datasets: list[str] | None = None,
+    evaluation: dict | str | Path | list | None = None,
+    training: str = "Not documented.",
+    license: str = "other",
+) -> ModelCard:
+    """A model card with YAML metadata (library, pipeline tag, base model, license, datasets, metrics), a usage
+    snippet, how the model was trained and its evaluation results."""
+    metrics = read_metrics(evaluation)
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-segmentation",
+        base_model=base_model,
+        license=license,
+        datasets=datasets,
+        metrics=sorted({name for values in metrics.values() for name in values}) or None,
+        tags=["selfie", "self1e", "referring-segmentation", "internvl", "custom_code"],
+    )
+    rows = ["| dataset / split | " + " | ".join(sorted({n for v in metrics.values() for n in v})) + " |"]
+    if metrics:
+        names = sorted({n for v in metrics.values() for n in v})
+        rows.append("|---" * (len(names) + 1) + "|")
+        for key, values in sorted(metrics.items()):
+            rows.append(f"| {key} | " + " | ".join(f"{values[n]:.4f}" if n in values else "" for n in names) + " |")
+    evaluation_text = "\n".join(rows) if metrics else "Not evaluated yet."
+    return ModelCard(
+        CARD_TEMPLATE.format(
+            card_data=data.to_yaml(),
+            model_name=repo_id.split("/")[-1],
+            repo_id=repo_id,
+            training=training,
+            evaluation=evaluation_text,
+        )
+    )
+
+
+def push_to_hub(
+    model,
+    processor,
+    repo_id: str,
+    card: ModelCard | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload SELFIE model",
+) -> str:
+    """Upload model (with its remote-code files), processor and model card to `repo_id` in one commit.
+
+    Returns the commit URL. The folder is assembled locally first, so nothing is uploaded half-written.
+    """
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        (card or model_card(repo_id)).save(Path(folder) / "README.md")
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+    return str(commit)
+
+
+__all__ = ["model_card", "push_to_hub", "read_metrics"]

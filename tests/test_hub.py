@@ -1,0 +1,175 @@
+"""Sharing and talking: remote-code checkpoints, push_to_hub with a card, chat, presence scores, the pipeline."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, pipeline
+
+from modeling_selfie.hub import model_card, push_to_hub
+from modeling_selfie.presets import tiny_model_and_processor
+
+from .helpers import WORDS, random_image
+
+REMOTE_CHECK = textwrap.dedent(
+    """
+    import sys, json, torch, numpy as np
+    from PIL import Image
+
+    class Block:  # the package must not be importable: everything comes from the checkpoint folder
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "modeling_selfie":
+                raise ImportError("modeling_selfie is blocked in this process")
+    sys.meta_path.insert(0, Block())
+
+    from transformers import AutoModel, AutoProcessor
+    folder = sys.argv[1]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    image = Image.open(sys.argv[2]).convert("RGB")
+    inputs = processor(images=[image], queries=["red circle"])
+    with torch.no_grad():
+        logits = model(**inputs).pred_masks[0]
+    print(json.dumps({"module": type(model).__module__, "logits": logits.flatten().tolist()}))
+    """
+)
+
+
+def test_saved_checkpoint_loads_as_remote_code_without_the_package(tmp_path):
+    model, processor = tiny_model_and_processor(WORDS)
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_selfie.SelfieForSegmentation"
+    assert {"modeling_selfie.py", "configuration_selfie.py", "processing_selfie.py"} <= {
+        p.name for p in (tmp_path / "ckpt").iterdir()
+    }
+    image = random_image(80, 64)
+    image.save(tmp_path / "image.png")
+    script = tmp_path / "check.py"
+    script.write_text(REMOTE_CHECK)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt"), str(tmp_path / "image.png")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    assert remote["module"].startswith("transformers_modules.")
+    inputs = processor(images=[image], queries=["red circle"])
+    with torch.no_grad():
+        ours = model(**inputs).pred_masks[0].flatten()
+    torch.testing.assert_close(torch.tensor(remote["logits"]), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_push_to_hub_uploads_a_loadable_folder_with_a_card(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    model, processor = tiny_model_and_processor(WORDS)
+    uploaded = {}
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        uploaded["repo"] = repo_id
+
+    def fake_upload_folder(self, repo_id, folder_path, **kwargs):
+        import shutil
+
+        shutil.copytree(folder_path, tmp_path / "uploaded")
+        return f"https://hub.invalid/{repo_id}/commit/0"
+
+    monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
+    evaluation = {"dataset": "refshapes", "split": "test", "metrics": {"cIoU": 0.91, "gIoU": 0.88, "count": 5}}
+    card = model_card("team/selfie-tiny", base_model="OpenGVLab/InternVL3-2B", datasets=["refshapes"],
+                      evaluation=evaluation, training="Trained on RefShapes.")
+    url = push_to_hub(model, processor, "team/selfie-tiny", card=card)
+
+    assert uploaded["repo"] == "team/selfie-tiny" and url.endswith("/commit/0")
+    readme = (tmp_path / "uploaded" / "README.md").read_text()
+    assert "library_name: transformers" in readme and "pipeline_tag: image-segmentation" in readme
+    assert "base_model: OpenGVLab/InternVL3-2B" in readme and "- cIoU" in readme and "| refshapes/test | 0.9100" in readme
+    assert "model.segment(processor" in readme
+    from transformers import AutoModel, AutoProcessor
+
+    loaded = AutoModel.from_pretrained(tmp_path / "uploaded")
+    loaded_processor = AutoProcessor.from_pretrained(tmp_path / "uploaded")
+    image = random_image(80, 64)
+    assert torch.equal(loaded.segment(loaded_processor, image, "red circle")[0],
+                       model.segment(processor, image, "red circle")[0])
+
+
+class ForceAnswer(LogitsProcessor):
+    """Makes greedy decoding write the given token ids, then repeat the last one."""
+
+    def __init__(self, prompt_length, answer_ids):
+        self.prompt_length, self.answer_ids = prompt_length, answer_ids
+
+    def __call__(self, input_ids, scores):
+        step = min(input_ids.shape[1] - self.prompt_length, len(self.answer_ids) - 1)
+        forced = torch.full_like(scores, -1e9)
+        forced[:, self.answer_ids[step]] = 0
+        return forced
+
+
+def test_chat_generates_then_segments_each_seg_it_wrote():
+    model, processor = tiny_model_and_processor(WORDS)
+    image = random_image(80, 64)
+    tokenizer = processor.tokenizer
+    answer = tokenizer("Sure , [SEG] the [SEG] .<|im_end|>", add_special_tokens=False)["input_ids"]
+    history = [
+        {"role": "user", "content": "describe the shape"},
+        {"role": "assistant", "content": "It is [SEG] ."},
+        {"role": "user", "content": "segment the red circle and the blue square"},
+    ]
+    prompt = processor(images=[image], text=[processor.render_conversation(history, add_generation_prompt=True)])
+    force = ForceAnswer(prompt["input_ids"].shape[1], answer)
+
+    reply = model.chat(processor, image, history, max_new_tokens=10, logits_processor=LogitsProcessorList([force]))
+
+    assert reply["text"].split() == ["Sure", ",", "[SEG]", "the", "[SEG]", "."]
+    assert reply["masks"].shape == (2, 64, 80) and reply["masks"].dtype == torch.bool  # the history [SEG] is not returned
+    assert reply["scores"].shape == (2,)
+    # the masks are those of the teacher-forced forward over prompt + answer
+    conversation = [*history, {"role": "assistant", "content": "Sure , [SEG] the [SEG] ."}]
+    inputs = processor(images=[image], conversations=[conversation])
+    with torch.no_grad():
+        logits = model(**inputs).pred_masks[0][-2:]
+    expected = processor.post_process_masks([logits], [(64, 80)])[0]
+    assert torch.equal(reply["masks"], expected)
+
+    words = tokenizer("hello .<|im_end|>", add_special_tokens=False)["input_ids"]
+    prompt = processor(images=[image], text=[processor.render_conversation(history[:1], add_generation_prompt=True)])
+    force = ForceAnswer(prompt["input_ids"].shape[1], words)
+    plain = model.chat(processor, image, history[:1], max_new_tokens=5, logits_processor=LogitsProcessorList([force]))
+    assert plain["text"].split() == ["hello", "."] and plain["masks"].shape == (0, 64, 80)
+
+
+def test_presence_scores_empty_the_masks_of_absent_objects(tiny):
+    model, processor = tiny
+    inputs = processor(images=[random_image(80, 64)] * 2, queries=["red circle", "blue square"])
+    with torch.no_grad():
+        out = model(**inputs)
+    for masks, presence in zip(out.pred_masks, out.presence_logits):
+        assert presence.shape == (1,) and torch.equal(presence, masks.flatten(1).amax(1))
+    scores = torch.cat(out.presence_logits).sigmoid()
+    cut = float(scores.min() + scores.max()) / 2  # keeps one, drops the other
+    masks = processor.post_process_masks(out.pred_masks, [(64, 80)] * 2, presence_logits=out.presence_logits,
+                                         presence_threshold=cut)
+    kept = [bool(m.any()) for m in masks]
+    assert kept == [bool(s >= cut) for s in scores]
+
+
+def test_referring_segmentation_pipeline_from_a_folder(tmp_path):
+    model, processor = tiny_model_and_processor(WORDS)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    image = random_image(80, 64)
+    segmenter = pipeline("referring-segmentation", model=str(tmp_path))
+    results = segmenter(image, text=["red circle", "blue square"])
+    assert [r["label"] for r in results] == ["red circle", "blue square"]
+    expected = model.segment(processor, [image, image], ["red circle", "blue square"])
+    for result, mask in zip(results, expected):
+        assert result["mask"].size == (80, 64) and 0 <= result["score"] <= 1
+        assert (torch.from_numpy(np.array(result["mask"])) > 0).equal(mask)
