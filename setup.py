@@ -9,7 +9,10 @@ setup(
     python_requires=">=3.11",
     packages=["modeling_selfie", "modeling_selfie.configuration", "modeling_selfie.data"],
     package_dir={"modeling_selfie.configuration": "configuration"},
-    package_data={"modeling_selfie.configuration": ["*.json", "recipes/*", "launch/*"]},
+    package_data={
+        "modeling_selfie.configuration": ["*.json", "recipes/*", "launch/*"],
+        "modeling_selfie": ["pretrained/selfie-refshapes/*"],
+    },
     install_requires=[
         "torch>=2.11,<2.15",
         "transformers>=5.24,<5.25",
@@ -24,6 +27,13 @@ setup(
         "numpy>=2,<3",
         "tqdm>=4.66",
     ],
-    extras_require={"dev": ["pytest>=9,<10"]},
-    entry_points={"console_scripts": ["selfie-convert=modeling_selfie.convert:main"]},
+    extras_require={"dev": ["pytest>=9,<10"], "app": ["gradio>=6,<7"]},
+    entry_points={
+        "console_scripts": [
+            "selfie-segment=modeling_selfie.cli:main",
+            "selfie-convert=modeling_selfie.convert:main",
+            "selfie-evaluate=modeling_selfie.evaluation:main",
+            "selfie-train=modeling_selfie.training:main",
+        ]
+    },
 )

@@ -386,3 +386,19 @@ def test_cli_evaluates_referring_datasets_from_the_registry(tmp_path, saved_tiny
     results = json.loads(output.read_text())
     assert results["count"] == count and set(results["metrics"]) == keys
     assert all(0.0 <= value <= 1.0 for key, value in results["metrics"].items() if key != "count")
+
+
+def test_boundary_iou_rewards_exact_contours_and_punishes_shifted_ones():
+    from modeling_selfie.evaluation import boundary_iou, mask_boundary
+
+    target = torch.zeros(50, 50, dtype=torch.bool)
+    target[10:40, 10:40] = True
+    band = mask_boundary(target, 2)
+    assert band.sum() == 30 * 30 - 26 * 26  # a 2-pixel ring inside the square
+    assert boundary_iou(target, target) == 1.0
+    shifted = torch.roll(target, 3, dims=1)
+    coarse = torch.zeros_like(target)
+    coarse[8:42, 8:42] = True  # a mask with IoU 0.78 but no shared contour pixel
+    assert boundary_iou(coarse, target, dilation_ratio=0.02) == 0.0
+    assert 0 < boundary_iou(shifted, target) < 1
+    assert boundary_iou(torch.zeros_like(target), torch.zeros_like(target)) == 1.0

@@ -1,0 +1,93 @@
+"""End-to-end test of examples/app.py in headless Chromium: load the bundled example, segment, see the overlay.
+
+Not part of the CI suite (it needs a browser); run it with:
+
+    apt-get install -y chromium chromium-driver
+    pip install -e ".[app,dev]" selenium
+    python -m pytest examples/test_app_browser.py -q
+
+It serves a tiny random SELFIE model (the page, not the model's quality, is under test) on 127.0.0.1.
+"""
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import WebDriverWait
+
+from modeling_selfie.presets import tiny_model_and_processor
+
+APP = Path(__file__).parent / "app.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    model, processor = tiny_model_and_processor(["red", "circle"])
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(APP), "--model", str(tmp_path / "model"), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={"GRADIO_ANALYTICS_ENABLED": "False",
+                                                              "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if process.poll() is not None:
+                pytest.fail(f"app exited: {process.stdout.read().decode()[-2000:]}")
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("app did not start within 120 s")
+    yield url
+    process.kill()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1280,1000"):
+        options.add_argument(flag)
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    driver = webdriver.Chrome(options=options, service=service)
+    yield driver
+    driver.quit()
+
+
+def test_page_segments_the_bundled_example(server, browser, tmp_path):
+    browser.get(server)
+    wait = WebDriverWait(browser, 60)
+    example = wait.until(EC.element_to_be_clickable((By.XPATH, "//tr[.//td[normalize-space()='red circle']]")))
+    example.click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image img"))
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value") == "red circle")
+    browser.find_element(By.ID, "segment-button").click()
+    overlay = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#overlay img"))
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", overlay))
+    width = browser.execute_script("return arguments[0].naturalWidth", overlay)
+    summary = wait.until(lambda d: d.find_element(By.ID, "summary").text)
+    browser.save_screenshot(str(tmp_path / "page.png"))
+    assert width == 312  # the overlay keeps the example image's width (312 px), with the caption band below
+    assert "red circle" in summary and "px" in summary
