@@ -9,6 +9,7 @@ The model is transformers' InternVL plus three small things, each in one named p
   stitches tiles and takes the scaled dot product with the `[SEG]` vector (Eq. 1).
 """
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import InternVLForConditionalGeneration, InternVLModel
 from transformers.activations import ACT2FN
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.masking_utils import create_causal_mask
 from transformers.models.internvl.modeling_internvl import (
     InternVLCausalLMOutputWithPast,
@@ -425,7 +427,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
 
     config_class = SelfieConfig
     config: SelfieConfig
-    _no_split_modules = ["InternVLVisionLayer", "Qwen2DecoderLayer", "SelfieSegmentationHead"]
+    _no_split_modules = ["InternVLVisionLayer", "Qwen2DecoderLayer"]
 
     def __init__(self, config: SelfieConfig):
         super().__init__(config)
@@ -464,9 +466,15 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         """Append `[SEG]` to the vocabulary (id = current vocabulary size); returns the new id."""
         new_id = self.config.text_config.vocab_size
         self.resize_token_embeddings(new_id + 1, mean_resizing=False)
-        with torch.no_grad():
-            for embedding in (self.get_input_embeddings(), self.get_output_embeddings()):
-                embedding.weight[new_id] = embedding.weight[:new_id].mean(0)
+        weights = [self.get_input_embeddings().weight, self.get_output_embeddings().weight]
+        gathered = contextlib.nullcontext()
+        if is_deepspeed_zero3_enabled():  # the rows are partitioned across processes
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
+        with gathered, torch.no_grad():
+            for weight in weights:
+                weight[new_id] = weight[:new_id].mean(0)
         self.config.seg_token_id = new_id
         logger.warning(f"Added [SEG] to the vocabulary with id {new_id}; embeddings grew to {new_id + 1} rows.")
         return new_id
@@ -624,7 +632,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
             raise ValueError(f"{len(images)} images for {len(queries)} queries: give one image per query.")
         inputs = processor(images=images, queries=queries, query_kind=query_kind).to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        out = self(**inputs)
+        out = self(**inputs, logits_to_keep=1)  # masks need no vocabulary logits
         sizes = [image_size_of(image) for image in images]
         masks = post_process_masks(
             out.pred_masks, sizes, mask_threshold, not return_logits, out.presence_logits, presence_threshold

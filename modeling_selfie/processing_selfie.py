@@ -227,7 +227,8 @@ class SelfieProcessor(InternVLProcessor):
     ) -> BatchFeature:
         r"""
         Args:
-            images: one image per sample for segmentation (PIL, numpy or torch).
+            images: one image per sample (PIL, numpy or torch); with `conversations=`, `None` marks a text-only
+                sample.
             text: raw text with `<IMG_CONTEXT>` placeholders (InternVL behaviour).
             queries: a phrase / instruction per sample; builds the validation prompt answered "[SEG].".
             query_kind: `"phrase"` ("What is {x} in this image? ...") or `"instruction"` ("{x} Please output ...").
@@ -250,10 +251,17 @@ class SelfieProcessor(InternVLProcessor):
                 if not isinstance(query, str) or not query.strip():
                     raise ValueError(f"queries[{i}] is empty: give a phrase or an instruction to segment.")
             conversations = [self.segmentation_conversation(query, query_kind) for query in queries]
-        if conversations is not None:
-            text = [self.render_conversation(turns, with_image=images is not None) for turns in conversations]
         if images is not None and not isinstance(images, (list, tuple)):
             images = [images]
+        if conversations is not None:
+            has_image = [image is not None for image in images] if images is not None else [False] * len(conversations)
+            if images is not None and len(images) != len(conversations):
+                raise ValueError(
+                    f"{len(images)} images for {len(conversations)} conversations: give one image (or None) per sample."
+                )
+            text = [self.render_conversation(turns, with_image=seen) for turns, seen in zip(conversations, has_image)]
+            if images is not None:
+                images = [image for image in images if image is not None] or None
         return_tensors = kwargs.pop("return_tensors", "pt")
         kwargs.setdefault("padding", True)
         inputs = super().__call__(images=images, text=text, return_tensors=return_tensors, **kwargs)
