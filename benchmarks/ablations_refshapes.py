@@ -1,6 +1,6 @@
 """The paper's ablations (Tab. 5 / 6 / 7) in miniature, on RefShapes, on a CPU.
 
-    python benchmarks/ablations_refshapes.py                    # 9 variants x 3 seeds, ~30 min on 2 cores
+    python benchmarks/ablations_refshapes.py                    # 8 trainings x 3 seeds, ~30 min on 2 cores
     python benchmarks/ablations_refshapes.py --steps 60 --seeds 0 --eval-size 50   # a quick look
 
 Every variant trains the same small InternVL-shaped model from scratch with the same budget, data and seeds; only
@@ -27,6 +27,7 @@ from modeling_selfie import SelfieConfig, SelfieForSegmentation, SelfieImageProc
 from modeling_selfie.data.refshapes import RefShapesDataset, vocabulary
 from modeling_selfie.evaluation import ReferringMetrics, boundary_iou
 from modeling_selfie.io_utils import atomic_output_file
+from modeling_selfie.presets import variance_preserving_init_
 from modeling_selfie.processing_selfie import ANSWERS, LONG_QUESTIONS, SHORT_QUESTIONS, VALIDATION_QUESTIONS
 from modeling_selfie.tokenization import build_word_level_tokenizer
 from modeling_selfie.training import SelfieDataCollator
@@ -61,10 +62,13 @@ def build(seed: int, switches: dict) -> tuple[SelfieForSegmentation, SelfieProce
                          num_key_value_heads=2, intermediate_size=384, vocab_size=len(tokenizer),
                          max_position_embeddings=512, tie_word_embeddings=False),
         image_token_id=processor.image_token_id, seg_token_id=processor.seg_token_id,
-        image_seq_length=processor.image_seq_length, seg_hidden_size=32, **switches,
+        image_seq_length=processor.image_seq_length, seg_hidden_size=32, bce_loss_weight=0.5, dice_loss_weight=2.0,
+        **switches,
     )
     torch.manual_seed(seed)
-    return SelfieForSegmentation(config), processor
+    model = SelfieForSegmentation(config)
+    variance_preserving_init_(model)
+    return model, processor
 
 
 def train(model, processor, seed: int, steps: int, batch_size: int, learning_rate: float) -> None:
@@ -109,15 +113,17 @@ def evaluate(model, processor, seed: int, size: int) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--eval-size", type=int, default=300)
+    parser.add_argument("--eval-size", type=int, default=150)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--output", type=Path, default=Path("ablations_refshapes.json"))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     raw, done = {}, {}  # done: results by effective config, so the released model is trained once per seed
     for name in args.variants:

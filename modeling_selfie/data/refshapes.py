@@ -71,7 +71,7 @@ DEFAULT_KIND_WEIGHTS = {
 # Scene layout.
 MIN_SIDE, MAX_SIDE = 96, 320
 MIN_SHAPES, MAX_SHAPES = 2, 6
-SMALL_RADIUS, LARGE_RADIUS = (0.08, 0.11), (0.14, 0.20)  # fractions of the short image side
+SMALL_RADIUS, LARGE_RADIUS = (0.11, 0.14), (0.18, 0.24)  # fractions of the short image side
 MIN_RADIUS = 7.0
 SEPARATION = 0.9  # centres at least SEPARATION * (r1 + r2) apart: bounding discs overlap a little at most
 MIN_VISIBLE = 0.8  # every shape keeps this fraction of its pixels after occlusion
