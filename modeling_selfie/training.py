@@ -235,6 +235,42 @@ class SelfieTrainer(Trainer):
         return output
 
 
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ) -> str | None:
+        """Push the *merged* model (LoRA folded into the weights: a plain `SelfieForSegmentation` that loads
+        without peft, with its remote-code files), the processor and a model card to `args.hub_model_id`.
+
+        The trained model is left as it is (a copy is merged). Sharded models (FSDP, ZeRO-3): call
+        [`merge_and_save`] and `modeling_selfie.hub.push_to_hub` instead. Returns the commit URL on the main process.
+        """
+        from .hub import model_card, push_to_hub
+
+        if _is_sharded(self):
+            raise NotImplementedError("Sharded model: merge_and_save(trainer, dir), then modeling_selfie.hub.push_to_hub.")
+        if not self.is_world_process_zero():
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        merged = copy.deepcopy(model).merge_and_unload() if isinstance(model, PeftModel) else model
+        repo_id = self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        training = (
+            f"Fine-tuned with `SelfieTrainer` for {self.state.global_step} steps (learning rate "
+            f"{self.args.learning_rate}, batch {self.args.per_device_train_batch_size} per device x "
+            f"{self.args.gradient_accumulation_steps} accumulation); LoRA merged into the weights."
+        )
+        return push_to_hub(
+            merged, self.processing_class, repo_id, card=model_card(repo_id, training=training),
+            private=self.args.hub_private_repo if private is None else private,
+            token=token or self.args.hub_token, commit_message=commit_message or "Upload SELFIE model",
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA
 # ----------------------------------------------------------------------------------------------------------------

@@ -173,3 +173,50 @@ def test_referring_segmentation_pipeline_from_a_folder(tmp_path):
     for result, mask in zip(results, expected):
         assert result["mask"].size == (80, 64) and 0 <= result["score"] <= 1
         assert (torch.from_numpy(np.array(result["mask"])) > 0).equal(mask)
+
+
+def test_trainer_push_to_hub_uploads_the_merged_model(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+    from transformers import TrainingArguments
+
+    from modeling_selfie import SelfieForSegmentation
+    from modeling_selfie.training import SelfieTrainer, apply_lora
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def fake_upload_folder(self, repo_id, folder_path, **kwargs):
+        import shutil
+
+        shutil.copytree(folder_path, tmp_path / "uploaded")
+        return f"https://hub.invalid/{repo_id}/commit/1"
+
+    monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
+    model, processor = tiny_model_and_processor(WORDS)
+    peft_model = apply_lora(model, rank=4)
+    image = random_image(80, 64)
+    sample = {"image": image, "conversation": processor.segmentation_conversation("red circle"),
+              "masks": np.ones((1, 64, 80), np.uint8), "task": "referring", "source": "test"}
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", remove_unused_columns=False,
+                             use_cpu=True, push_to_hub=True, hub_model_id="team/selfie-lora", disable_tqdm=True)
+    trainer = SelfieTrainer(model=peft_model, args=args, train_dataset=[sample] * 4, processing_class=processor)
+    trainer.train()
+    peft_model.eval()  # LoRA dropout off
+    with torch.no_grad():
+        expected = peft_model(**processor(images=[image], queries=["red circle"])).pred_masks[0]
+
+    url = trainer.push_to_hub()
+
+    assert url.endswith("/commit/1")
+    files = {p.name for p in (tmp_path / "uploaded").iterdir()}
+    assert "adapter_config.json" not in files and {"model.safetensors", "README.md", "modeling_selfie.py"} <= files
+    loaded = SelfieForSegmentation.from_pretrained(tmp_path / "uploaded")
+    assert not any("lora" in name for name, _ in loaded.named_parameters())
+    with torch.no_grad():
+        got = loaded(**processor(images=[image], queries=["red circle"])).pred_masks[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert any("lora" in name for name, _ in trainer.model.named_parameters())  # the trained model is untouched

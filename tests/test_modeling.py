@@ -377,3 +377,15 @@ def test_presets_on_meta_device_have_internvl3_sizes():
         d = config.text_config.hidden_size
         assert head == 2 * (d * d + d + d * 4 * 64 + 4 * 64) + 2 * (64 * 64 + 64)
         assert abs((total - head) - size) / size < 0.005, f"{name}: {total - head:,} parameters without the head"
+
+
+def test_batch_of_different_tile_grids_equals_each_image_alone():
+    model, processor = tiny_model_and_processor(WORDS, seed=0)
+    processor.image_processor.max_patches = 6
+    images = [random_image(168, 112, seed=1), random_image(56, 112, seed=2), random_image(60, 60, seed=3)]
+    queries = ["red circle", "the blue square", "shape"]
+    batch, inputs = segment(model, processor, images, queries)
+    assert inputs["tile_grid"].tolist() == [[2, 3], [2, 1], [1, 1]]
+    for i, (image, query) in enumerate(zip(images, queries)):
+        alone, _ = segment(model, processor, [image], [query])
+        torch.testing.assert_close(batch.pred_masks[i], alone.pred_masks[0], atol=1e-5, rtol=1e-5)
