@@ -1,0 +1,96 @@
+"""Configuration of SELFIE (SELF1E): an InternVL3 MLLM that segments with a single `[SEG]` token."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import InternVLConfig
+
+RESIDUAL_MODES = ("none", "rfr", "rfa")
+SEG_ATTENTION_MODES = ("causal", "image_bidirectional", "image_to_seg", "image_to_text", "bidirectional")
+MASK_LOSS_NORMALIZATIONS = ("batch", "mask")
+
+
+@strict
+class SelfieConfig(InternVLConfig):
+    r"""
+    Configuration of [`SelfieForSegmentation`]. Everything of [`InternVLConfig`] plus the settings of the
+    segmentation path. The defaults are the released SELF1E model.
+
+    seg_token_id (`int`, *optional*):
+        Id of the `[SEG]` token. `None` on a plain InternVL checkpoint: `SelfieForSegmentation.from_pretrained`
+        then appends `[SEG]` to the vocabulary (id = old vocabulary size).
+    seg_hidden_size (`int`, *optional*, defaults to 64):
+        Width C of the mask embedding space: the dot product of pixel features and the `[SEG]` vector is taken in
+        C dimensions and divided by sqrt(C). The two unshuffle MLPs output `C * (1 / downsample_ratio) ** 2`.
+    use_hq_features (`bool`, *optional*, defaults to `True`):
+        Use the self-replicated, full-resolution ViT features F_V1^HQ (paper Sec. 3.3, Tab. 5 "HR").
+    residual_mode (`str`, *optional*, defaults to `"rfa"`):
+        How the LLM's residual on image tokens reaches the pixel features (Tab. 5 / 6):
+        `"none"` (no residual), `"rfr"` (Residual Features Refilling, Eq. 2-3: chunk-averaged features at the
+        ViT grid) or `"rfa"` (Residual Features Amplifier, Eq. 4-5: MLP-with-pixel-unshuffle, masks at twice the
+        ViT grid). `"rfr"` needs `use_hq_features`.
+    seg_attention (`str`, *optional*, defaults to `"image_to_seg"`):
+        Attention in samples that contain `[SEG]` (Tab. 7): `"causal"`, `"image_bidirectional"` (image tokens see
+        each other), `"image_to_seg"` (and every `[SEG]`, the dual pathway), `"image_to_text"` (image tokens see
+        the whole sample) or `"bidirectional"` (every token sees the whole sample). Samples without `[SEG]` are
+        always causal.
+    text_loss_weight, bce_loss_weight, dice_loss_weight (`float`, *optional*, defaults to 1.0, 2.0, 0.5):
+        Weights of the next-token cross entropy and of the mask BCE and DICE terms in `loss`.
+    aux_mask_loss_weight (`float`, *optional*, defaults to 1.0):
+        Weight of the auxiliary low-resolution mask (LLM features only) inside the BCE and DICE terms.
+    mask_loss_normalization (`str`, *optional*, defaults to `"batch"`):
+        `"batch"` divides the summed mask losses by the number of sequences in the batch (the released
+        training), `"mask"` by the number of masks.
+    """
+
+    model_type = "selfie"
+
+    seg_token_id: int | None = None
+    seg_hidden_size: int = 64
+    use_hq_features: bool = True
+    residual_mode: str = "rfa"
+    seg_attention: str = "image_to_seg"
+    text_loss_weight: float = 1.0
+    bce_loss_weight: float = 2.0
+    dice_loss_weight: float = 0.5
+    aux_mask_loss_weight: float = 1.0
+    mask_loss_normalization: str = "batch"
+    tie_word_embeddings: bool = False
+
+    def validate_selfie(self):
+        """Part of `@strict` validation: every SELFIE switch names a known setting."""
+        choices = {
+            "residual_mode": RESIDUAL_MODES,
+            "seg_attention": SEG_ATTENTION_MODES,
+            "mask_loss_normalization": MASK_LOSS_NORMALIZATIONS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SelfieConfig.{name}={getattr(self, name)!r} is not one of {allowed}.")
+        if self.residual_mode == "rfr" and not self.use_hq_features:
+            raise ValueError(
+                "SelfieConfig.residual_mode='rfr' refills the high-resolution features F_V1^HQ and needs "
+                "use_hq_features=True."
+            )
+        if self.vision_feature_select_strategy != "default":
+            raise ValueError(
+                "SelfieConfig.vision_feature_select_strategy must be 'default' (the CLS token is dropped), got "
+                f"{self.vision_feature_select_strategy!r}."
+            )
+        if self.seg_hidden_size <= 0:
+            raise ValueError(f"SelfieConfig.seg_hidden_size must be positive, got {self.seg_hidden_size}.")
+
+    @property
+    def unshuffle_factor(self) -> int:
+        """Side of the pixel (un)shuffle block: 2 for InternVL's `downsample_ratio=0.5`."""
+        return round(1 / self.downsample_ratio)
+
+    @property
+    def tokens_per_tile_side(self) -> int:
+        """g_lo: side of the LLM token grid of one tile (16 for a 448 px tile with 14 px patches)."""
+        image_size = self.vision_config.image_size[0]
+        patch_size = self.vision_config.patch_size[0]
+        return image_size // patch_size // self.unshuffle_factor
+
+
+SelfieConfig.register_for_auto_class()  # save_pretrained writes auto_map + this file (remote code)
+
+__all__ = ["SelfieConfig"]

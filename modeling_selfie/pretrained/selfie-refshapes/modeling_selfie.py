@@ -1,0 +1,784 @@
+"""SELFIE (SELF1E): segmentation from an InternVL3 MLLM itself, with one `[SEG]` token and no mask decoder.
+
+The model is transformers' InternVL plus three small things, each in one named place:
+
+* `self_replicate` + the InternVL projector give the full-resolution ViT features F_V1^HQ (paper Sec. 3.3);
+* `dual_pathway_mask_function` lets image tokens of a segmentation sample see each other and every `[SEG]`
+  (Sec. 3.5), through transformers' masking utilities, so eager, sdpa and flex attention all get it;
+* `SelfieSegmentationHead` fuses the LLM's residual on image tokens with F_V1^HQ (RFR / RFA, Sec. 3.3-3.4),
+  stitches tiles and takes the scaled dot product with the `[SEG]` vector (Eq. 1).
+"""
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import InternVLForConditionalGeneration, InternVLModel
+from transformers.activations import ACT2FN
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.masking_utils import create_causal_mask
+from transformers.models.internvl.modeling_internvl import (
+    InternVLCausalLMOutputWithPast,
+    InternVLModelOutputWithPast,
+)
+from transformers.utils import logging
+
+from .configuration_selfie import SelfieConfig
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small named helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def self_replicate(vision_features: torch.Tensor, factor: int) -> torch.Tensor:
+    """Self-replication of pre-shuffle ViT features (F_V0 -> F_V0^r, paper Fig. 2).
+
+    Each patch feature is repeated `factor**2` times along channels (`[x, x, x, x]`, tiled), so InternVL's
+    projector, built for pixel-shuffled 2x2 groups, can be applied to every patch at full resolution.
+
+    Args:
+        vision_features: `[num_tiles, num_patches, C_v]`.
+    Returns:
+        `[num_tiles, num_patches, factor**2 * C_v]`.
+    """
+    return vision_features.repeat(1, 1, factor * factor)
+
+
+def stitch_tiles(tile_tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Lay the row-major token grids of row-major tiles out as one map per image.
+
+    Args:
+        tile_tokens: `[num_images * rows * cols, g * g, C]`, tiles of one image consecutive, row-major.
+    Returns:
+        `[num_images, rows * g, cols * g, C]`: tile (r, c) fills block (r, c).
+    """
+    num_tiles, num_tokens, channels = tile_tokens.shape
+    side = math.isqrt(num_tokens)
+    grid = tile_tokens.view(num_tiles // (rows * cols), rows, cols, side, side, channels)
+    return grid.permute(0, 1, 3, 2, 4, 5).reshape(-1, rows * side, cols * side, channels)
+
+
+def depth_to_space(features: torch.Tensor, factor: int) -> torch.Tensor:
+    """Pixel unshuffle of the paper: the exact inverse of InternVL's pixel shuffle, for any map shape.
+
+    `out[factor*i + di, factor*j + dj, c] = in[i, j, (factor*di + dj) * C + c]`.
+
+    Args:
+        features: `[N, H, W, factor**2 * C]`.
+    Returns:
+        `[N, factor * H, factor * W, C]`.
+    """
+    n, height, width, channels = features.shape
+    out_channels = channels // (factor * factor)
+    blocks = features.view(n, height, width, factor, factor, out_channels)
+    return blocks.permute(0, 1, 3, 2, 4, 5).reshape(n, height * factor, width * factor, out_channels)
+
+
+def mean_of_chunks(features: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average the `factor**2` channel chunks of unshuffle-MLP features: `[..., factor**2 * C]` -> `[..., C]`."""
+    return features.unflatten(-1, (factor * factor, -1)).mean(-2)
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (`align_corners=False`, no antialias) of `[N, H, W]` or `[N, H, W, C]` maps to `size`."""
+    if tuple(maps.shape[1:3]) == tuple(size):
+        return maps
+    if maps.dim() == 3:
+        return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    resized = F.interpolate(maps.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False)
+    return resized.permute(0, 2, 3, 1)
+
+
+def dual_pathway_pattern(
+    image_mask: torch.Tensor,
+    seg_mask: torch.Tensor,
+    segmenting: torch.Tensor,
+    mode: str,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The attention that segmentation samples add to the causal mask (paper Sec. 3.5, Tab. 7).
+
+    Query q of sample b additionally attends to key k when `queries[b, q] & keys[b, k]`.
+
+    Args:
+        image_mask: `[B, L]` bool, image (IMG_CONTEXT) tokens.
+        seg_mask: `[B, L]` bool, `[SEG]` tokens.
+        segmenting: `[B]` bool, samples that contain a `[SEG]`; every other sample stays causal.
+        mode: one of `SelfieConfig.seg_attention`.
+        attention_mask: `[B, L]`, 0 on padding (padding keys are never added).
+    Returns:
+        `(queries, keys)`, two `[B, L]` bool tensors, or `None` for `"causal"`.
+    """
+    if mode == "causal":
+        return None
+    queries = image_mask & segmenting[:, None]
+    if mode == "image_bidirectional":
+        keys = image_mask
+    elif mode == "image_to_seg":
+        keys = image_mask | seg_mask
+    elif mode == "image_to_text":
+        keys = torch.ones_like(image_mask)
+    elif mode == "bidirectional":
+        queries = segmenting[:, None].expand_as(image_mask)
+        keys = torch.ones_like(image_mask)
+    else:
+        raise ValueError(f"Unknown seg_attention mode {mode!r}.")
+    if attention_mask is not None:
+        keys = keys & attention_mask.bool()
+    return queries, keys
+
+
+def dual_pathway_mask_function(queries: torch.Tensor, keys: torch.Tensor) -> Callable:
+    """The pattern of `dual_pathway_pattern` as a mask function `(batch, head, q, kv) -> bool`, to OR with the
+    causal mask in `transformers.masking_utils.create_causal_mask` (used for flex attention's block mask)."""
+
+    def mask_function(batch_idx, head_idx, q_idx, kv_idx):
+        return queries[batch_idx, q_idx] & keys[batch_idx, kv_idx]
+
+    return mask_function
+
+
+def mask_bce_and_dice(
+    logits: torch.Tensor, targets: torch.Tensor, max_side: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-mask BCE and DICE of logits against 0/1 targets, as the released SELF1E training computes them.
+
+    Targets whose short side exceeds `max_side` are resized bilinearly (soft targets) so that the short side is
+    `max_side`; the logits are resized bilinearly to the target size.
+
+    Args:
+        logits: `[n, H, W]` mask logits.
+        targets: `[n, h, w]` 0/1 targets (any size).
+    Returns:
+        Two `[n]` tensors: mean BCE-with-logits per mask, and DICE loss per mask.
+    """
+    targets = targets.to(logits.dtype)
+    height, width = targets.shape[-2:]
+    short = min(height, width)
+    if short > max_side:
+        targets = resize_maps(targets, (height * max_side // short, width * max_side // short))
+    logits = resize_maps(logits, tuple(targets.shape[-2:]))
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1).mean(1)
+    probs = logits.sigmoid().flatten(1) / 1000
+    flat_targets = targets.flatten(1)
+    numerator = 2 * (probs * flat_targets).sum(1)
+    denominator = probs.sum(1) + (flat_targets / 1000).sum(1)
+    dice = 1 - (numerator + 1e-6) / (denominator + 1e-6)
+    return bce, dice
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SelfieModelOutputWithPast(InternVLModelOutputWithPast):
+    r"""
+    image_features (`torch.FloatTensor` of shape `(num_tiles, g_lo**2, hidden_size)`, *optional*):
+        F_V1: pixel-shuffled, projected image tokens that enter the LLM.
+    image_features_hq (`torch.FloatTensor` of shape `(num_tiles, g_hi**2, hidden_size)`, *optional*):
+        F_V1^HQ: self-replicated, projected ViT features at full ViT resolution (bypass the LLM). Computed only
+        when a sample contains `[SEG]` and `config.use_hq_features`.
+    """
+
+    image_features: torch.FloatTensor | None = None
+    image_features_hq: torch.FloatTensor | None = None
+
+
+@dataclass
+class SelfieSegmentationOutput(InternVLCausalLMOutputWithPast):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*):
+        `text_loss_weight * text_loss + bce_loss_weight * mask_bce_loss + dice_loss_weight * mask_dice_loss`.
+    pred_masks (`list[torch.FloatTensor]`, *optional*):
+        One `[n_seg, H, W]` tensor of mask logits per sample, `n_seg` = number of `[SEG]` in the sample (may be 0),
+        the k-th mask for the k-th `[SEG]`. `H, W` = 4x the LLM token grid of the sample's image (tiles stitched
+        row-major). Pass them to `SelfieProcessor.post_process_masks` for masks at the image's own size.
+    presence_logits (`list[torch.FloatTensor]`, *optional*):
+        One `[n_seg]` tensor per sample: whether the referred object is in the image at all (the convention of
+        SAM3's `presence_logits`). Derived from the masks, no extra parameters: the logit of the most confident
+        pixel, so `sigmoid(presence) < 0.5` exactly when the mask is empty at the default threshold, and a higher
+        `presence_threshold` in `post_process_masks` drops low-confidence masks.
+    text_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Next-token cross entropy (when `labels` are given).
+    mask_bce_loss, mask_dice_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Summed BCE / DICE of the full-resolution and auxiliary low-resolution masks, normalised as
+        `config.mask_loss_normalization` says (when `mask_labels` are given).
+    """
+
+    pred_masks: list[torch.FloatTensor] | None = None
+    presence_logits: list[torch.FloatTensor] | None = None
+    text_loss: torch.FloatTensor | None = None
+    mask_bce_loss: torch.FloatTensor | None = None
+    mask_dice_loss: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Segmentation head
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SelfieMLP(nn.Module):
+    """Linear -> GELU -> Linear."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int, act: str = "gelu"):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = ACT2FN[act]
+        self.fc2 = nn.Linear(hidden_features, out_features)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class SelfieSegmentationHead(nn.Module):
+    """RFR / RFA fusion, tile stitching, the `[SEG]` vector and the scaled dot product (paper Eq. 1-6).
+
+    It works on image-token features and `[SEG]` hidden states; it knows nothing of token ids or text batches.
+    With D = LLM width, C = `seg_hidden_size`, r = unshuffle factor (2):
+
+    * `pus_llm` (f'_PUS): D -> D -> r*r*C, for LLM-processed image tokens F_IMG and the `[SEG]` vector;
+    * `pus_vision` (f_PUS): D -> D -> r*r*C, for features that bypass the LLM (F_V1 and F_V1^HQ);
+    * `proj_out`: C -> C -> C, shared by the pixel features and the `[SEG]` vector.
+    """
+
+    def __init__(self, config: SelfieConfig):
+        super().__init__()
+        hidden = config.text_config.hidden_size
+        self.factor = config.unshuffle_factor
+        self.seg_hidden_size = config.seg_hidden_size
+        self.use_hq_features = config.use_hq_features
+        self.residual_mode = config.residual_mode
+        act = config.projector_hidden_act
+        unshuffled = self.factor * self.factor * config.seg_hidden_size
+        self.pus_llm = SelfieMLP(hidden, hidden, unshuffled, act)
+        self.pus_vision = SelfieMLP(hidden, hidden, unshuffled, act)
+        self.proj_out = SelfieMLP(config.seg_hidden_size, config.seg_hidden_size, config.seg_hidden_size, act)
+
+    def _to_pixels(self, unshuffled: torch.Tensor) -> torch.Tensor:
+        """RFA unshuffles the r*r chunks into r x r pixels; the other modes average them at the token grid."""
+        if self.residual_mode == "rfa":
+            return depth_to_space(unshuffled, self.factor)
+        return mean_of_chunks(unshuffled, self.factor)
+
+    def seg_embeddings(self, seg_hidden_states: torch.Tensor) -> torch.Tensor:
+        """F'_SEG (Eq. 6): `[S, D]` hidden states that predict `[SEG]` -> `[S, C]`."""
+        return self.proj_out(mean_of_chunks(self.pus_llm(seg_hidden_states), self.factor))
+
+    def llm_pixel_features(self, image_hidden_states: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """f'_PUS(F_IMG) as pixels: `[N*rows*cols, g_lo**2, D]` -> `[N, H_lo, W_lo, C]` (also the auxiliary map)."""
+        return self._to_pixels(stitch_tiles(self.pus_llm(image_hidden_states), rows, cols))
+
+    def pixel_features(
+        self,
+        llm_pixels: torch.Tensor,
+        image_features: torch.Tensor,
+        image_features_hq: torch.Tensor | None,
+        rows: int,
+        cols: int,
+    ) -> torch.Tensor:
+        """F'_IMG (Eq. 3 / 5) after the shared output projection.
+
+        Args:
+            llm_pixels: `[N, H_lo, W_lo, C]` from `llm_pixel_features`.
+            image_features: F_V1, `[N*rows*cols, g_lo**2, D]`.
+            image_features_hq: F_V1^HQ, `[N*rows*cols, g_hi**2, D]` (or `None` without `use_hq_features`).
+        Returns:
+            `[N, H, W, C]` pixel features; `H = rows * g_lo * 4` for RFA with F_V1^HQ.
+        """
+        if not self.use_hq_features:
+            return self.proj_out(llm_pixels)
+        pixels = self._to_pixels(self.pus_vision(stitch_tiles(image_features_hq, rows, cols)))
+        if self.residual_mode != "none":
+            residual = llm_pixels - self._to_pixels(stitch_tiles(self.pus_vision(image_features), rows, cols))
+            pixels = pixels + resize_maps(residual, tuple(pixels.shape[1:3]))
+        return self.proj_out(pixels)
+
+    def mask_logits(self, pixels: torch.Tensor, seg_embeddings: torch.Tensor) -> torch.Tensor:
+        """Eq. 1: `[S, H, W, C]` pixel features (one image per `[SEG]`) . `[S, C]` / sqrt(C) -> `[S, H, W]`."""
+        return torch.einsum("shwc,sc->shw", pixels, seg_embeddings) / math.sqrt(self.seg_hidden_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SelfieModel(InternVLModel):
+    """InternVL with the F_V1^HQ branch and the dual-pathway attention for samples that contain `[SEG]`."""
+
+    config_class = SelfieConfig
+    config: SelfieConfig
+
+    def get_image_features_hq(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """F_V1^HQ: `[T, g_hi**2, C_v]` pre-shuffle ViT patch features -> `[T, g_hi**2, D]` via the projector."""
+        return self.multi_modal_projector(self_replicate(vision_features, self.config.unshuffle_factor))
+
+    def seg_attention_mask(
+        self,
+        input_ids: torch.LongTensor,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache,
+        position_ids: torch.LongTensor | None,
+    ) -> dict | torch.Tensor | None:
+        """Attention mask for the LLM: the dual pathway in samples with `[SEG]` (full forwards only), else as given.
+
+        Returns `{"full_attention": mask}` built by `create_causal_mask`, or `attention_mask` unchanged when no
+        sample segments, the mode is `"causal"`, or this is a cached decoding step (keys already computed).
+        """
+        seg_mask = input_ids == self.config.seg_token_id
+        decoding = cache is not None and cache.get_seq_length() > 0
+        if decoding or self.config.seg_token_id is None or not isinstance(attention_mask, torch.Tensor | None):
+            return attention_mask
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                return attention_mask
+            seg_mask = seg_mask & attention_mask.bool()
+        segmenting = seg_mask.any(dim=1)
+        pattern = dual_pathway_pattern(
+            input_ids == self.config.image_token_id, seg_mask, segmenting, self.config.seg_attention, attention_mask
+        )
+        if pattern is None or not bool(segmenting.any()):
+            return attention_mask
+        implementation = self.config.text_config._attn_implementation
+        if implementation == "flash_attention_2":
+            raise ValueError(
+                "SELFIE's dual-pathway attention cannot be expressed with flash_attention_2 (it keeps only padding "
+                "masks). Load the model with attn_implementation='sdpa', 'eager' or 'flex_attention'."
+            )
+        mask_kwargs = dict(
+            config=self.config.text_config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        if implementation == "flex_attention":
+            mask = create_causal_mask(**mask_kwargs, or_mask_function=dual_pathway_mask_function(*pattern))
+        else:
+            # A dense mask either way: build causal + padding in the backend's format (fast path), then add the
+            # pattern with tensor ops (the mask-function path evaluates it under vmap, ~10x slower here).
+            mask = create_causal_mask(**mask_kwargs, allow_is_causal_skip=False)
+            added = pattern[0][:, None, :, None] & pattern[1][:, None, None, :]
+            mask = mask | added if mask.dtype == torch.bool else mask.masked_fill(added, 0.0)
+        return {"full_attention": mask}
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SelfieModelOutputWithPast:
+        r"""
+        Same inputs as [`InternVLModel.forward`] (`input_ids` are required: they locate image and `[SEG]` tokens).
+
+        Returns:
+            [`SelfieModelOutputWithPast`]: InternVL's outputs plus `image_features` (F_V1) and, when a sample
+            contains `[SEG]`, `image_features_hq` (F_V1^HQ).
+        """
+        if input_ids is None:
+            raise ValueError("SelfieModel.forward needs input_ids: they locate the image and [SEG] tokens.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_features = image_features_hq = None
+        if pixel_values is not None:
+            vision_outputs = self.get_image_features(pixel_values=pixel_values, return_dict=True)
+            image_features = vision_outputs.pooler_output
+            placeholder = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(placeholder, image_features.to(inputs_embeds))
+            segmenting = self.config.seg_token_id is not None and bool((input_ids == self.config.seg_token_id).any())
+            if segmenting and self.config.use_hq_features:
+                layer = self.config.vision_feature_layer
+                selected = vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
+                image_features_hq = self.get_image_features_hq(selected[:, 1:, :])
+
+        llm_attention_mask = self.seg_attention_mask(input_ids, inputs_embeds, attention_mask, cache, position_ids)
+        outputs = self.language_model(
+            attention_mask=llm_attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return SelfieModelOutputWithPast(
+            **outputs, image_features=image_features, image_features_hq=image_features_hq
+        )
+
+
+class SelfieForSegmentation(InternVLForConditionalGeneration):
+    """InternVL3 that also returns one mask per `[SEG]` token, from one forward pass and no mask decoder.
+
+    Chat without `[SEG]` is exactly InternVL (same logits, `generate()` works).
+    """
+
+    config_class = SelfieConfig
+    config: SelfieConfig
+    _no_split_modules = ["InternVLVisionLayer", "Qwen2DecoderLayer"]
+
+    def __init__(self, config: SelfieConfig):
+        super().__init__(config)
+        self.model = SelfieModel(config)
+        self.seg_head = SelfieSegmentationHead(config)
+        self.loss_type = "ForCausalLM"  # the text loss; the class name would select transformers' detection loss
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, seg_token_id: int | None = None, **kwargs):
+        """Load a SELFIE checkpoint, or start SELFIE from a plain `InternVLForConditionalGeneration` one.
+
+        On an InternVL checkpoint (no `seg_token_id` in its config) the SELFIE head is initialised as transformers
+        initialises every Linear (normal weights with `initializer_range`, zero biases) and, unless `seg_token_id`
+        is given, `[SEG]` is appended to the vocabulary: id = old vocabulary size, one new row in the input and
+        output embeddings (initialised from the mean of the old rows). Both are logged.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        new_modules = sorted({key.split(".")[0] for key in info["missing_keys"] if key.startswith("seg_head.")})
+        if new_modules or any(key.startswith("seg_head.") for key in info["missing_keys"]):
+            count = sum(p.numel() for p in model.seg_head.parameters())
+            logger.warning(
+                f"SELFIE modules initialised from scratch (not in the checkpoint): seg_head.pus_llm, "
+                f"seg_head.pus_vision, seg_head.proj_out ({count:,} parameters). Train them before use."
+            )
+        if seg_token_id is not None:
+            model.config.seg_token_id = seg_token_id
+        if model.config.seg_token_id is None:
+            model.add_seg_token()
+        return (model, info) if want_info else model
+
+    def add_seg_token(self) -> int:
+        """Append `[SEG]` to the vocabulary (id = current vocabulary size); returns the new id."""
+        new_id = self.config.text_config.vocab_size
+        self.resize_token_embeddings(new_id + 1, mean_resizing=False)
+        weights = [self.get_input_embeddings().weight, self.get_output_embeddings().weight]
+        gathered = contextlib.nullcontext()
+        if is_deepspeed_zero3_enabled():  # the rows are partitioned across processes
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
+        with gathered, torch.no_grad():
+            for weight in weights:
+                weight[new_id] = weight[:new_id].mean(0)
+        self.config.seg_token_id = new_id
+        logger.warning(f"Added [SEG] to the vocabulary with id {new_id}; embeddings grew to {new_id + 1} rows.")
+        return new_id
+
+    def _images_per_sample(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, tile_grid: torch.Tensor
+    ) -> torch.Tensor:
+        """`[num_images]` index of the sample each image belongs to, from the image tokens of each sample."""
+        image_tokens = input_ids == self.config.image_token_id
+        if attention_mask is not None:
+            image_tokens = image_tokens & attention_mask.bool()
+        tokens_per_image = tile_grid.prod(-1) * self.config.tokens_per_tile_side**2
+        image_end = tokens_per_image.cumsum(0)
+        sample_end = image_tokens.sum(1).cumsum(0)
+        if image_end.numel() and (image_end[-1] != sample_end[-1]):
+            raise ValueError(
+                f"tile_grid describes {int(image_end[-1])} image tokens but input_ids hold {int(sample_end[-1])}: "
+                "pass the tile_grid the processor returned with these input_ids."
+            )
+        return torch.searchsorted(sample_end, image_end, right=False).to(input_ids.device)
+
+    def predict_masks(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        hidden_states: torch.Tensor,
+        image_features: torch.Tensor,
+        image_features_hq: torch.Tensor | None,
+        tile_grid: torch.Tensor,
+        with_aux: bool = False,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Mask logits for every `[SEG]`, vectorised over all images that share a tile grid.
+
+        Args:
+            input_ids, attention_mask: `[B, L]`.
+            hidden_states: `[B, L, D]` final-norm LLM states.
+            image_features: F_V1 `[T, g_lo**2, D]`; image_features_hq: F_V1^HQ `[T, g_hi**2, D]` or `None`.
+            tile_grid: `[num_images, 2]` (rows, cols).
+            with_aux: also return the auxiliary low-resolution logits (training).
+        Returns:
+            `pred_masks` (list of `[n_seg, H, W]` per sample) and, with `with_aux`, the low-resolution logits in the
+            same layout (else `None`).
+        """
+        batch_size = input_ids.shape[0]
+        seg_tokens = input_ids == self.config.seg_token_id
+        if attention_mask is not None:
+            seg_tokens = seg_tokens & attention_mask.bool()
+        seg_batch, seg_pos = seg_tokens.nonzero(as_tuple=True)
+        n_seg = seg_tokens.sum(1).tolist()
+
+        image_sample = self._images_per_sample(input_ids, attention_mask, tile_grid)
+        images_in_sample = torch.bincount(image_sample, minlength=batch_size).tolist()
+        for b in range(batch_size):
+            if n_seg[b] and images_in_sample[b] != 1:
+                raise ValueError(
+                    f"Sample {b} has {n_seg[b]} [SEG] token(s) and {images_in_sample[b]} images; a segmentation "
+                    "sample needs exactly one image."
+                )
+        seg_image = torch.full((batch_size,), -1, dtype=torch.long, device=input_ids.device)
+        seg_image[image_sample] = torch.arange(len(image_sample), device=input_ids.device)
+        seg_image = seg_image[seg_batch]  # image index of each [SEG]
+
+        seg_vectors = self.seg_head.seg_embeddings(hidden_states[seg_batch, (seg_pos - 1).clamp(min=0)])
+        image_tokens = input_ids == self.config.image_token_id
+        if attention_mask is not None:
+            image_tokens = image_tokens & attention_mask.bool()
+        image_hidden = hidden_states[image_tokens]
+        tokens = self.config.tokens_per_tile_side**2
+        image_hidden = image_hidden.view(-1, tokens, image_hidden.shape[-1])
+
+        tiles = tile_grid.prod(-1)
+        tile_start = torch.cumsum(tiles, 0) - tiles
+        masks: list[torch.Tensor | None] = [None] * len(seg_batch)
+        aux: list[torch.Tensor | None] = [None] * len(seg_batch)
+        grids = tile_grid[seg_image].tolist()
+        for rows, cols in sorted({tuple(g) for g in grids}):
+            group = [i for i, g in enumerate(grids) if tuple(g) == (rows, cols)]  # [SEG]s on images of this grid
+            group_images = sorted({int(seg_image[i]) for i in group})
+            tile_index = torch.cat(
+                [torch.arange(int(tile_start[i]), int(tile_start[i]) + rows * cols) for i in group_images]
+            ).to(input_ids.device)
+            llm_pixels = self.seg_head.llm_pixel_features(image_hidden[tile_index], rows, cols)
+            hq = image_features_hq[tile_index] if image_features_hq is not None else None
+            pixels = self.seg_head.pixel_features(llm_pixels, image_features[tile_index], hq, rows, cols)
+            local = torch.tensor([group_images.index(int(seg_image[i])) for i in group], device=pixels.device)
+            logits = self.seg_head.mask_logits(pixels[local], seg_vectors[group])
+            low = self.seg_head.mask_logits(llm_pixels[local], seg_vectors[group]) if with_aux else [None] * len(group)
+            for k, i in enumerate(group):
+                masks[i], aux[i] = logits[k], low[k]
+
+        empty = hidden_states.new_zeros(0, 1, 1)
+        starts = [sum(n_seg[:b]) for b in range(batch_size)]
+        pred_masks = [torch.stack(masks[s : s + n]) if n else empty for s, n in zip(starts, n_seg)]
+        aux_masks = [torch.stack(aux[s : s + n]) if n else empty for s, n in zip(starts, n_seg)] if with_aux else None
+        return pred_masks, aux_masks
+
+    def mask_loss(
+        self, pred_masks: list[torch.Tensor], aux_masks: list[torch.Tensor], mask_labels: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed BCE and DICE over samples, masks and {full-res, aux}, normalised per the config."""
+        if len(mask_labels) != len(pred_masks):
+            raise ValueError(f"mask_labels has {len(mask_labels)} entries for a batch of {len(pred_masks)} samples.")
+        bce_total = dice_total = pred_masks[0].new_zeros(()) if pred_masks else torch.zeros(())
+        n_masks = 0
+        for b, (pred, aux, target) in enumerate(zip(pred_masks, aux_masks, mask_labels)):
+            if target.shape[0] != pred.shape[0]:
+                raise ValueError(
+                    f"mask_labels[{b}] holds {target.shape[0]} masks but sample {b} has {pred.shape[0]} [SEG] tokens."
+                )
+            if pred.shape[0] == 0:
+                continue
+            target = target.to(pred.device)
+            bce, dice = mask_bce_and_dice(pred, target)
+            aux_bce, aux_dice = mask_bce_and_dice(aux, target)
+            weight = self.config.aux_mask_loss_weight
+            bce_total = bce_total + bce.sum() + weight * aux_bce.sum()
+            dice_total = dice_total + dice.sum() + weight * aux_dice.sum()
+            n_masks += pred.shape[0]
+        if self.config.mask_loss_normalization == "batch":
+            denominator = len(pred_masks)
+        else:
+            denominator = max(n_masks, 1)
+        return bce_total / denominator, dice_total / denominator
+
+    @torch.inference_mode()
+    def segment(
+        self,
+        processor,
+        images,
+        queries: str | list[str],
+        query_kind: str = "phrase",
+        mask_threshold: float = 0.0,
+        presence_threshold: float = 0.5,
+        return_logits: bool = False,
+    ) -> list[torch.Tensor]:
+        """Segment each image from its query in one teacher-forced forward pass (prompt + "[SEG].").
+
+        Args:
+            processor: the model's [`SelfieProcessor`].
+            images: one image or a list (PIL, numpy HWC or torch CHW), one per query; a single image is used for
+                every query.
+            queries: a phrase / instruction per image.
+            query_kind: `"phrase"` or `"instruction"` (paper Sec. 9.2 templates).
+            mask_threshold: logit threshold of the returned masks.
+            presence_threshold: masks whose presence score is lower come back empty.
+            return_logits: return the mask logits (float) instead of bool masks.
+        Returns:
+            One `[height, width]` mask per query, at its image's own size.
+        """
+        from .processing_selfie import image_size_of, post_process_masks
+
+        queries = [queries] if isinstance(queries, str) else list(queries)
+        images = list(images) if isinstance(images, (list, tuple)) else [images] * len(queries)
+        if len(images) != len(queries):
+            raise ValueError(f"{len(images)} images for {len(queries)} queries: give one image per query.")
+        inputs = processor(images=images, queries=queries, query_kind=query_kind).to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        out = self(**inputs, logits_to_keep=1)  # masks need no vocabulary logits
+        sizes = [image_size_of(image) for image in images]
+        masks = post_process_masks(
+            out.pred_masks, sizes, mask_threshold, not return_logits, out.presence_logits, presence_threshold
+        )
+        return [m[0] for m in masks]
+
+    @torch.inference_mode()
+    def chat(
+        self,
+        processor,
+        image,
+        messages: list[dict],
+        max_new_tokens: int = 64,
+        mask_threshold: float = 0.0,
+        **generate_kwargs,
+    ) -> dict:
+        """Answer freely, then segment every `[SEG]` the answer holds (generate-then-segment).
+
+        `generate()` writes the answer with InternVL's causal attention; if it contains `[SEG]`, one extra forward
+        over prompt + answer with the dual-pathway attention (the pattern the model was trained with) gives one
+        mask per `[SEG]`. The teacher-forced path (`segment`, or `processor(queries=...)`) instead fixes the answer
+        to "[SEG]." and needs a single forward: use it for benchmarks and batch segmentation, and `chat` when the
+        model should decide what to say (and how many objects to segment).
+
+        Args:
+            processor: the model's [`SelfieProcessor`].
+            image: the conversation's image (PIL, numpy HWC or torch CHW) or `None`.
+            messages: the conversation so far, `{"role": "user" | "assistant", "content": str}` turns ending with a
+                user turn; earlier turns are kept as history.
+            max_new_tokens, generate_kwargs: passed to `generate` (greedy by default).
+        Returns:
+            `{"text": answer, "masks": bool [n_seg, H, W] at the image size (n_seg = [SEG] in this answer),
+            "scores": presence scores [n_seg]}`.
+        """
+        from .processing_selfie import image_size_of, post_process_masks
+
+        prompt = processor.render_conversation(messages, with_image=image is not None, add_generation_prompt=True)
+        inputs = processor(images=[image] if image is not None else None, text=[prompt]).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        tile_grid = inputs.pop("tile_grid", None)
+        end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        generate_kwargs = {"do_sample": False, "eos_token_id": end_id, **generate_kwargs}
+        generated = self.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)[0]
+        answer_ids = generated[inputs["input_ids"].shape[1] :].tolist()
+        if end_id in answer_ids:
+            answer_ids = answer_ids[: answer_ids.index(end_id) + 1]
+        text = processor.tokenizer.decode([i for i in answer_ids if i != end_id], skip_special_tokens=False)
+        n_seg = answer_ids.count(self.config.seg_token_id)
+        empty = torch.zeros(0, *(image_size_of(image) if image is not None else (0, 0)), dtype=torch.bool)
+        if n_seg == 0 or image is None:
+            return {"text": text, "masks": empty, "scores": torch.zeros(0)}
+        full = torch.cat([inputs["input_ids"][0], torch.tensor(answer_ids, device=self.device)])[None]
+        out = self(input_ids=full, pixel_values=inputs["pixel_values"], tile_grid=tile_grid)
+        logits, presence = out.pred_masks[0][-n_seg:], out.presence_logits[0][-n_seg:]
+        masks = post_process_masks([logits], [image_size_of(image)], mask_threshold)[0]
+        return {"text": text, "masks": masks.cpu(), "scores": presence.sigmoid().cpu()}
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        tile_grid: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        mask_labels: list[torch.Tensor] | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> SelfieSegmentationOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, L)`): token ids with `<IMG_CONTEXT>` placeholders.
+            pixel_values (`torch.FloatTensor` of shape `(T, 3, S, S)`): all tiles of all images, in order.
+            attention_mask (`torch.Tensor` of shape `(B, L)`): 1 for real tokens, 0 for padding.
+            tile_grid (`torch.LongTensor` of shape `(num_images, 2)`): (rows, cols) of tiles per image, as the
+                processor returns it. Defaults to one tile per image.
+            labels (`torch.LongTensor` of shape `(B, L)`): next-token targets, -100 = ignored.
+            mask_labels (`list[torch.FloatTensor]`): one `[n_seg, h, w]` 0/1 tensor per sample (any h, w), the
+                k-th mask for the k-th `[SEG]`.
+
+        Returns:
+            [`SelfieSegmentationOutput`] with `logits`, `pred_masks` (when the batch has `[SEG]` and images) and the
+            losses when `labels` / `mask_labels` are given.
+        """
+        if input_ids is None:
+            raise ValueError("SelfieForSegmentation.forward needs input_ids: they locate image and [SEG] tokens.")
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        pred_masks = aux_masks = None
+        seg_present = self.config.seg_token_id is not None and bool((input_ids == self.config.seg_token_id).any())
+        if seg_present and outputs.image_features is not None:
+            if tile_grid is None:
+                tile_grid = torch.ones(outputs.image_features.shape[0], 2, dtype=torch.long)
+            pred_masks, aux_masks = self.predict_masks(
+                input_ids,
+                attention_mask,
+                hidden_states,
+                outputs.image_features,
+                outputs.image_features_hq,
+                tile_grid.to(input_ids.device),
+                with_aux=mask_labels is not None,
+            )
+
+        loss = text_loss = bce_loss = dice_loss = None
+        if labels is not None:
+            text_loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+            loss = self.config.text_loss_weight * text_loss
+        if mask_labels is not None:
+            if pred_masks is None:
+                pred_masks = aux_masks = [hidden_states.new_zeros(0, 1, 1) for _ in range(input_ids.shape[0])]
+            bce_loss, dice_loss = self.mask_loss(pred_masks, aux_masks, mask_labels)
+            mask_loss = self.config.bce_loss_weight * bce_loss + self.config.dice_loss_weight * dice_loss
+            loss = mask_loss if loss is None else loss + mask_loss
+
+        presence_logits = None if pred_masks is None else [masks.flatten(1).amax(1) for masks in pred_masks]
+        return SelfieSegmentationOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            pred_masks=pred_masks,
+            presence_logits=presence_logits,
+            text_loss=text_loss,
+            mask_bce_loss=bce_loss,
+            mask_dice_loss=dice_loss,
+        )
+
+
+SelfieForSegmentation.register_for_auto_class("AutoModel")  # remote code: auto_map + module files
+
+__all__ = ["SelfieForSegmentation", "SelfieModel", "SelfieSegmentationHead", "SelfieSegmentationOutput"]

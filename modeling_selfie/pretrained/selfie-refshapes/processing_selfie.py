@@ -1,0 +1,384 @@
+"""Processor of SELFIE: InternVL's processor plus the reference tiling, the paper's prompts, mask targets and
+`post_process_masks`."""
+
+import random
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tokenizers import AddedToken
+from transformers import InternVLProcessor
+from transformers.image_processing_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+SEG_TOKEN = "[SEG]"
+INTERNVL_SYSTEM_MESSAGE = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+
+# Paper Sec. 9: prompt templates.
+SHORT_QUESTIONS = (
+    "Can you segment the {text} in this image?",
+    "Please segment the {text} in this image.",
+    "What is {text} in this image? Please respond with segmentation mask.",
+    "What is {text} in this image? Please output segmentation mask.",
+)
+LONG_QUESTIONS = (
+    "{text} Please respond with segmentation mask.",
+    "{text} Please output segmentation mask.",
+)
+ANSWERS = (
+    "It is [SEG].",
+    "Sure, [SEG].",
+    "Sure, it is [SEG].",
+    "Sure, the segmentation result is [SEG].",
+    "[SEG].",
+)
+VALIDATION_QUESTIONS = {
+    "phrase": "What is {text} in this image? Please output segmentation mask.",
+    "instruction": "{text} Please output segmentation mask.",
+}
+VALIDATION_ANSWER = "[SEG]."
+
+
+def segmentation_question(text: str, kind: str = "phrase", rng: random.Random | None = None) -> str:
+    """The user turn for one segmentation query (paper Sec. 9).
+
+    Args:
+        text: an object name / referring expression (`kind="phrase"`) or a full-sentence instruction
+            (`kind="instruction"`).
+        rng: `None` gives the validation template; a `random.Random` samples a training template (the long list
+            for instructions, the short list for phrases).
+    """
+    if kind not in VALIDATION_QUESTIONS:
+        raise ValueError(f"Unknown query kind {kind!r}: use 'phrase' or 'instruction'.")
+    if rng is None:
+        return VALIDATION_QUESTIONS[kind].format(text=text)
+    return rng.choice(LONG_QUESTIONS if kind == "instruction" else SHORT_QUESTIONS).format(text=text)
+
+
+def segmentation_answer(rng: random.Random | None = None) -> str:
+    """The assistant turn: "[SEG]." for validation, a random training answer with `rng`."""
+    return VALIDATION_ANSWER if rng is None else rng.choice(ANSWERS)
+
+
+@lru_cache(maxsize=64)
+def _candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+    """(cols, rows) grids with min_tiles <= cols*rows <= max_tiles, ordered by tile count; among equal counts the
+    order is the iteration order of InternVL's candidate set, which decides exact ties as the reference does."""
+    candidates = {
+        (i, j)
+        for n in range(min_tiles, max_tiles + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_tiles <= i * j <= max_tiles
+    }
+    return sorted(candidates, key=lambda grid: grid[0] * grid[1])
+
+
+def select_tile_grid(width: int, height: int, tile_size: int, min_tiles: int = 1, max_tiles: int = 12) -> tuple[int, int]:
+    """The tile grid InternVL's dynamic preprocessing picks for an image, as (rows, cols).
+
+    The grid whose aspect ratio cols/rows is closest to width/height wins; on an exact tie a later (larger)
+    candidate replaces it only while the image area exceeds half the grid's pixel area.
+    """
+    aspect = width / height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in _candidate_grids(min_tiles, max_tiles):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and width * height > 0.5 * tile_size * tile_size * cols * rows:
+            best = (cols, rows)
+    return best[1], best[0]
+
+
+class SelfieImageProcessor(GotOcr2ImageProcessorPil):
+    r"""
+    Tiles images as the released SELF1E does: the whole image is resized (bicubic) to a grid of `size` tiles chosen
+    by [`select_tile_grid`] and cut into row-major tiles, with no thumbnail; ImageNet mean/std normalisation.
+
+    `max_patches=1` (the default, as the released model was trained and evaluated) squashes the whole image into one
+    448x448 tile. Returns `pixel_values` `[T, 3, S, S]`, `num_patches` per image and `tile_grid` `[num_images, 2]`
+    as (rows, cols).
+    """
+
+    size = {"height": 448, "width": 448}
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    resample = PILImageResampling.BICUBIC
+    crop_to_patches = True
+    min_patches = 1
+    max_patches = 1
+    model_input_names = ["pixel_values", "tile_grid"]
+
+    def _preprocess(
+        self,
+        images: list[np.ndarray],
+        size: SizeDict,
+        resample,
+        image_mean,
+        image_std,
+        return_tensors=None,
+        min_patches: int = 1,
+        max_patches: int = 1,
+        **kwargs,
+    ) -> BatchFeature:
+        mean = np.asarray(image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(image_std, dtype=np.float32)[:, None, None]
+        tiles, num_patches, tile_grid = [], [], []
+        for image in images:  # CHW uint8
+            height, width = image.shape[-2:]
+            rows, cols = select_tile_grid(width, height, size.height, min_patches, max_patches)
+            resized = self.resize(image, SizeDict(height=size.height * rows, width=size.width * cols), resample)
+            for t in range(rows * cols):
+                r, c = divmod(t, cols)
+                tile = resized[:, r * size.height : (r + 1) * size.height, c * size.width : (c + 1) * size.width]
+                tiles.append((tile.astype(np.float32) / np.float32(255) - mean) / std)
+            num_patches.append(rows * cols)
+            tile_grid.append([rows, cols])
+        data = {"pixel_values": tiles, "num_patches": num_patches, "tile_grid": tile_grid}
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+
+class SelfieProcessor(InternVLProcessor):
+    r"""
+    InternVL's processor with what segmentation needs:
+
+    * registers `[SEG]` (adds it to a tokenizer that lacks it);
+    * tiles with [`SelfieImageProcessor`] and returns `tile_grid` `[num_images, 2]` (rows, cols);
+    * `queries=` builds the paper's validation prompt for each query, answered "[SEG]." (one teacher-forced
+      forward gives the masks); `conversations=` renders any chat (training data, several `[SEG]`);
+    * `masks=` turns ground-truth masks into `mask_labels`, `return_labels=True` supervises the assistant turns;
+    * [`post_process_masks`] brings mask logits back to each image's own size.
+
+    Args:
+        system_message (`str`, *optional*): system turn of the InternVL chat format (`""` leaves it out).
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        image_seq_length: int = 256,
+        chat_template=None,
+        system_message: str = INTERNVL_SYSTEM_MESSAGE,
+        **kwargs,
+    ):
+        if tokenizer is not None and tokenizer.convert_tokens_to_ids(SEG_TOKEN) in (None, tokenizer.unk_token_id):
+            tokenizer.add_tokens([AddedToken(SEG_TOKEN, special=True, normalized=False)], special_tokens=True)
+        # InternVLProcessor.__init__ also takes a video processor, which needs torchvision; SELFIE has no video
+        # input, so the processor is set up with an image processor and a tokenizer only.
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self.image_seq_length = image_seq_length
+        self.start_image_token, self.start_image_token_id = tokenizer.start_image_token, tokenizer.start_image_token_id
+        self.end_image_token, self.end_image_token_id = tokenizer.end_image_token, tokenizer.end_image_token_id
+        self.image_token, self.image_token_id = tokenizer.context_image_token, tokenizer.context_image_token_id
+        self.video_token = tokenizer.video_token
+        self.multimodal_pattern = re.compile(f"(?P<image>{re.escape(self.image_token)})")
+        self.system_message = system_message
+        self.seg_token = SEG_TOKEN
+        self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+        self._assistant_header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        self._turn_end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def render_conversation(
+        self, turns: Sequence[dict], with_image: bool = True, add_generation_prompt: bool = False
+    ) -> str:
+        """InternVL chat text of `turns` (`{"role": "user" | "assistant", "content": str}`), the image placeholder
+        at the start of the first user turn, every assistant turn closed (teacher forcing) and, with
+        `add_generation_prompt`, an open assistant turn at the end (for `generate`)."""
+        parts = [f"<|im_start|>system\n{self.system_message}<|im_end|>\n"] if self.system_message else []
+        image_pending = with_image
+        for turn in turns:
+            role, content = turn["role"], turn["content"]
+            if role not in ("user", "assistant"):
+                raise ValueError(f"Conversation turn role must be 'user' or 'assistant', got {role!r}.")
+            if role == "user" and image_pending:
+                content, image_pending = f"{self.image_token}\n{content}", False
+            parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+        if add_generation_prompt:
+            parts.append("<|im_start|>assistant\n")
+        return "".join(parts)
+
+    def segmentation_conversation(self, query: str, kind: str = "phrase") -> list[dict]:
+        """The paper's validation conversation for one query (Sec. 9.2), answered "[SEG]."."""
+        return [
+            {"role": "user", "content": segmentation_question(query, kind)},
+            {"role": "assistant", "content": segmentation_answer()},
+        ]
+
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        queries: str | Sequence[str] | None = None,
+        query_kind: str = "phrase",
+        conversations: Sequence[Sequence[dict]] | None = None,
+        masks=None,
+        return_labels: bool = False,
+        **kwargs,
+    ) -> BatchFeature:
+        r"""
+        Args:
+            images: one image per sample (PIL, numpy or torch); with `conversations=`, `None` marks a text-only
+                sample.
+            text: raw text with `<IMG_CONTEXT>` placeholders (InternVL behaviour).
+            queries: a phrase / instruction per sample; builds the validation prompt answered "[SEG].".
+            query_kind: `"phrase"` ("What is {x} in this image? ...") or `"instruction"` ("{x} Please output ...").
+            conversations: per sample, a list of `{"role", "content"}` turns (assistant turns may hold `[SEG]`).
+            masks: per sample, the ground-truth masks of its `[SEG]` tokens in order: `[n_seg, H, W]` arrays or
+                tensors, or a list of 2D masks. Returned as `mask_labels` (float 0/1).
+            return_labels: also return `labels` (assistant tokens supervised, the rest -100).
+
+        Returns:
+            [`BatchFeature`] with `input_ids`, `attention_mask`, `pixel_values` `[T, 3, S, S]`, `tile_grid`
+            `[num_images, 2]` and, when asked, `labels` and `mask_labels`.
+        """
+        given = [name for name, value in (("text", text), ("queries", queries), ("conversations", conversations))
+                 if value is not None]
+        if len(given) != 1:
+            raise ValueError(f"Pass exactly one of text=, queries=, conversations= (got {given or 'none'}).")
+        if queries is not None:
+            queries = [queries] if isinstance(queries, str) else list(queries)
+            for i, query in enumerate(queries):
+                if not isinstance(query, str) or not query.strip():
+                    raise ValueError(f"queries[{i}] is empty: give a phrase or an instruction to segment.")
+            conversations = [self.segmentation_conversation(query, query_kind) for query in queries]
+        if images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
+        if conversations is not None:
+            has_image = [image is not None for image in images] if images is not None else [False] * len(conversations)
+            if images is not None and len(images) != len(conversations):
+                raise ValueError(
+                    f"{len(images)} images for {len(conversations)} conversations: give one image (or None) per sample."
+                )
+            text = [self.render_conversation(turns, with_image=seen) for turns, seen in zip(conversations, has_image)]
+            if images is not None:
+                images = [image for image in images if image is not None] or None
+        return_tensors = kwargs.pop("return_tensors", "pt")
+        kwargs.setdefault("padding", True)
+        inputs = super().__call__(images=images, text=text, return_tensors=return_tensors, **kwargs)
+        if return_labels:
+            inputs["labels"] = self.assistant_labels(inputs["input_ids"], inputs["attention_mask"])
+        if masks is not None:
+            inputs["mask_labels"] = self.mask_labels(masks, inputs["input_ids"])
+        return inputs
+
+    def assistant_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`[B, L]` labels: each assistant turn's tokens up to and including `<|im_end|>`, the rest -100."""
+        labels = torch.full_like(input_ids, -100)
+        header = self._assistant_header
+        for b, ids in enumerate(input_ids.tolist()):
+            supervised = False
+            for i, token in enumerate(ids):
+                if not attention_mask[b, i]:
+                    continue
+                if supervised:
+                    labels[b, i] = token
+                    supervised = token != self._turn_end_id
+                elif ids[i - len(header) + 1 : i + 1] == header:
+                    supervised = True
+        return labels
+
+    def mask_labels(self, masks, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Ground-truth masks as a list of float `[n_seg, H, W]` tensors, checked against the `[SEG]` count."""
+        if len(masks) != len(input_ids):
+            raise ValueError(f"masks has {len(masks)} entries for {len(input_ids)} samples.")
+        labels = []
+        for b, sample_masks in enumerate(masks):
+            if isinstance(sample_masks, (list, tuple)):
+                sample_masks = np.stack([np.asarray(m) for m in sample_masks]) if len(sample_masks) else np.zeros((0, 1, 1))
+            target = torch.as_tensor(np.asarray(sample_masks)).float()
+            if target.dim() == 2:
+                target = target[None]
+            n_seg = int((input_ids[b] == self.seg_token_id).sum())
+            if target.dim() != 3 or target.shape[0] != n_seg:
+                raise ValueError(
+                    f"masks[{b}] has shape {tuple(target.shape)} but sample {b} has {n_seg} [SEG] token(s): give "
+                    "one [H, W] mask per [SEG]."
+                )
+            labels.append((target > 0.5).float())
+        return labels
+
+    def post_process_masks(
+        self,
+        pred_masks: Sequence[torch.Tensor],
+        original_sizes: Sequence[tuple[int, int]],
+        mask_threshold: float = 0.0,
+        binarize: bool = True,
+        presence_logits: Sequence[torch.Tensor] | None = None,
+        presence_threshold: float = 0.5,
+    ) -> list[torch.Tensor]:
+        """Masks at each image's own size; see [`post_process_masks`]."""
+        return post_process_masks(
+            pred_masks, original_sizes, mask_threshold, binarize, presence_logits, presence_threshold
+        )
+
+
+def post_process_masks(
+    pred_masks: Sequence[torch.Tensor],
+    original_sizes: Sequence[tuple[int, int]],
+    mask_threshold: float = 0.0,
+    binarize: bool = True,
+    presence_logits: Sequence[torch.Tensor] | None = None,
+    presence_threshold: float = 0.5,
+) -> list[torch.Tensor]:
+    """Bring mask logits back to each image's own size (bilinear, `align_corners=False`) and threshold them.
+
+    Args:
+        pred_masks: `SelfieSegmentationOutput.pred_masks`, one `[n_seg, H, W]` logit tensor per sample.
+        original_sizes: (height, width) of each sample's image.
+        mask_threshold: logit threshold (0.0 = probability 0.5).
+        binarize: return bool masks; `False` returns the resized logits.
+        presence_logits: `SelfieSegmentationOutput.presence_logits` (one `[n_seg]` tensor per sample); with it,
+            a mask whose presence score `sigmoid(presence_logit)` is below `presence_threshold` comes back empty
+            (all False), so a phrase that matches nothing yields no mask.
+    Returns:
+        One `[n_seg, height, width]` tensor per sample (bool, or float logits without `binarize`).
+    """
+    if len(pred_masks) != len(original_sizes):
+        raise ValueError(f"{len(pred_masks)} mask sets but {len(original_sizes)} original sizes.")
+    results = []
+    for masks, (height, width) in zip(pred_masks, original_sizes):
+        if masks.shape[0] == 0:
+            resized = masks.new_zeros(0, int(height), int(width))
+        else:
+            resized = F.interpolate(
+                masks[:, None].float(), size=(int(height), int(width)), mode="bilinear", align_corners=False
+            )[:, 0]
+        if binarize:
+            resized = resized > mask_threshold
+            if presence_logits is not None:
+                absent = presence_logits[len(results)].sigmoid() < presence_threshold
+                resized = resized & ~absent.to(resized.device)[:, None, None]
+        results.append(resized)
+    return results
+
+
+def image_size_of(image) -> tuple[int, int]:
+    """(height, width) of a PIL image, HWC numpy array or CHW tensor."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    if isinstance(image, torch.Tensor):
+        return tuple(image.shape[-2:])
+    return tuple(np.asarray(image).shape[:2])
+
+
+SelfieImageProcessor.register_for_auto_class("AutoImageProcessor")  # remote code: auto_map + this file
+SelfieProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = [
+    "SelfieImageProcessor",
+    "SelfieProcessor",
+    "image_size_of",
+    "post_process_masks",
+    "segmentation_question",
+    "select_tile_grid",
+]
