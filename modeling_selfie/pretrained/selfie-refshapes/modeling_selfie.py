@@ -469,9 +469,11 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         weights = [self.get_input_embeddings().weight, self.get_output_embeddings().weight]
         gathered = contextlib.nullcontext()
         if is_deepspeed_zero3_enabled():  # the rows are partitioned across processes
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
+            try:  # (a try block, so that remote code does not list deepspeed as a requirement)
+                from deepspeed.zero import GatheredParameters
+            except ImportError as error:
+                raise ImportError("ZeRO-3 is enabled but deepspeed cannot be imported.") from error
+            gathered = GatheredParameters(weights, modifier_rank=0)
         with gathered, torch.no_grad():
             for weight in weights:
                 weight[new_id] = weight[:new_id].mean(0)
