@@ -449,8 +449,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
-        new_modules = sorted({key.split(".")[0] for key in info["missing_keys"] if key.startswith("seg_head.")})
-        if new_modules or any(key.startswith("seg_head.") for key in info["missing_keys"]):
+        if any(key.startswith("seg_head.") for key in info["missing_keys"]):
             count = sum(p.numel() for p in model.seg_head.parameters())
             logger.warning(
                 f"SELFIE modules initialised from scratch (not in the checkpoint): seg_head.pus_llm, "
@@ -481,13 +480,8 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         logger.warning(f"Added [SEG] to the vocabulary with id {new_id}; embeddings grew to {new_id + 1} rows.")
         return new_id
 
-    def _images_per_sample(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, tile_grid: torch.Tensor
-    ) -> torch.Tensor:
-        """`[num_images]` index of the sample each image belongs to, from the image tokens of each sample."""
-        image_tokens = input_ids == self.config.image_token_id
-        if attention_mask is not None:
-            image_tokens = image_tokens & attention_mask.bool()
+    def _images_per_sample(self, image_tokens: torch.Tensor, tile_grid: torch.Tensor) -> torch.Tensor:
+        """`[num_images]` index of the sample each image belongs to, from the `[B, L]` image-token mask."""
         tokens_per_image = tile_grid.prod(-1) * self.config.tokens_per_tile_side**2
         image_end = tokens_per_image.cumsum(0)
         sample_end = image_tokens.sum(1).cumsum(0)
@@ -496,7 +490,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
                 f"tile_grid describes {int(image_end[-1])} image tokens but input_ids hold {int(sample_end[-1])}: "
                 "pass the tile_grid the processor returned with these input_ids."
             )
-        return torch.searchsorted(sample_end, image_end, right=False).to(input_ids.device)
+        return torch.searchsorted(sample_end, image_end, right=False)
 
     def predict_masks(
         self,
@@ -527,7 +521,10 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         seg_batch, seg_pos = seg_tokens.nonzero(as_tuple=True)
         n_seg = seg_tokens.sum(1).tolist()
 
-        image_sample = self._images_per_sample(input_ids, attention_mask, tile_grid)
+        image_tokens = input_ids == self.config.image_token_id
+        if attention_mask is not None:
+            image_tokens = image_tokens & attention_mask.bool()
+        image_sample = self._images_per_sample(image_tokens, tile_grid)
         images_in_sample = torch.bincount(image_sample, minlength=batch_size).tolist()
         for b in range(batch_size):
             if n_seg[b] and images_in_sample[b] != 1:
@@ -540,9 +537,6 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         seg_image = seg_image[seg_batch]  # image index of each [SEG]
 
         seg_vectors = self.seg_head.seg_embeddings(hidden_states[seg_batch, (seg_pos - 1).clamp(min=0)])
-        image_tokens = input_ids == self.config.image_token_id
-        if attention_mask is not None:
-            image_tokens = image_tokens & attention_mask.bool()
         image_hidden = hidden_states[image_tokens]
         tokens = self.config.tokens_per_tile_side**2
         image_hidden = image_hidden.view(-1, tokens, image_hidden.shape[-1])
