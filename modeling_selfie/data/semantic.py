@@ -238,14 +238,16 @@ class CocoPartsDataset(SelfieDataset):
 
     def __init__(
         self,
-        annotation_file: Path,
-        image_dir: Path,
+        root: str | Path,
+        split: str = "train",
+        image_dir: str | Path | None = None,
         *,
-        train: bool,
-        max_classes: int,
-        seed: int,
-        max_samples: int | None,
+        train: bool = False,
+        max_classes: int = 3,
+        seed: int = 0,
+        max_samples: int | None = None,
     ):
+        annotation_file, image_dir = self.expected_paths(root, split, image_dir)
         require_paths([annotation_file, image_dir], self.check_script)
         self.coco = CocoAnnotations(annotation_file, self.check_script)
         self.image_dir = image_dir
@@ -292,22 +294,6 @@ class PascalPartDataset(CocoPartsDataset):
     source = "pascal_part"
     check_script = "processing/check_pascal_part.py"
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "train",
-        image_dir: str | Path | None = None,
-        *,
-        train: bool = False,
-        max_classes: int = 3,
-        seed: int = 0,
-        max_samples: int | None = None,
-    ):
-        annotation_file, image_dir = self.expected_paths(root, split, image_dir)
-        super().__init__(
-            annotation_file, image_dir, train=train, max_classes=max_classes, seed=seed, max_samples=max_samples
-        )
-
     @classmethod
     def expected_paths(cls, root: str | Path, split: str = "train", image_dir: str | Path | None = None) -> list[Path]:
         """The annotation file and the image folder."""
@@ -328,22 +314,6 @@ class PacoLvisDataset(CocoPartsDataset):
 
     source = "paco_lvis"
     check_script = "processing/check_paco_lvis.py"
-
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "train",
-        image_dir: str | Path | None = None,
-        *,
-        train: bool = False,
-        max_classes: int = 3,
-        seed: int = 0,
-        max_samples: int | None = None,
-    ):
-        annotation_file, image_dir = self.expected_paths(root, split, image_dir)
-        super().__init__(
-            annotation_file, image_dir, train=train, max_classes=max_classes, seed=seed, max_samples=max_samples
-        )
 
     @classmethod
     def expected_paths(cls, root: str | Path, split: str = "train", image_dir: str | Path | None = None) -> list[Path]:
