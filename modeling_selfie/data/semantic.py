@@ -232,7 +232,8 @@ class CocoStuffDataset(LabelMapDataset):
 
 class CocoPartsDataset(SelfieDataset):
     """Base of the COCO-format part sets: a class is a category, its mask the union of the category's annotations
-    in the image. `items` are the ids of the images with at least one annotation."""
+    in the image. `items` are the ids of the images with at least one annotation. Subclasses define
+    `expected_paths(root, split, image_dir) -> [annotation_file, image_dir]`."""
 
     task = "semantic"
 
