@@ -158,6 +158,18 @@ prediction counts 1). Numbers are measured by the training script right after tr
 """
 
 
+def drop_remote_code(folder: Path) -> None:
+    """The shipped model lives inside the package, which registers its classes: remove the remote-code copies of
+    the module files (and the `auto_map` entries pointing at them) that `save_pretrained` writes."""
+    for name in ("configuration_selfie.py", "modeling_selfie.py", "processing_selfie.py"):
+        (folder / name).unlink(missing_ok=True)
+    for name in ("config.json", "processor_config.json", "tokenizer_config.json"):
+        settings = json.loads((folder / name).read_text())
+        settings.pop("auto_map", None)
+        settings.get("image_processor", {}).pop("auto_map", None)
+        (folder / name).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
@@ -211,6 +223,7 @@ def main(argv=None):
     with atomic_output_dir(args.output, overwrite=args.overwrite) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
+        drop_remote_code(staging)
         (staging / "README.md").write_text(model_card(results, args, steps, minutes, steps * args.batch_size))
         (staging / "eval_results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.output} ({steps} steps, {minutes:.1f} min, overall cIoU {results['overall']['cIoU']:.3f})")
