@@ -13,7 +13,7 @@ from modeling_selfie.modeling_selfie import (
     dual_pathway_pattern,
     stitch_tiles,
 )
-from modeling_selfie.presets import preset_config, tiny_model_and_processor
+from modeling_selfie.presets import preset_config, tiny_model_and_processor, variance_preserving_init_
 
 from .helpers import WORDS, random_image
 
@@ -389,3 +389,36 @@ def test_batch_of_different_tile_grids_equals_each_image_alone():
     for i, (image, query) in enumerate(zip(images, queries)):
         alone, _ = segment(model, processor, [image], [query])
         torch.testing.assert_close(batch.pred_masks[i], alone.pred_masks[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode, leaks", [("image_to_seg", True), ("image_bidirectional", False), ("causal", False)])
+def test_answer_tokens_see_seg_through_image_tokens_only_when_images_attend_to_seg(mode, leaks, image):
+    """With the paper's mask, image tokens see the later [SEG], and every text token after the image sees the image
+    tokens: so the logits of the answer's first token depend on the answer words before [SEG]. A teacher-forced text
+    loss on answer prefixes ("Sure, it is [SEG].") can use that; generation cannot, because [SEG] is not there yet.
+    The path [SEG] -> image -> answer token needs three layers."""
+    _, processor = tiny_model_and_processor(WORDS, seed=0)
+    config = preset_config(
+        "selfie-tiny",
+        image_token_id=processor.image_token_id,
+        seg_token_id=processor.seg_token_id,
+        seg_attention=mode,
+    )
+    config.text_config.vocab_size = len(processor.tokenizer)
+    config.text_config.num_hidden_layers = 3
+    config.text_config.layer_types = ["full_attention"] * 3
+    torch.manual_seed(0)
+    model = SelfieForSegmentation(config).eval()
+    variance_preserving_init_(model)
+    first_answer_logits = []
+    for answer in ("It is [SEG].", "Sure, [SEG]."):
+        conversation = [
+            {"role": "user", "content": "Please segment the red circle in this image."},
+            {"role": "assistant", "content": answer},
+        ]
+        inputs = processor(images=[image], conversations=[conversation])
+        start = int((inputs["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids("assistant")).nonzero()[-1])
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, start + 1]  # at the newline after "assistant": predicts the answer
+        first_answer_logits.append(logits)
+    assert torch.allclose(*first_answer_logits, atol=1e-5) != leaks
