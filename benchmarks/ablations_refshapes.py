@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from modeling_selfie import SelfieConfig, SelfieForSegmentation, SelfieImageProcessor, SelfieProcessor
-from modeling_selfie.data.refshapes import RefShapesDataset, vocabulary
+from modeling_selfie.data.refshapes import RefShapesDataset, curriculum_dataset, parse_kind_weights, vocabulary
 from modeling_selfie.evaluation import ReferringMetrics, boundary_iou
 from modeling_selfie.io_utils import atomic_output_file
 from modeling_selfie.presets import variance_preserving_init_
@@ -71,9 +71,10 @@ def build(seed: int, switches: dict) -> tuple[SelfieForSegmentation, SelfieProce
     return model, processor
 
 
-def train(model, processor, seed: int, steps: int, batch_size: int, learning_rate: float) -> None:
-    """A plain AdamW loop with linear warmup and cosine decay (the Trainer adds nothing needed here)."""
-    data = RefShapesDataset("train", size=steps * batch_size, seed=seed)
+def train(model, processor, seed: int, steps: int, batch_size: int, learning_rate: float, curriculum: tuple) -> None:
+    """A plain AdamW loop with linear warmup and cosine decay (the Trainer adds nothing needed here), over
+    `curriculum_dataset` (`curriculum` = (warmup fraction, warmup kinds)) in order."""
+    data = curriculum_dataset(steps * batch_size, *curriculum, seed=seed)
     collate = SelfieDataCollator(processor)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
     warmup = max(1, steps // 10)
@@ -116,6 +117,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--warmup-fraction", type=float, default=0.0, help="share of colour/form-only samples first")
+    parser.add_argument("--warmup-kinds", type=parse_kind_weights, default="colour_shape=2,multi_target=1")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--eval-size", type=int, default=150)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
@@ -134,7 +137,8 @@ def main(argv=None):
             key = (seed, json.dumps({k: getattr(model.config, k) for k in ("use_hq_features", "residual_mode",
                                                                              "seg_attention")}))
             if key not in done:
-                train(model, processor, seed, args.steps, args.batch_size, args.learning_rate)
+                curriculum = (args.warmup_fraction, args.warmup_kinds)
+                train(model, processor, seed, args.steps, args.batch_size, args.learning_rate, curriculum)
                 done[key] = evaluate(model, processor, seed, args.eval_size)
             raw[name].append(done[key])
             print(f"{name} seed {seed}: {raw[name][-1]} ({time.monotonic() - began:.0f} s)", flush=True)

@@ -13,6 +13,8 @@ from modeling_selfie.data.refshapes import (
     PLURALS,
     Group,
     RefShapesDataset,
+    curriculum_dataset,
+    parse_kind_weights,
     rasterise_shape,
     render_example_grid,
     split_words,
@@ -269,3 +271,16 @@ def test_render_example_grid_writes_a_png(tmp_path):
     with Image.open(path) as written:
         assert written.format == "PNG" and written.size == sheet.size
     assert sheet.width == 3 * 120 and sheet.height > 2 * 120
+
+
+def test_curriculum_puts_the_warmup_kinds_first():
+    weights = parse_kind_weights("colour_shape=2, multi_target")
+    assert weights["colour_shape"] == 2 and weights["multi_target"] == 1 and weights["position"] == 0
+    data = curriculum_dataset(20, 0.5, weights, seed=0)
+    kinds = [data[i]["expression_kind"] for i in range(20)]
+    assert set(kinds[:10]) <= {"colour_shape", "multi_target"}
+    assert len(set(kinds[10:])) > 2  # then the full mix
+    with pytest.raises(ValueError, match="'colour'"):
+        parse_kind_weights("colour=1")
+    with pytest.raises(ValueError, match="warmup_fraction"):
+        curriculum_dataset(20, 1.5, weights)

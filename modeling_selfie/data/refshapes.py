@@ -714,6 +714,36 @@ class RefShapesDataset(torch.utils.data.Dataset):
         return f"RefShapesDataset(split={self.split!r}, size={self.size}, seed={self.seed}, train={self.train})"
 
 
+def parse_kind_weights(text: str) -> dict[str, float]:
+    """`"colour_shape=2,multi_target"` -> `{"colour_shape": 2.0, "multi_target": 1.0}` and 0 for every other kind."""
+    weights = dict.fromkeys(EXPRESSION_KINDS, 0.0)
+    for item in text.split(","):
+        kind, _, weight = item.strip().partition("=")
+        if kind not in EXPRESSION_KINDS:
+            raise ValueError(f"Unknown expression kind {kind!r}; choose from {EXPRESSION_KINDS}.")
+        weights[kind] = float(weight or 1)
+    return weights
+
+
+def curriculum_dataset(
+    size: int, warmup_fraction: float, warmup_kinds: Mapping[str, float], seed: int = 0
+) -> torch.utils.data.ConcatDataset:
+    """`size` training items: the first `warmup_fraction` of them of the `warmup_kinds` only (their own seed stream),
+    the rest of the full mix. Read it in order (e.g. `TrainingArguments(train_sampling_strategy="sequential")`).
+
+    From scratch on the full mix a small model sits on a plateau where it segments every shape and ignores the
+    phrase; expressions that name colours and forms first get it to read the phrase."""
+    if not 0 <= warmup_fraction <= 1:
+        raise ValueError(f"warmup_fraction must be in [0, 1], got {warmup_fraction}.")
+    first = int(size * warmup_fraction)
+    return torch.utils.data.ConcatDataset(
+        [
+            RefShapesDataset("train", size=first, seed=seed + 1000, kind_weights=warmup_kinds),
+            RefShapesDataset("train", size=size - first, seed=seed),
+        ]
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Documentation helper
 
@@ -765,9 +795,11 @@ __all__ = [
     "RefShapesExample",
     "SPLITS",
     "Scene",
+    "curriculum_dataset",
     "extreme_member",
     "generate_example",
     "make_scene",
+    "parse_kind_weights",
     "rasterise_shape",
     "related_member",
     "render_example_grid",
