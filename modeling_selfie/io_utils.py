@@ -8,6 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _give_default_permissions(path: Path) -> None:
+    """`tempfile` makes staging files 0600 and folders 0700; give the result the modes a plain write would have."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename, on error it is removed.
@@ -24,6 +35,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _give_default_permissions(staging)
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -45,4 +57,5 @@ def atomic_output_file(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
+    _give_default_permissions(Path(staging))
     os.replace(staging, path)
