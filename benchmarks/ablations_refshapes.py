@@ -71,10 +71,11 @@ def build(seed: int, switches: dict) -> tuple[SelfieForSegmentation, SelfieProce
     return model, processor
 
 
-def train(model, processor, seed: int, steps: int, batch_size: int, learning_rate: float, curriculum: tuple) -> None:
+def train(model, processor, seed: int, steps: int, batch_size: int, learning_rate: float, warmup_fraction: float,
+          warmup_kinds: dict) -> None:
     """A plain AdamW loop with linear warmup and cosine decay (the Trainer adds nothing needed here), over
-    `curriculum_dataset` (`curriculum` = (warmup fraction, warmup kinds)) in order."""
-    data = curriculum_dataset(steps * batch_size, *curriculum, seed=seed)
+    `curriculum_dataset` in order."""
+    data = curriculum_dataset(steps * batch_size, warmup_fraction, warmup_kinds, seed=seed)
     collate = SelfieDataCollator(processor)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
     warmup = max(1, steps // 10)
@@ -137,8 +138,8 @@ def main(argv=None):
             key = (seed, json.dumps({k: getattr(model.config, k) for k in ("use_hq_features", "residual_mode",
                                                                              "seg_attention")}))
             if key not in done:
-                curriculum = (args.warmup_fraction, args.warmup_kinds)
-                train(model, processor, seed, args.steps, args.batch_size, args.learning_rate, curriculum)
+                train(model, processor, seed, args.steps, args.batch_size, args.learning_rate, args.warmup_fraction,
+                      args.warmup_kinds)
                 done[key] = evaluate(model, processor, seed, args.eval_size)
             raw[name].append(done[key])
             print(f"{name} seed {seed}: {raw[name][-1]} ({time.monotonic() - began:.0f} s)", flush=True)

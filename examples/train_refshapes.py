@@ -9,9 +9,10 @@ paper's prompt templates. Training uses `SelfieTrainer` with the SELFIE loss (te
 low-resolution term); the learning-rate schedule spans `--max-steps`, and a time budget (`--minutes`) stops it early
 if the machine is slower. The first `--warmup-fraction` of the samples hold only the expressions that name colours
 and forms (`--warmup-kinds`): trained from scratch on the whole mix, the model stays on a plateau where it segments
-every shape and ignores the phrase; on these it learns to read the phrase first. Afterwards it measures cIoU / gIoU per expression kind on the RefShapes test split and
-the rate of correct empty masks on no-target expressions, and writes the model, processor and a model card with
-those numbers (atomically: a failed run never replaces a good model).
+every shape and ignores the phrase; on these it learns to read the phrase first. Afterwards it measures cIoU / gIoU
+per expression kind on the RefShapes test split and the rate of correct empty masks on no-target expressions, and
+writes the model, processor and a model card with those numbers (atomically: a failed run never replaces a good
+model).
 """
 
 import argparse

@@ -14,12 +14,15 @@ PRESETS = ("selfie-tiny", "selfie-2b", "selfie-8b")
 
 
 def preset_config(name: str, **overrides) -> SelfieConfig:
-    """`SelfieConfig` of a shipped preset (`selfie-tiny`, `selfie-2b`, `selfie-8b`), with field overrides."""
+    """`SelfieConfig` of a shipped preset (`selfie-tiny`, `selfie-2b`, `selfie-8b`), with field overrides; a dict
+    given for a sub-config (`text_config={"num_hidden_layers": 3}`) updates the preset's fields of it."""
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose one of {PRESETS}.")
     text = resources.files("modeling_selfie.configuration").joinpath(f"{name}.json").read_text()
     fields = {k: v for k, v in json.loads(text).items() if k not in ("model_type", "architectures", "_comment")}
-    fields.update(overrides)
+    for key, value in overrides.items():
+        merge = isinstance(value, dict) and isinstance(fields.get(key), dict)
+        fields[key] = {**fields[key], **value} if merge else value
     return SelfieConfig(**fields)
 
 

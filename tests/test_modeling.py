@@ -13,7 +13,7 @@ from modeling_selfie.modeling_selfie import (
     dual_pathway_pattern,
     stitch_tiles,
 )
-from modeling_selfie.presets import preset_config, tiny_model_and_processor, variance_preserving_init_
+from modeling_selfie.presets import preset_config, tiny_model_and_processor
 
 from .helpers import WORDS, random_image
 
@@ -379,6 +379,13 @@ def test_presets_on_meta_device_have_internvl3_sizes():
         assert abs((total - head) - size) / size < 0.005, f"{name}: {total - head:,} parameters without the head"
 
 
+def test_preset_sub_config_overrides_update_the_preset():
+    config = preset_config("selfie-tiny", text_config={"num_hidden_layers": 3}, seg_hidden_size=32)
+    assert config.text_config.num_hidden_layers == 3 and len(config.text_config.layer_types) == 3
+    assert config.text_config.hidden_size == preset_config("selfie-tiny").text_config.hidden_size == 64
+    assert config.seg_hidden_size == 32
+
+
 def test_batch_of_different_tile_grids_equals_each_image_alone():
     model, processor = tiny_model_and_processor(WORDS, seed=0)
     processor.image_processor.max_patches = 6
@@ -397,19 +404,9 @@ def test_answer_tokens_see_seg_through_image_tokens_only_when_images_attend_to_s
     tokens: so the logits of the answer's first token depend on the answer words before [SEG]. A teacher-forced text
     loss on answer prefixes ("Sure, it is [SEG].") can use that; generation cannot, because [SEG] is not there yet.
     The path [SEG] -> image -> answer token needs three layers."""
-    _, processor = tiny_model_and_processor(WORDS, seed=0)
-    config = preset_config(
-        "selfie-tiny",
-        image_token_id=processor.image_token_id,
-        seg_token_id=processor.seg_token_id,
-        seg_attention=mode,
+    model, processor = tiny_model_and_processor(
+        WORDS, seed=0, seg_attention=mode, text_config={"num_hidden_layers": 3}
     )
-    config.text_config.vocab_size = len(processor.tokenizer)
-    config.text_config.num_hidden_layers = 3
-    config.text_config.layer_types = ["full_attention"] * 3
-    torch.manual_seed(0)
-    model = SelfieForSegmentation(config).eval()
-    variance_preserving_init_(model)
     first_answer_logits = []
     for answer in ("It is [SEG].", "Sure, [SEG]."):
         conversation = [
