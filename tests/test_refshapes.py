@@ -13,10 +13,12 @@ from modeling_selfie.data.refshapes import (
     PLURALS,
     Group,
     RefShapesDataset,
+    RefShapesExample,
     curriculum_dataset,
     parse_kind_weights,
     rasterise_shape,
     render_example_grid,
+    scene_expressions,
     split_words,
     vocabulary,
 )
@@ -28,6 +30,7 @@ from modeling_selfie.processing_selfie import (
     VALIDATION_ANSWER,
     segmentation_question,
 )
+from modeling_selfie.training import SelfieDataCollator
 
 ITEMS_PER_KIND = 12
 SINGULAR = {plural: form for form, plural in PLURALS.items()}
@@ -284,3 +287,39 @@ def test_curriculum_puts_the_warmup_kinds_first():
         parse_kind_weights("colour=1")
     with pytest.raises(ValueError, match="warmup_fraction"):
         curriculum_dataset(20, 1.5, weights)
+
+
+def test_multi_turn_items_ask_several_expressions_of_one_scene():
+    single = RefShapesDataset("validation", size=6, seed=3)
+    multi = RefShapesDataset("validation", size=6, seed=3, max_turns=3)
+    for i in range(len(multi)):
+        one, sample = single[i], multi[i]
+        check_sample(sample, where=f"item {i}")
+        assert np.array_equal(np.asarray(sample["image"]), np.asarray(one["image"]))
+        assert sample["conversation"][:2] == one["conversation"] and sample["query"] == one["query"]
+        turns = len(sample["conversation"]) // 2
+        assert 1 < turns <= 3 and sample["masks"].shape[0] == turns
+        assert np.array_equal(sample["masks"][0], one["masks"][0])
+        scene = multi.example(i).scene
+        everything = [e for kind in EXPRESSION_KINDS for e in scene_expressions(scene, kind)]
+        asked = []
+        for turn in range(turns):
+            question = sample["conversation"][2 * turn]["content"]
+            expression = next(
+                e for e in everything if segmentation_question(e.text, e.query_kind) == question
+            )  # the validation template quotes the expression
+            target = RefShapesExample(scene, expression).target_mask()
+            assert np.array_equal(sample["masks"][turn], target), (i, turn, expression.text)
+            assert sample["conversation"][2 * turn + 1]["content"].count("[SEG]") == 1
+            asked.append(expression.text)
+        assert len(set(asked)) == turns  # no expression asked twice
+
+
+def test_multi_turn_items_collate_with_one_mask_per_seg(tiny):
+    _, processor = tiny
+    data = RefShapesDataset("train", size=3, seed=0, max_turns=3)
+    batch = SelfieDataCollator(processor)([data[i] for i in range(3)])
+    for b, masks in enumerate(batch["mask_labels"]):
+        assert masks.shape[0] == int((batch["input_ids"][b] == processor.seg_token_id).sum()) == len(data[b]["masks"])
+    with pytest.raises(ValueError, match="max_turns"):
+        RefShapesDataset(max_turns=0)

@@ -614,6 +614,28 @@ def generate_example(rng: random.Random, kind_weights: Mapping[str, float] | Non
     raise RuntimeError(f"No scene out of {MAX_SCENES} admitted a {kind!r} expression.")
 
 
+def more_expressions(
+    scene: Scene, first: Expression, count: int, rng: random.Random, kind_weights: Mapping[str, float] | None = None
+) -> list[Expression]:
+    """Up to `count` further expressions for `scene`, each with a kind drawn by `kind_weights` among the kinds the
+    scene still has unused expressions of, and no two with the same text or the same text as `first`."""
+    weights = _check_kind_weights(kind_weights)
+    used = {first.text}
+    candidates = {kind: scene_expressions(scene, kind) for kind, weight in weights.items() if weight > 0}
+    chosen = []
+    for _ in range(count):
+        for kind in candidates:
+            candidates[kind] = [e for e in candidates[kind] if e.text not in used]
+        kinds = [kind for kind in candidates if candidates[kind]]
+        if not kinds:
+            break
+        kind = rng.choices(kinds, weights=[weights[kind] for kind in kinds])[0]
+        expression = rng.choice(candidates[kind])
+        used.add(expression.text)
+        chosen.append(expression)
+    return chosen
+
+
 def vocabulary() -> list[str]:
     """Every word that can appear in an expression (split as `split_words` does, case kept), sorted."""
     nouns = [*COLOURS, *FORMS, *PLURALS.values()]
@@ -652,10 +674,15 @@ class RefShapesDataset(torch.utils.data.Dataset):
             defaults to `split == "train"`.
         kind_weights: relative frequency of each expression kind (see `DEFAULT_KIND_WEIGHTS`, whose values fill in
             missing kinds; a weight of 0 disables a kind).
+        max_turns: expressions (user turns, each answered with one `[SEG]`) per item, as the RefCOCO training
+            samples of SELF1E hold up to 3 sentences of one image: the first as a single-turn item, the others
+            (`more_expressions`) as many as the scene has, up to `max_turns - 1`. Several expressions of one image
+            tell the model that the phrase, not the image, decides the mask.
 
-    Each item holds `image` (PIL RGB), `conversation` (one user question, one assistant answer with one [SEG]),
-    `masks` (uint8 `[1, H, W]`, empty for `no_target`), `task` "referring", `source` "refshapes", `query` (the
-    expression), `query_kind` ("phrase" or "instruction") and `expression_kind` (one of `EXPRESSION_KINDS`).
+    Each item holds `image` (PIL RGB), `conversation` (one user question and one assistant answer with one [SEG]
+    per turn), `masks` (uint8 `[n_turns, H, W]`, empty for `no_target`), `task` "referring", `source` "refshapes",
+    and, of the first turn, `query` (the expression), `query_kind` ("phrase" or "instruction") and
+    `expression_kind` (one of `EXPRESSION_KINDS`).
     """
 
     def __init__(
@@ -665,6 +692,7 @@ class RefShapesDataset(torch.utils.data.Dataset):
         seed: int = 0,
         train: bool | None = None,
         kind_weights: Mapping[str, float] | None = None,
+        max_turns: int = 1,
     ):
         if split not in SPLITS:
             raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}.")
@@ -675,6 +703,9 @@ class RefShapesDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.train = split == "train" if train is None else train
         self.kind_weights = _check_kind_weights(kind_weights)
+        if not isinstance(max_turns, int) or max_turns < 1:
+            raise ValueError(f"max_turns must be a positive int, got {max_turns!r}.")
+        self.max_turns = max_turns
 
     def __len__(self) -> int:
         return self.size
@@ -695,14 +726,20 @@ class RefShapesDataset(torch.utils.data.Dataset):
         rng = self._rng(index)
         example = generate_example(rng, self.kind_weights)
         expression = example.expression
+        expressions = [expression]
+        if self.max_turns > 1:
+            expressions += more_expressions(example.scene, expression, self.max_turns - 1, rng, self.kind_weights)
         prompt_rng = rng if self.train else None
+        conversation = []
+        for turn in expressions:
+            conversation += [
+                {"role": "user", "content": segmentation_question(turn.text, turn.query_kind, prompt_rng)},
+                {"role": "assistant", "content": segmentation_answer(prompt_rng)},
+            ]
         return {
             "image": example.scene.image,
-            "conversation": [
-                {"role": "user", "content": segmentation_question(expression.text, expression.query_kind, prompt_rng)},
-                {"role": "assistant", "content": segmentation_answer(prompt_rng)},
-            ],
-            "masks": example.target_mask()[None],
+            "conversation": conversation,
+            "masks": np.stack([RefShapesExample(example.scene, turn).target_mask() for turn in expressions]),
             "task": "referring",
             "source": SOURCE,
             "query": expression.text,
@@ -711,7 +748,10 @@ class RefShapesDataset(torch.utils.data.Dataset):
         }
 
     def __repr__(self) -> str:
-        return f"RefShapesDataset(split={self.split!r}, size={self.size}, seed={self.seed}, train={self.train})"
+        return (
+            f"RefShapesDataset(split={self.split!r}, size={self.size}, seed={self.seed}, train={self.train}, "
+            f"max_turns={self.max_turns})"
+        )
 
 
 def parse_kind_weights(text: str) -> dict[str, float]:
@@ -726,10 +766,11 @@ def parse_kind_weights(text: str) -> dict[str, float]:
 
 
 def curriculum_dataset(
-    size: int, warmup_fraction: float, warmup_kinds: Mapping[str, float], seed: int = 0
+    size: int, warmup_fraction: float, warmup_kinds: Mapping[str, float], seed: int = 0, max_turns: int = 1
 ) -> torch.utils.data.ConcatDataset:
-    """`size` training items: the first `warmup_fraction` of them of the `warmup_kinds` only (their own seed stream),
-    the rest of the full mix. Read it in order (e.g. `TrainingArguments(train_sampling_strategy="sequential")`).
+    """`size` training items of up to `max_turns` expressions: the first `warmup_fraction` of them of the
+    `warmup_kinds` only (their own seed stream), the rest of the full mix. Read it in order (e.g.
+    `TrainingArguments(train_sampling_strategy="sequential")`).
 
     From scratch on the full mix a small model sits on a plateau where it segments every shape and ignores the
     phrase; expressions that name colours and forms first get it to read the phrase."""
@@ -738,8 +779,8 @@ def curriculum_dataset(
     first = int(size * warmup_fraction)
     return torch.utils.data.ConcatDataset(
         [
-            RefShapesDataset("train", size=first, seed=seed + 1000, kind_weights=warmup_kinds),
-            RefShapesDataset("train", size=size - first, seed=seed),
+            RefShapesDataset("train", size=first, seed=seed + 1000, kind_weights=warmup_kinds, max_turns=max_turns),
+            RefShapesDataset("train", size=size - first, seed=seed, max_turns=max_turns),
         ]
     )
 
@@ -799,6 +840,7 @@ __all__ = [
     "extreme_member",
     "generate_example",
     "make_scene",
+    "more_expressions",
     "parse_kind_weights",
     "rasterise_shape",
     "related_member",
