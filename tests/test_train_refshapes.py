@@ -42,6 +42,9 @@ def test_a_short_run_writes_a_loadable_model_with_its_card(script, tmp_path):
     assert results["overall"]["count"] == 8
     card = (output / "README.md").read_text()
     assert f"| overall | 8 | {results['overall']['cIoU']:.3f} |" in card
-    assert "--warmup-kinds colour_shape=2,multi_target=1" in card
+    assert "--warmup-kinds colour_shape=2,multi_target=1" in card and "--max-turns 6" in card
+    ceiling = results["grid_ceiling"]["overall"]
+    assert 0.6 < ceiling["cIoU"] < 1 and ceiling["count"] == 8  # the ground truth itself, at the mask grid's size
+    assert f"| {ceiling['cIoU']:.3f} / {ceiling['gIoU']:.3f} |" in card
     assert not (output / "modeling_selfie.py").exists()  # the package's own classes load it
     assert not list(tmp_path.glob(".*"))  # no staging folder left behind
