@@ -40,7 +40,14 @@ from modeling_selfie.data.refshapes import (
 from modeling_selfie.evaluation import ReferringMetrics
 from modeling_selfie.io_utils import atomic_output_dir
 from modeling_selfie.presets import variance_preserving_init_
-from modeling_selfie.processing_selfie import ANSWERS, LONG_QUESTIONS, SHORT_QUESTIONS, VALIDATION_QUESTIONS
+from modeling_selfie.processing_selfie import (
+    ANSWERS,
+    LONG_QUESTIONS,
+    SHORT_QUESTIONS,
+    VALIDATION_QUESTIONS,
+    post_process_masks,
+    select_tile_grid,
+)
 from modeling_selfie.tokenization import build_word_level_tokenizer
 from modeling_selfie.training import SelfieDataCollator, SelfieTrainer
 
@@ -95,6 +102,11 @@ class TimeBudget(TrainerCallback):
             control.should_training_stop = True
 
 
+def results_by_kind(metrics: dict) -> dict:
+    """The computed metrics of "overall" and then of each expression kind present, in `EXPRESSION_KINDS` order."""
+    return {key: metrics[key].compute() for key in ["overall", *[k for k in EXPRESSION_KINDS if k in metrics]]}
+
+
 @torch.inference_mode()
 def evaluate_by_kind(model, processor, dataset, batch_size: int = 32) -> dict:
     """cIoU / gIoU overall and per expression kind; correct-empty rate on no-target expressions."""
@@ -119,7 +131,7 @@ def evaluate_by_kind(model, processor, dataset, batch_size: int = 32) -> dict:
             if samples[i]["expression_kind"] == "no_target":
                 empty_total += 1
                 empty_correct += int(not mask.any())
-    results = {key: metrics[key].compute() for key in ["overall", *[k for k in EXPRESSION_KINDS if k in metrics]]}
+    results = results_by_kind(metrics)
     results["no_target_empty_rate"] = empty_correct / max(empty_total, 1)
     return results
 
@@ -129,8 +141,6 @@ def mask_grid_ceiling(model, processor, dataset) -> dict:
     """cIoU / gIoU overall and per kind of the best masks the model's output grid can carry: each target averaged
     over the grid cells (the model's tiles, 4x the LLM token grid each) and brought back to the image size as the
     model's logits are (bilinear, probability 0.5). Shows how much of the gap to 1.0 is resolution alone."""
-    from modeling_selfie.processing_selfie import post_process_masks, select_tile_grid
-
     image_processor = processor.image_processor
     tile = image_processor.size["height"]
     probe = model(**processor(images=[np.zeros((tile, tile, 3), np.uint8)], queries=["shape"]), logits_to_keep=1)
@@ -145,7 +155,7 @@ def mask_grid_ceiling(model, processor, dataset) -> dict:
         best = post_process_masks([grid - 0.5], [(height, width)])[0][0]
         for key in ("overall", sample["expression_kind"]):
             metrics[key].update(best, target[0].bool())
-    return {key: metrics[key].compute() for key in ["overall", *[k for k in EXPRESSION_KINDS if k in metrics]]}
+    return results_by_kind(metrics)
 
 
 def model_card(results: dict, ceiling: dict, args, steps: int, minutes: float, train_samples: int) -> str:
