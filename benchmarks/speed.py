@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                      # CPU: the tiny preset; GPU: selfie-2b and selfie-8b
     python benchmarks/speed.py --presets selfie-8b --batch-sizes 1 --tiles 1 --compile
+    python benchmarks/speed.py --presets selfie-2b --batch-sizes 1 --tiles 1 --profile   # where the time goes
 
 Both models share the same random weights (same compute as the real checkpoints): the plain model is
 transformers' `InternVLForConditionalGeneration` built around SELFIE's vision tower, projector, LLM and lm_head.
@@ -12,6 +13,7 @@ peak memory is `torch.cuda.max_memory_allocated` (GPU only). Prints absolute num
 """
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -101,13 +103,85 @@ def peak_memory(fn, device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def measure(preset, device, dtype, attn, batch, tiles, compile_mode, repeats, warmup):
-    selfie, plain = build_models(preset, device, dtype, attn)
+PROFILED_MODULES = ("vision_tower", "multi_modal_projector", "language_model", "lm_head", "pus_llm", "pus_vision",
+                    "proj_out")
+
+
+@contextlib.contextmanager
+def module_ranges(model: torch.nn.Module):
+    """Label the calls of the top-level parts (vision tower, projector, LLM, lm_head, the SELFIE head's MLPs) in a
+    profile."""
+    handles, open_ranges = [], []
+    for name, module in model.named_modules():
+        part = name.rsplit(".", 1)[-1]
+        if part not in PROFILED_MODULES:
+            continue
+
+        def enter(module, args, part=part):
+            open_ranges.append(torch.profiler.record_function(f"## {part}"))
+            open_ranges[-1].__enter__()
+
+        def leave(module, args, output):
+            open_ranges.pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def profile_pair(fns: dict, models: dict, repeats: int = 3, warmup: int = 1, top: int = 15) -> None:
+    """Profile interleaved calls of each function (torch.profiler, CPU activities) and print where SELFIE's extra
+    time goes: per top-level module (calls, ms) and per operator (self CPU ms), medians over `repeats` calls, sorted
+    by SELFIE - plain."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    parts = {name: {} for name in fns}
+    ops = {name: {} for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            with module_ranges(models[name]), torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU]
+            ) as prof:
+                begin = time.perf_counter()
+                fn()
+                total = time.perf_counter() - begin
+            events = prof.key_averages()
+            parts[name].setdefault("(whole call)", []).append((1, total * 1000))
+            for e in events:
+                table, key, ms = (parts, e.key[3:], e.cpu_time_total) if e.key.startswith("## ") else (
+                    ops, e.key, e.self_cpu_time_total)
+                table[name].setdefault(key, []).append((e.count, ms / 1000))
+    median = lambda samples: (samples[0][0], statistics.median(ms for _, ms in samples))  # noqa: E731
+    parts = {name: {k: median(v) for k, v in table.items()} for name, table in parts.items()}
+    ops = {name: {k: median(v) for k, v in table.items()} for name, table in ops.items()}
+
+    def print_rows(table, keys):
+        for key in keys:
+            (pc, pt), (sc, st) = table["plain"].get(key, (0, 0.0)), table["selfie"].get(key, (0, 0.0))
+            print(f"{key} | {pc} | {pt:.1f} | {sc} | {st:.1f} | {st - pt:+.1f}")
+
+    print(f"\nper module, median of {repeats} interleaved calls (calls, total ms; the rest of the whole call is "
+          "embedding, masks, glue, post-processing):")
+    print("module | plain calls | plain ms | selfie calls | selfie ms | selfie - plain ms")
+    print_rows(parts, sorted(set(parts["plain"]) | set(parts["selfie"])))
+    print(f"\nper operator, self CPU time, top {top} by SELFIE - plain:")
+    print("op | plain calls | plain ms | selfie calls | selfie ms | selfie - plain ms")
+    diff = lambda k: ops["selfie"].get(k, (0, 0.0))[1] - ops["plain"].get(k, (0, 0.0))[1]  # noqa: E731
+    print_rows(ops, sorted(set(ops["plain"]) | set(ops["selfie"]), key=diff, reverse=True)[:top])
+
+
+def forward_fns(selfie, plain, batch: int, tiles: int, device, dtype, compile_kwargs: dict | None = None) -> dict:
+    """The two calls to compare, on the same inputs: `plain` (InternVL prefill) and `selfie` (SELFIE forward and
+    its masks post-processed to the original image size). `compile_kwargs` runs both under `torch.compile`."""
     input_ids, plain_ids, pixel_values, tile_grid, sizes = make_inputs(selfie.config, batch, tiles, device, dtype)
     selfie_forward, plain_forward = selfie, plain
-    if compile_mode:
-        selfie_forward = torch.compile(selfie, mode=compile_mode)
-        plain_forward = torch.compile(plain, mode=compile_mode)
+    if compile_kwargs is not None:
+        selfie_forward = torch.compile(selfie, **compile_kwargs)
+        plain_forward = torch.compile(plain, **compile_kwargs)
 
     @torch.inference_mode()
     def run_selfie():
@@ -118,13 +192,25 @@ def measure(preset, device, dtype, attn, batch, tiles, compile_mode, repeats, wa
     def run_plain():
         return plain_forward(input_ids=plain_ids, pixel_values=pixel_values, logits_to_keep=1)
 
+    return {"plain": run_plain, "selfie": run_selfie}
+
+
+def measure_pair(fns: dict, device, batch: int, repeats: int, warmup: int) -> dict:
+    """Interleaved median latency, per-image figures and peak memory of each call (`timed_pair`, `peak_memory`)."""
     results = {}
-    fns = {"plain": run_plain, "selfie": run_selfie}
     for name, seconds in timed_pair(fns, device, repeats, warmup).items():
         results[name] = {"ms": seconds * 1000, "ms_per_image": seconds * 1000 / batch, "images_per_s": batch / seconds,
                          "peak_gib": peak_memory(fns[name], device)}
-    del selfie, plain
     return results
+
+
+def measure(preset, device, dtype, attn, batch, tiles, compile_mode, repeats, warmup, profile=False):
+    selfie, plain = build_models(preset, device, dtype, attn)
+    fns = forward_fns(selfie, plain, batch, tiles, device, dtype, None if compile_mode is None else {"mode": compile_mode})
+    if profile:
+        profile_pair(fns, {"plain": plain, "selfie": selfie}, repeats, warmup)
+        return None
+    return measure_pair(fns, device, batch, repeats, warmup)
 
 
 def main(argv=None):
@@ -137,6 +223,8 @@ def main(argv=None):
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flex_attention"])
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing, profile one call of each (torch.profiler) and print where the time goes")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -156,7 +244,9 @@ def main(argv=None):
         for mode in modes:
             for batch in args.batch_sizes:
                 for tiles in args.tiles:
-                    r = measure(preset, device, dtype, args.attn, batch, tiles, mode, repeats, warmup)
+                    r = measure(preset, device, dtype, args.attn, batch, tiles, mode, repeats, warmup, args.profile)
+                    if r is None:
+                        continue
                     plain, selfie = r["plain"], r["selfie"]
                     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
                     extra = None if plain["peak_gib"] is None else selfie["peak_gib"] - plain["peak_gib"]
