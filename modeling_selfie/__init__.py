@@ -14,7 +14,13 @@ from transformers import (
 )
 
 from .configuration_selfie import SelfieConfig
-from .modeling_selfie import SelfieForSegmentation, SelfieModel, SelfieSegmentationHead, SelfieSegmentationOutput
+from .modeling_selfie import (
+    SegmentationLayout,
+    SelfieForSegmentation,
+    SelfieModel,
+    SelfieSegmentationHead,
+    SelfieSegmentationOutput,
+)
 from .pipeline_selfie import ReferringSegmentationPipeline
 from .processing_selfie import SelfieImageProcessor, SelfieProcessor
 
@@ -26,6 +32,7 @@ AutoProcessor.register(SelfieConfig, SelfieProcessor, exist_ok=True)
 
 __all__ = [
     "ReferringSegmentationPipeline",
+    "SegmentationLayout",
     "SelfieConfig",
     "SelfieForSegmentation",
     "SelfieImageProcessor",

@@ -9,9 +9,10 @@ The model is transformers' InternVL plus three small things, each in one named p
   stitches tiles and takes the scaled dot product with the `[SEG]` vector (Eq. 1).
 """
 
+import bisect
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +146,126 @@ def dual_pathway_mask_function(queries: torch.Tensor, keys: torch.Tensor) -> Cal
     return mask_function
 
 
+def first_true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """`mask.nonzero()[:count, 0]` with a size known beforehand: the indices of the first `count` True entries of a
+    1-D bool tensor, in order, computed on its device with a static shape (a stable sort), so reading them needs no
+    device-to-host copy and `torch.compile` traces it without a graph break."""
+    return torch.sort(mask.to(torch.uint8), descending=True, stable=True).indices[:count]
+
+
+def gather_ranges(tensor: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The rows `start:end` of each `(start, end)` in `ranges` (host ints), concatenated along dim 0; one range is a
+    view. Selection by slicing, so no index tensor has to be built or copied to the device."""
+    if len(ranges) == 1:
+        return tensor[ranges[0][0] : ranges[0][1]]
+    return torch.cat([tensor[start:end] for start, end in ranges])
+
+
+def repeat_rows(tensor: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Row i of `tensor` repeated `counts[i]` times (host ints) along dim 0 (`tensor` itself when every count is 1)."""
+    if all(count == 1 for count in counts):
+        return tensor
+    return torch.cat([tensor[i : i + 1].expand(n, *tensor.shape[1:]) for i, n in enumerate(counts)])
+
+
+def merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Join `(start, end)` ranges that touch (`[(0, 2), (2, 3), (5, 6)]` -> `[(0, 3), (5, 6)]`)."""
+    merged: list[tuple[int, int]] = []
+    for start, end in ranges:
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+@dataclass(frozen=True)
+class SegmentationLayout:
+    """Where the `[SEG]` tokens and the images of a batch are, as host integers.
+
+    The segmentation path needs these numbers to choose shapes (how many masks, how tiles are stitched, how the
+    per-sample outputs are split). Known on the host, they let the forward run without reading device values (no
+    host synchronisation), and `torch.compile` specialises on them (one graph per layout). Build it with
+    [`SegmentationLayout.from_inputs`] from the processor's outputs while they are still on the CPU (free) and pass
+    it as `seg_layout=`; without it the model builds it from its inputs (one device-to-host copy on an accelerator).
+
+    Attributes:
+        seg_counts: number of `[SEG]` tokens in each sample.
+        image_samples: the sample each image belongs to.
+        tile_grids: `(rows, cols)` of each image's tiles.
+    """
+
+    seg_counts: tuple[int, ...]
+    image_samples: tuple[int, ...]
+    tile_grids: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def from_inputs(
+        cls,
+        config: SelfieConfig,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        tile_grid: torch.Tensor | None = None,
+    ) -> "SegmentationLayout":
+        """Read the layout from `[B, L]` `input_ids` (padding excluded by `attention_mask`) and `[num_images, 2]`
+        `tile_grid` (default: one tile per image), in one device-to-host copy. Checks that `tile_grid` accounts for
+        every image token and that each sample with `[SEG]` has exactly one image."""
+        seg_tokens = input_ids == config.seg_token_id
+        image_tokens = input_ids == config.image_token_id
+        if attention_mask is not None:
+            seg_tokens, image_tokens = seg_tokens & attention_mask.bool(), image_tokens & attention_mask.bool()
+        counts = torch.stack([seg_tokens.sum(1), image_tokens.sum(1)]).flatten()
+        if tile_grid is not None:
+            counts = torch.cat([counts, tile_grid.to(counts).flatten()])
+        values = counts.tolist()
+        batch_size = input_ids.shape[0]
+        seg_counts, image_token_counts = values[:batch_size], values[batch_size : 2 * batch_size]
+        tokens_per_tile = config.tokens_per_tile_side**2
+        if tile_grid is None:
+            grids = [(1, 1)] * (sum(image_token_counts) // tokens_per_tile)
+        else:
+            grids = list(zip(values[2 * batch_size :: 2], values[2 * batch_size + 1 :: 2]))
+        described = sum(rows * cols for rows, cols in grids) * tokens_per_tile
+        if described != sum(image_token_counts):
+            raise ValueError(
+                f"tile_grid describes {described} image tokens but input_ids hold {sum(image_token_counts)}: "
+                "pass the tile_grid the processor returned with these input_ids."
+            )
+        sample_end = [sum(image_token_counts[: b + 1]) for b in range(batch_size)]
+        image_end, samples = 0, []
+        for rows, cols in grids:  # the sample that holds the image's last token
+            image_end += rows * cols * tokens_per_tile
+            samples.append(bisect.bisect_left(sample_end, image_end))
+        for b, n_seg in enumerate(seg_counts):
+            if n_seg and samples.count(b) != 1:
+                raise ValueError(
+                    f"Sample {b} has {n_seg} [SEG] token(s) and {samples.count(b)} images; a segmentation sample "
+                    "needs exactly one image."
+                )
+        return cls(tuple(seg_counts), tuple(samples), tuple(grids))
+
+    @property
+    def segmenting(self) -> bool:
+        """Whether any sample has a `[SEG]`."""
+        return any(self.seg_counts)
+
+    def tile_ranges(self) -> list[tuple[int, int]]:
+        """`(start, end)` of each image's tiles in the batch's tiles."""
+        ends = [0]
+        for rows, cols in self.tile_grids:
+            ends.append(ends[-1] + rows * cols)
+        return list(zip(ends[:-1], ends[1:]))
+
+    def seg_images(self) -> list[int]:
+        """The images of samples with `[SEG]` (one per such sample), in order."""
+        return [i for i, b in enumerate(self.image_samples) if self.seg_counts[b]]
+
+    def seg_tile_ranges(self) -> list[tuple[int, int]]:
+        """The tiles of `seg_images`, as merged ranges: the tiles F_V1^HQ is computed for."""
+        tiles = self.tile_ranges()
+        return merge_ranges([tiles[i] for i in self.seg_images()])
+
+
 def mask_bce_and_dice(
     logits: torch.Tensor, targets: torch.Tensor, max_side: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,9 +305,10 @@ class SelfieModelOutputWithPast(InternVLModelOutputWithPast):
     r"""
     image_features (`torch.FloatTensor` of shape `(num_tiles, g_lo**2, hidden_size)`, *optional*):
         F_V1: pixel-shuffled, projected image tokens that enter the LLM.
-    image_features_hq (`torch.FloatTensor` of shape `(num_tiles, g_hi**2, hidden_size)`, *optional*):
+    image_features_hq (`torch.FloatTensor` of shape `(num_seg_tiles, g_hi**2, hidden_size)`, *optional*):
         F_V1^HQ: self-replicated, projected ViT features at full ViT resolution (bypass the LLM). Computed only
-        when a sample contains `[SEG]` and `config.use_hq_features`.
+        when a sample contains `[SEG]` and `config.use_hq_features`; given a `SegmentationLayout`, only for the
+        tiles of images in samples with `[SEG]` (`SegmentationLayout.seg_tile_ranges`), else for all tiles.
     """
 
     image_features: torch.FloatTensor | None = None
@@ -329,8 +451,12 @@ class SelfieModel(InternVLModel):
         attention_mask: torch.Tensor | None,
         cache,
         position_ids: torch.LongTensor | None,
+        has_seg: bool | None = None,
     ) -> dict | torch.Tensor | None:
         """Attention mask for the LLM: the dual pathway in samples with `[SEG]` (full forwards only), else as given.
+
+        `has_seg` says on the host whether any sample has a `[SEG]` (`SegmentationLayout.segmenting`); `None`
+        reads it from `input_ids` (a host synchronisation on an accelerator).
 
         Returns `{"full_attention": mask}` built by `create_causal_mask`, or `attention_mask` unchanged when no
         sample segments, the mode is `"causal"`, or this is a cached decoding step (keys already computed).
@@ -347,7 +473,7 @@ class SelfieModel(InternVLModel):
         pattern = dual_pathway_pattern(
             input_ids == self.config.image_token_id, seg_mask, segmenting, self.config.seg_attention, attention_mask
         )
-        if pattern is None or not bool(segmenting.any()):
+        if pattern is None or not (bool(segmenting.any()) if has_seg is None else has_seg):
             return attention_mask
         implementation = self.config.text_config._attn_implementation
         if implementation == "flash_attention_2":
@@ -380,14 +506,17 @@ class SelfieModel(InternVLModel):
         position_ids: torch.LongTensor | None = None,
         cache=None,
         inputs_embeds: torch.Tensor | None = None,
+        seg_layout: SegmentationLayout | None = None,
         **kwargs,
     ) -> SelfieModelOutputWithPast:
         r"""
-        Same inputs as [`InternVLModel.forward`] (`input_ids` are required: they locate image and `[SEG]` tokens).
+        Same inputs as [`InternVLModel.forward`] (`input_ids` are required: they locate image and `[SEG]` tokens),
+        plus the batch's [`SegmentationLayout`] when known (else whether a sample has `[SEG]` is read from the device).
 
         Returns:
             [`SelfieModelOutputWithPast`]: InternVL's outputs plus `image_features` (F_V1) and, when a sample
-            contains `[SEG]`, `image_features_hq` (F_V1^HQ).
+            contains `[SEG]`, `image_features_hq` (F_V1^HQ: with `seg_layout`, of the tiles of images in samples with
+            `[SEG]` only).
         """
         if input_ids is None:
             raise ValueError("SelfieModel.forward needs input_ids: they locate the image and [SEG] tokens.")
@@ -395,18 +524,25 @@ class SelfieModel(InternVLModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_features = image_features_hq = None
+        if seg_layout is not None:
+            segmenting = seg_layout.segmenting
+        else:
+            segmenting = self.config.seg_token_id is not None and bool((input_ids == self.config.seg_token_id).any())
         if pixel_values is not None:
             vision_outputs = self.get_image_features(pixel_values=pixel_values, return_dict=True)
             image_features = vision_outputs.pooler_output
             placeholder = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(placeholder, image_features.to(inputs_embeds))
-            segmenting = self.config.seg_token_id is not None and bool((input_ids == self.config.seg_token_id).any())
             if segmenting and self.config.use_hq_features:
                 layer = self.config.vision_feature_layer
                 selected = vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
+                if seg_layout is not None:  # no F_V1^HQ for images of samples without [SEG]
+                    selected = gather_ranges(selected, seg_layout.seg_tile_ranges())
                 image_features_hq = self.get_image_features_hq(selected[:, 1:, :])
 
-        llm_attention_mask = self.seg_attention_mask(input_ids, inputs_embeds, attention_mask, cache, position_ids)
+        llm_attention_mask = self.seg_attention_mask(
+            input_ids, inputs_embeds, attention_mask, cache, position_ids, has_seg=segmenting
+        )
         outputs = self.language_model(
             attention_mask=llm_attention_mask,
             position_ids=position_ids,
@@ -480,18 +616,6 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         logger.warning(f"Added [SEG] to the vocabulary with id {new_id}; embeddings grew to {new_id + 1} rows.")
         return new_id
 
-    def _images_per_sample(self, image_tokens: torch.Tensor, tile_grid: torch.Tensor) -> torch.Tensor:
-        """`[num_images]` index of the sample each image belongs to, from the `[B, L]` image-token mask."""
-        tokens_per_image = tile_grid.prod(-1) * self.config.tokens_per_tile_side**2
-        image_end = tokens_per_image.cumsum(0)
-        sample_end = image_tokens.sum(1).cumsum(0)
-        if image_end.numel() and (image_end[-1] != sample_end[-1]):
-            raise ValueError(
-                f"tile_grid describes {int(image_end[-1])} image tokens but input_ids hold {int(sample_end[-1])}: "
-                "pass the tile_grid the processor returned with these input_ids."
-            )
-        return torch.searchsorted(sample_end, image_end, right=False)
-
     def predict_masks(
         self,
         input_ids: torch.LongTensor,
@@ -499,72 +623,67 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         hidden_states: torch.Tensor,
         image_features: torch.Tensor,
         image_features_hq: torch.Tensor | None,
-        tile_grid: torch.Tensor,
+        seg_layout: SegmentationLayout,
         with_aux: bool = False,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """Mask logits for every `[SEG]`, vectorised over all images that share a tile grid.
 
+        Reads no device values: `[SEG]` and image-token positions are found on the device with sizes the layout
+        gives, tiles and `[SEG]` vectors are selected by host-known ranges, and each sample's masks are a view of its
+        grid's result. Samples without `[SEG]` cost nothing.
+
         Args:
             input_ids, attention_mask: `[B, L]`.
             hidden_states: `[B, L, D]` final-norm LLM states.
-            image_features: F_V1 `[T, g_lo**2, D]`; image_features_hq: F_V1^HQ `[T, g_hi**2, D]` or `None`.
-            tile_grid: `[num_images, 2]` (rows, cols).
+            image_features: F_V1 `[T, g_lo**2, D]` of all tiles.
+            image_features_hq: F_V1^HQ `[T_seg, g_hi**2, D]` of the tiles of `seg_layout.seg_images()`, or `None`.
+            seg_layout: the batch's [`SegmentationLayout`].
             with_aux: also return the auxiliary low-resolution logits (training).
         Returns:
             `pred_masks` (list of `[n_seg, H, W]` per sample) and, with `with_aux`, the low-resolution logits in the
             same layout (else `None`).
         """
-        batch_size = input_ids.shape[0]
+        length = input_ids.shape[1]
         seg_tokens = input_ids == self.config.seg_token_id
-        if attention_mask is not None:
-            seg_tokens = seg_tokens & attention_mask.bool()
-        seg_batch, seg_pos = seg_tokens.nonzero(as_tuple=True)
-        n_seg = seg_tokens.sum(1).tolist()
-
         image_tokens = input_ids == self.config.image_token_id
         if attention_mask is not None:
-            image_tokens = image_tokens & attention_mask.bool()
-        image_sample = self._images_per_sample(image_tokens, tile_grid)
-        images_in_sample = torch.bincount(image_sample, minlength=batch_size).tolist()
-        for b in range(batch_size):
-            if n_seg[b] and images_in_sample[b] != 1:
-                raise ValueError(
-                    f"Sample {b} has {n_seg[b]} [SEG] token(s) and {images_in_sample[b]} images; a segmentation "
-                    "sample needs exactly one image."
-                )
-        seg_image = torch.full((batch_size,), -1, dtype=torch.long, device=input_ids.device)
-        seg_image[image_sample] = torch.arange(len(image_sample), device=input_ids.device)
-        seg_image = seg_image[seg_batch]  # image index of each [SEG]
-
-        seg_vectors = self.seg_head.seg_embeddings(hidden_states[seg_batch, (seg_pos - 1).clamp(min=0)])
-        image_hidden = hidden_states[image_tokens]
+            seg_tokens, image_tokens = seg_tokens & attention_mask.bool(), image_tokens & attention_mask.bool()
+        flat_hidden = hidden_states.flatten(0, 1)
+        seg_index = first_true_indices(seg_tokens.flatten(), sum(seg_layout.seg_counts))  # sample-major
+        predicting = seg_index - 1 + (seg_index % length == 0).long()  # the state that predicts [SEG]
+        seg_vectors = self.seg_head.seg_embeddings(flat_hidden[predicting])
         tokens = self.config.tokens_per_tile_side**2
-        image_hidden = image_hidden.view(-1, tokens, image_hidden.shape[-1])
+        image_index = first_true_indices(image_tokens.flatten(), image_features.shape[0] * tokens).view(-1, tokens)
 
-        tiles = tile_grid.prod(-1)
-        tile_start = torch.cumsum(tiles, 0) - tiles
-        masks: list[torch.Tensor | None] = [None] * len(seg_batch)
-        aux: list[torch.Tensor | None] = [None] * len(seg_batch)
-        grids = tile_grid[seg_image].tolist()
-        for rows, cols in sorted({tuple(g) for g in grids}):
-            group = [i for i, g in enumerate(grids) if tuple(g) == (rows, cols)]  # [SEG]s on images of this grid
-            group_images = sorted({int(seg_image[i]) for i in group})
-            tile_index = torch.cat(
-                [torch.arange(int(tile_start[i]), int(tile_start[i]) + rows * cols) for i in group_images]
-            ).to(input_ids.device)
-            llm_pixels = self.seg_head.llm_pixel_features(image_hidden[tile_index], rows, cols)
-            hq = image_features_hq[tile_index] if image_features_hq is not None else None
-            pixels = self.seg_head.pixel_features(llm_pixels, image_features[tile_index], hq, rows, cols)
-            local = torch.tensor([group_images.index(int(seg_image[i])) for i in group], device=pixels.device)
-            logits = self.seg_head.mask_logits(pixels[local], seg_vectors[group])
-            low = self.seg_head.mask_logits(llm_pixels[local], seg_vectors[group]) if with_aux else [None] * len(group)
-            for k, i in enumerate(group):
-                masks[i], aux[i] = logits[k], low[k]
-
+        tile_ranges = seg_layout.tile_ranges()
+        seg_starts = [sum(seg_layout.seg_counts[:b]) for b in range(len(seg_layout.seg_counts))]
+        seg_images = seg_layout.seg_images()
+        hq_start, offset = {}, 0  # where each image's tiles start in image_features_hq
+        for i in seg_images:
+            hq_start[i], offset = offset, offset + tile_ranges[i][1] - tile_ranges[i][0]
         empty = hidden_states.new_zeros(0, 1, 1)
-        starts = [sum(n_seg[:b]) for b in range(batch_size)]
-        pred_masks = [torch.stack(masks[s : s + n]) if n else empty for s, n in zip(starts, n_seg)]
-        aux_masks = [torch.stack(aux[s : s + n]) if n else empty for s, n in zip(starts, n_seg)] if with_aux else None
+        pred_masks = [empty] * len(seg_layout.seg_counts)
+        aux_masks = [empty] * len(seg_layout.seg_counts) if with_aux else None
+        for rows, cols in sorted({seg_layout.tile_grids[i] for i in seg_images}):
+            group = [i for i in seg_images if seg_layout.tile_grids[i] == (rows, cols)]  # images, in order
+            samples = [seg_layout.image_samples[i] for i in group]
+            counts = [seg_layout.seg_counts[b] for b in samples]
+            tiles = merge_ranges([tile_ranges[i] for i in group])
+            llm_pixels = self.seg_head.llm_pixel_features(flat_hidden[gather_ranges(image_index, tiles)], rows, cols)
+            hq = None
+            if image_features_hq is not None:
+                hq_tiles = [(hq_start[i], hq_start[i] + rows * cols) for i in group]
+                hq = gather_ranges(image_features_hq, merge_ranges(hq_tiles))
+            pixels = self.seg_head.pixel_features(llm_pixels, gather_ranges(image_features, tiles), hq, rows, cols)
+            vectors = gather_ranges(seg_vectors, merge_ranges([(seg_starts[b], seg_starts[b] + n) for b, n in
+                                                               zip(samples, counts)]))
+            logits = self.seg_head.mask_logits(repeat_rows(pixels, counts), vectors).split(counts)
+            for b, sample_logits in zip(samples, logits):
+                pred_masks[b] = sample_logits
+            if with_aux:
+                low = self.seg_head.mask_logits(repeat_rows(llm_pixels, counts), vectors).split(counts)
+                for b, sample_low in zip(samples, low):
+                    aux_masks[b] = sample_low
         return pred_masks, aux_masks
 
     def mask_loss(
@@ -626,9 +745,12 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         images = list(images) if isinstance(images, (list, tuple)) else [images] * len(queries)
         if len(images) != len(queries):
             raise ValueError(f"{len(images)} images for {len(queries)} queries: give one image per query.")
-        inputs = processor(images=images, queries=queries, query_kind=query_kind).to(self.device)
+        inputs = processor(images=images, queries=queries, query_kind=query_kind)
+        layout = SegmentationLayout.from_inputs(self.config, inputs["input_ids"], inputs["attention_mask"],
+                                                inputs["tile_grid"])  # on the CPU: no device read in the forward
+        inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        out = self(**inputs, logits_to_keep=1)  # masks need no vocabulary logits
+        out = self(**inputs, seg_layout=layout, logits_to_keep=1)  # masks need no vocabulary logits
         sizes = [image_size_of(image) for image in images]
         masks = post_process_masks(
             out.pred_masks, sizes, mask_threshold, not return_logits, out.presence_logits, presence_threshold
@@ -699,6 +821,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         labels: torch.LongTensor | None = None,
         mask_labels: list[torch.Tensor] | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        seg_layout: SegmentationLayout | None = None,
         **kwargs,
     ) -> SelfieSegmentationOutput:
         r"""
@@ -711,6 +834,9 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
             labels (`torch.LongTensor` of shape `(B, L)`): next-token targets, -100 = ignored.
             mask_labels (`list[torch.FloatTensor]`): one `[n_seg, h, w]` 0/1 tensor per sample (any h, w), the
                 k-th mask for the k-th `[SEG]`.
+            seg_layout ([`SegmentationLayout`]): the batch's `[SEG]` counts and tile grids on the host, built from
+                the processor's outputs before they are moved to the device; then the forward reads no device values.
+                Built from the inputs when not given (one device-to-host copy on an accelerator).
 
         Returns:
             [`SelfieSegmentationOutput`] with `logits`, `pred_masks` (when the batch has `[SEG]` and images) and the
@@ -718,6 +844,8 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         """
         if input_ids is None:
             raise ValueError("SelfieForSegmentation.forward needs input_ids: they locate image and [SEG] tokens.")
+        if seg_layout is None and pixel_values is not None and self.config.seg_token_id is not None:
+            seg_layout = SegmentationLayout.from_inputs(self.config, input_ids, attention_mask, tile_grid)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -725,6 +853,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
+            seg_layout=seg_layout,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -732,17 +861,14 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
         pred_masks = aux_masks = None
-        seg_present = self.config.seg_token_id is not None and bool((input_ids == self.config.seg_token_id).any())
-        if seg_present and outputs.image_features is not None:
-            if tile_grid is None:
-                tile_grid = torch.ones(outputs.image_features.shape[0], 2, dtype=torch.long)
+        if seg_layout is not None and seg_layout.segmenting and outputs.image_features is not None:
             pred_masks, aux_masks = self.predict_masks(
                 input_ids,
                 attention_mask,
                 hidden_states,
                 outputs.image_features,
                 outputs.image_features_hq,
-                tile_grid.to(input_ids.device),
+                seg_layout,
                 with_aux=mask_labels is not None,
             )
 
@@ -777,4 +903,10 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
 
 SelfieForSegmentation.register_for_auto_class("AutoModel")  # remote code: auto_map + module files
 
-__all__ = ["SelfieForSegmentation", "SelfieModel", "SelfieSegmentationHead", "SelfieSegmentationOutput"]
+__all__ = [
+    "SegmentationLayout",
+    "SelfieForSegmentation",
+    "SelfieModel",
+    "SelfieSegmentationHead",
+    "SelfieSegmentationOutput",
+]
