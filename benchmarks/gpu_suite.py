@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import build_models, forward_fns, make_inputs, measure_pair, time_once  # noqa: E402
 
+from modeling_selfie import SegmentationLayout  # noqa: E402
 from modeling_selfie.io_utils import atomic_output_file  # noqa: E402
 from modeling_selfie.presets import variance_preserving_init_  # noqa: E402
 from modeling_selfie.processing_selfie import post_process_masks  # noqa: E402
@@ -275,6 +276,7 @@ def part_attention(suite: Suite, rows: list, notes: list) -> None:
     text_config = selfie.config.text_config
     for batch, tiles in cfg.attention_shapes:
         input_ids, _, pixel_values, tile_grid, sizes = make_inputs(selfie.config, batch, tiles, device, cfg.dtype)
+        layout = SegmentationLayout.from_inputs(selfie.config, input_ids, None, tile_grid)
         times, logits = {}, {}
         for implementation in ("sdpa", "flex_attention"):
             text_config._attn_implementation = implementation
@@ -282,7 +284,7 @@ def part_attention(suite: Suite, rows: list, notes: list) -> None:
 
                 @torch.inference_mode()
                 def run():
-                    out = selfie(input_ids=input_ids, pixel_values=pixel_values, tile_grid=tile_grid, logits_to_keep=1)
+                    out = selfie(input_ids=input_ids, pixel_values=pixel_values, seg_layout=layout, logits_to_keep=1)
                     post_process_masks(out.pred_masks, sizes)
                     return out
 

@@ -6,8 +6,9 @@
 
 Both models share the same random weights (same compute as the real checkpoints): the plain model is
 transformers' `InternVLForConditionalGeneration` built around SELFIE's vision tower, projector, LLM and lm_head.
-The SELFIE input is the validation prompt answered "[SEG]." (one teacher-forced forward); the plain input is the
-same sequence with "[SEG]" replaced by an ordinary token. Latency is the median over interleaved repeats (CUDA
+The SELFIE input is the validation prompt answered "[SEG]." (one teacher-forced forward, given its
+`SegmentationLayout` as `segment()` gives it); the plain input is the same sequence with "[SEG]" replaced by an
+ordinary token. Latency is the median over interleaved repeats (CUDA
 events on GPU),
 peak memory is `torch.cuda.max_memory_allocated` (GPU only). Prints absolute numbers and SELFIE / plain ratios.
 """
@@ -20,7 +21,7 @@ import time
 import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-from modeling_selfie import SelfieForSegmentation
+from modeling_selfie import SegmentationLayout, SelfieForSegmentation
 from modeling_selfie.presets import preset_config, variance_preserving_init_
 from modeling_selfie.processing_selfie import post_process_masks
 
@@ -178,6 +179,7 @@ def forward_fns(selfie, plain, batch: int, tiles: int, device, dtype, compile_kw
     """The two calls to compare, on the same inputs: `plain` (InternVL prefill) and `selfie` (SELFIE forward and
     its masks post-processed to the original image size). `compile_kwargs` runs both under `torch.compile`."""
     input_ids, plain_ids, pixel_values, tile_grid, sizes = make_inputs(selfie.config, batch, tiles, device, dtype)
+    layout = SegmentationLayout.from_inputs(selfie.config, input_ids, None, tile_grid)  # as segment() does, untimed
     selfie_forward, plain_forward = selfie, plain
     if compile_kwargs is not None:
         selfie_forward = torch.compile(selfie, **compile_kwargs)
@@ -185,7 +187,7 @@ def forward_fns(selfie, plain, batch: int, tiles: int, device, dtype, compile_kw
 
     @torch.inference_mode()
     def run_selfie():
-        out = selfie_forward(input_ids=input_ids, pixel_values=pixel_values, tile_grid=tile_grid, logits_to_keep=1)
+        out = selfie_forward(input_ids=input_ids, pixel_values=pixel_values, seg_layout=layout, logits_to_keep=1)
         return post_process_masks(out.pred_masks, sizes)
 
     @torch.inference_mode()

@@ -9,7 +9,6 @@ The model is transformers' InternVL plus three small things, each in one named p
   stitches tiles and takes the scaled dot product with the `[SEG]` vector (Eq. 1).
 """
 
-import bisect
 import contextlib
 import math
 from collections.abc import Callable, Sequence
@@ -235,7 +234,7 @@ class SegmentationLayout:
         image_end, samples = 0, []
         for rows, cols in grids:  # the sample that holds the image's last token
             image_end += rows * cols * tokens_per_tile
-            samples.append(bisect.bisect_left(sample_end, image_end))
+            samples.append(sum(end < image_end for end in sample_end))
         for b, n_seg in enumerate(seg_counts):
             if n_seg and samples.count(b) != 1:
                 raise ValueError(
