@@ -202,7 +202,7 @@ class ReferringMetrics(_SummableState):
             pred, target = pred & ~ignore, target & ~ignore
         intersection = (pred & target).sum(-1)
         union = (pred | target).sum(-1)
-        iou = torch.where(union > 0, intersection / union.clamp(min=1), 1.0)
+        iou = torch.where(union > 0, intersection.double() / union.clamp(min=1), 1.0)  # float64, as the sums
         has_target, pred_empty = target.any(-1), ~pred.any(-1)
         sums = torch.stack(
             [intersection.sum(), union.sum(), (~has_target).sum(), (~has_target & pred_empty).sum(),
@@ -213,7 +213,7 @@ class ReferringMetrics(_SummableState):
         self.no_target_count += sums[2]
         self.no_target_correct += sums[3]
         self.target_correct += sums[4]
-        self.iou_sum += float(iou.double().sum())
+        self.iou_sum += float(iou.sum())
         self.count += pred.shape[0]
 
     def compute(self) -> dict:
