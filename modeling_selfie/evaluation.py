@@ -53,7 +53,7 @@ from .processing_selfie import image_size_of
 
 REFERRING_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef", "grefcoco", "reasonseg")
 OPEN_VOCAB_DATASETS = ("ade150", "pc59", "pc459", "voc20")
-REFER_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef", "grefcoco")  # COCO-style annotations, refs files
+REFER_DATASETS = tuple(name for name in REFERRING_DATASETS if name != "reasonseg")  # the RefCOCO family
 DEFAULT_BATCH_SIZE = 8
 
 
@@ -269,7 +269,7 @@ class SemanticMetrics(_SummableState):
     not averaged per image.
 
     * `mIoU`: mean IoU over the classes present in the target or the prediction of the split, so a class that is
-      only predicted counts as 0: detectron2's `SemSegEvaluator` mIoU in its original form (sum of the IoUs of
+      only predicted counts as 0: detectron2's `SemSegEvaluator` mIoU in its earlier form (sum of the IoUs of
       the classes present in the target / number of classes with a non-empty union), the common
       open-vocabulary evaluator; later detectron2 versions leave classes that are only predicted out instead;
     * `per_class_IoU`: IoU per class (`None` for a class absent from both), keyed by name if `class_names` given;
