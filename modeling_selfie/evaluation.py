@@ -358,8 +358,10 @@ def _identity(batch):
     return batch
 
 
-def _prepare_model(model, device: str | torch.device | None) -> None:
-    """Move `model` to `device` (when given) and put it in eval mode: the first step of both evaluation loops."""
+def _prepare_model(model, processor, device: str | torch.device | None) -> None:
+    """Check that `processor` matches `model`, move `model` to `device` (when given) and put it in eval mode: the
+    first step of both evaluation loops."""
+    processor.check_model(model.config)
     if device is not None:
         model.to(device)
     model.eval()
@@ -435,7 +437,7 @@ def evaluate_referring(
     """
     protocol = evaluation_protocol(protocol)
     batch_size = protocol.batch_size(batch_size)
-    _prepare_model(model, device)
+    _prepare_model(model, processor, device)
     metrics = ReferringMetrics(protocol)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_identity, num_workers=num_workers)
     index = 0
@@ -524,7 +526,7 @@ def evaluate_open_vocab(
     Returns:
         [`SemanticMetrics.compute`]'s dict.
     """
-    _prepare_model(model, device)
+    _prepare_model(model, processor, device)
     ignore_index = getattr(dataset, "ignore_index", 255) if ignore_index is None else ignore_index
     metrics = None
     loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=num_workers)

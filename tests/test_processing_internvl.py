@@ -132,3 +132,8 @@ def test_a_mismatched_processor_is_an_error_where_model_and_processor_meet(hf_fo
 
     with pytest.raises(ValueError, match="does not match the model"):
         ReferringSegmentationPipeline(model=model, processor=tiny_processor)
+    from modeling_selfie.evaluation import evaluate_open_vocab, evaluate_referring
+
+    for evaluate in (evaluate_referring, evaluate_open_vocab):
+        with pytest.raises(ValueError, match="does not match the model"):
+            evaluate(model, tiny_processor, [])
