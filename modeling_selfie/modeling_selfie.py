@@ -431,8 +431,8 @@ class SelfieSegmentationHead(nn.Module):
 def shared_fields(output, target_class) -> dict:
     """The fields of a model output that `target_class` also has (cache, hidden states, attentions, image outputs:
     their names differ between transformers releases)."""
-    names = {f.name for f in fields(target_class)} - {"loss", "logits"}
-    return {f.name: getattr(output, f.name) for f in fields(output) if f.name in names}
+    names = set(target_class.__dataclass_fields__) - {"loss", "logits"}
+    return {name: value for name, value in output.items() if name in names}  # (dynamo cannot trace fields(output))
 
 
 # ----------------------------------------------------------------------------------------------------------------
