@@ -512,7 +512,12 @@ class SelfieModel(InternVLModel):
             # pattern with tensor ops (the mask-function path evaluates it under vmap, ~10x slower here).
             mask = create_causal_mask(**mask_kwargs, allow_is_causal_skip=False)
             added = pattern[0][:, None, :, None] & pattern[1][:, None, None, :]
-            mask = mask | added if mask.dtype == torch.bool else mask.masked_fill(added, 0.0)
+            if mask.dtype == torch.bool:  # sdpa turns a bool mask into an additive one in every layer: do it once
+                allowed = mask | added
+                mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=allowed.device)
+                mask = mask.masked_fill_(~allowed, float("-inf"))
+            else:
+                mask = mask.masked_fill(added, 0.0)
         return {"full_attention": mask}
 
     def forward(

@@ -86,7 +86,7 @@ def test_dual_pathway_mask_matches_reference_rule(attn):
     else:
         model.set_attn_implementation(attn)
         mask = model.model.seg_attention_mask(input_ids, embeds, attention_mask, None, None)["full_attention"]
-        if attn == "eager":  # additive float mask: 0 = attend
+        if mask.dtype != torch.bool:  # an additive float mask (eager, and sdpa once the pattern is added): 0 = attend
             mask = mask == 0
     expected = reference_dual_pathway(input_ids, attention_mask, image_id, seg_id)
     real_rows = attention_mask.bool()[:, :, None].expand_as(expected)  # padding rows mean nothing
