@@ -219,8 +219,8 @@ def speed_row(preset: str, mode: str, batch: int, tiles: int, results: dict) -> 
 
 def part_speed(suite: Suite, rows: list, notes: list) -> None:
     cfg, device = suite.config, torch.device(suite.config.device)
-    notes.append("Uncompiled. `sdpa` rows: the LLM's sdpa (plain: is_causal; SELFIE: dense bool mask with the dual "
-                 "pathway); `eager-attn`: eager attention in both (the authors' code used eager). Peak memory "
+    notes.append("Uncompiled. `sdpa` rows: the LLM's sdpa (plain: is_causal; SELFIE: a dense additive mask with the "
+                 "dual pathway); `eager-attn`: eager attention in both (the authors' code used eager). Peak memory "
                  "includes the weights; extra = SELFIE - plain.")
     for preset in cfg.presets:
         selfie, plain = suite.models_for(preset)
@@ -538,6 +538,8 @@ def main(argv=None) -> int:
     if args.outdir.exists() and not args.outdir.is_dir():
         print(f"error: {args.outdir} exists and is not a folder", file=sys.stderr)
         return 2
+    if args.smoke:
+        torch.set_num_threads(1)  # the tiny model gains nothing from threads; on a shared CPU they wait for each other
     torch.manual_seed(0)
     suite = Suite(args.outdir, config, environment(config, args.smoke))
     for name in args.parts:

@@ -81,16 +81,23 @@ def time_once(fn, device) -> float:
     return time.perf_counter() - begin
 
 
-def timed_pair(fns: dict, device, repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds of each function, calls interleaved so that load changes hit all of them alike."""
+def timed_pair(fns: dict, device, repeats: int, warmup: int) -> dict[str, tuple[float, float | None]]:
+    """Median seconds of each function, calls interleaved so that load changes hit all of them alike: `(wall,
+    process CPU time)` on a CPU (CPU time counts the work of all threads and not the waits for a shared machine's
+    cores), `(CUDA-event time, None)` on a GPU."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples = {name: [] for name in fns}
+    cpu_samples = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            begin = time.process_time()
             samples[name].append(time_once(fn, device))
-    return {name: statistics.median(values) for name, values in samples.items()}
+            cpu_samples[name].append(time.process_time() - begin)
+    cpu = device.type == "cpu"
+    return {name: (statistics.median(samples[name]), statistics.median(cpu_samples[name]) if cpu else None)
+            for name in fns}
 
 
 def peak_memory(fn, device) -> float | None:
@@ -200,14 +207,15 @@ def forward_fns(selfie, plain, batch: int, tiles: int, device, dtype, compile_kw
 def measure_pair(fns: dict, device, batch: int, repeats: int, warmup: int) -> dict:
     """Interleaved median latency, per-image figures and peak memory of each call (`timed_pair`, `peak_memory`)."""
     results = {}
-    for name, seconds in timed_pair(fns, device, repeats, warmup).items():
+    for name, (seconds, cpu_seconds) in timed_pair(fns, device, repeats, warmup).items():
         results[name] = {"ms": seconds * 1000, "ms_per_image": seconds * 1000 / batch, "images_per_s": batch / seconds,
+                         "cpu_ms": None if cpu_seconds is None else cpu_seconds * 1000,
                          "peak_gib": peak_memory(fns[name], device)}
     return results
 
 
-def measure(preset, device, dtype, attn, batch, tiles, compile_mode, repeats, warmup, profile=False):
-    selfie, plain = build_models(preset, device, dtype, attn)
+def measure(models, device, dtype, batch, tiles, compile_mode, repeats, warmup, profile=False):
+    selfie, plain = models
     fns = forward_fns(selfie, plain, batch, tiles, device, dtype, None if compile_mode is None else {"mode": compile_mode})
     if profile:
         profile_pair(fns, {"plain": plain, "selfie": selfie}, repeats, warmup)
@@ -227,7 +235,10 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing, profile one call of each (torch.profiler) and print where the time goes")
+    parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -237,26 +248,32 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     import transformers
 
-    print(f"device: {name} | torch {torch.__version__} | transformers {transformers.__version__} | {dtype} | {args.attn}")
-    header = ("preset", "mode", "batch", "tiles", "plain ms/img", "selfie ms/img", "ratio", "plain GiB", "selfie GiB",
-              "extra GiB", "selfie img/s")
+    threads = f" | {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"device: {name} | torch {torch.__version__} | transformers {transformers.__version__} | {dtype} | "
+          f"{args.attn}{threads} | medians of {repeats} interleaved calls after {warmup} warm-up")
+    header = ("preset", "mode", "batch", "tiles", "plain ms/img", "selfie ms/img", "ratio", "ratio (CPU time)",
+              "plain GiB", "selfie GiB", "extra GiB", "selfie img/s")
     print(" | ".join(header))
     modes = [None] + ([args.compile] if args.compile else [])
     for preset in presets:
+        models = build_models(preset, device, dtype, args.attn)
         for mode in modes:
             for batch in args.batch_sizes:
                 for tiles in args.tiles:
-                    r = measure(preset, device, dtype, args.attn, batch, tiles, mode, repeats, warmup, args.profile)
+                    r = measure(models, device, dtype, batch, tiles, mode, repeats, warmup, args.profile)
                     if r is None:
                         continue
                     plain, selfie = r["plain"], r["selfie"]
                     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
                     extra = None if plain["peak_gib"] is None else selfie["peak_gib"] - plain["peak_gib"]
+                    cpu_ratio = None if plain["cpu_ms"] is None else selfie["cpu_ms"] / plain["cpu_ms"]
                     print(" | ".join([
                         preset, mode or "eager", str(batch), str(tiles), f"{plain['ms_per_image']:.2f}",
                         f"{selfie['ms_per_image']:.2f}", f"{selfie['ms'] / plain['ms']:.3f}x",
+                        "n/a" if cpu_ratio is None else f"{cpu_ratio:.3f}x",
                         fmt(plain["peak_gib"]), fmt(selfie["peak_gib"]), fmt(extra), f"{selfie['images_per_s']:.1f}",
                     ]), flush=True)
+        del models
 
 
 if __name__ == "__main__":
