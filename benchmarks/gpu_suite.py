@@ -61,6 +61,7 @@ class SuiteConfig:
     compiled_shapes: tuple[tuple[int, int], ...]
     attention_shapes: tuple[tuple[int, int], ...]
     compile_kwargs: dict
+    min_compile_s: float  # do not start compiling a shape with less time left in the part
     repeats: int
     warmup: int
     budget_s: float
@@ -76,9 +77,10 @@ GPU = SuiteConfig(
     compiled_shapes=((1, 1), (16, 1), (1, 6), (16, 6)),
     attention_shapes=((1, 1), (16, 1), (1, 6), (16, 6)),
     compile_kwargs={"mode": "reduce-overhead", "dynamic": False},
+    min_compile_s=45,
     repeats=10,
     warmup=3,
-    budget_s=440,  # + start-up and model building outside the parts: < 8 minutes in all
+    budget_s=420,  # + start-up (imports, CUDA context): < 8 minutes in all
     shares={"speed": 0.23, "compiled": 0.34, "attention": 0.11, "bf16_vs_fp32": 0.08, "lora_step": 0.14, "chat": 0.07},
 )
 SMOKE = SuiteConfig(
@@ -90,6 +92,7 @@ SMOKE = SuiteConfig(
     compiled_shapes=((1, 1),),
     attention_shapes=((1, 1),),
     compile_kwargs={"backend": "eager", "dynamic": False},  # dynamo's tracing without inductor: fast on a CPU
+    min_compile_s=2,
     repeats=2,
     warmup=1,
     budget_s=100,
@@ -132,6 +135,11 @@ class Suite:
         self.deadline = self.start + config.budget_s
         self.results = {"environment": environment, "parts": {}}
         self.models: dict = {}  # preset -> (selfie, plain), built once and shared by the parts
+        self.part_deadline = self.deadline
+
+    def time_left(self) -> float:
+        """Seconds left for the running part."""
+        return self.part_deadline - time.monotonic()
 
     def run_part(self, name: str, fn, cap_s: float | None = None, min_seconds: float = 5) -> dict:
         """Run `fn(rows, notes)` within min(cap, time left), the cap being `cap_s` or the part's share of the
@@ -146,6 +154,7 @@ class Suite:
             record["status"] = f"skipped: {max(left, 0):.0f} s of the budget left"
         else:
             begin = time.monotonic()
+            self.part_deadline = begin + limit
             try:
                 with time_limit(limit):
                     fn(record["rows"], record["notes"])
@@ -252,6 +261,12 @@ def part_compiled(suite: Suite, rows: list, notes: list) -> None:
                  "CUDA graph skips: dynamo's / inductor's counters during each model's first (compiling) call.")
     order = [(preset, batch, tiles) for batch, tiles in cfg.compiled_shapes for preset in cfg.presets]
     for preset, batch, tiles in order:
+        # Starting a compilation that the part's timer would interrupt (perhaps while CUDA graphs are recorded) could
+        # leave the device unusable for the parts after this one: only start with enough time left.
+        if suite.time_left() < cfg.min_compile_s:
+            rows.append({"preset": preset, "mode": "compiled", "batch": batch, "tiles": tiles,
+                         "error": f"not started: {suite.time_left():.0f} s left in this part"})
+            continue
         selfie, plain = suite.models_for(preset)
         compiled = {}  # model -> (graph breaks, cudagraph skips) of its first (compiling) call
         try:
@@ -523,7 +538,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", type=Path, help="folder for gpu_suite.md and gpu_suite.json")
     parser.add_argument("--smoke", action="store_true", help="every part on the CPU with selfie-tiny (< 2 minutes)")
-    parser.add_argument("--budget", type=float, help="total seconds for all parts (default: 440 on GPU, 100 smoke)")
+    parser.add_argument("--budget", type=float, help="total seconds for all parts (default: 420 on GPU, 100 smoke)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="run only these parts")
     args = parser.parse_args(argv)
     config = copy.deepcopy(SMOKE if args.smoke else GPU)
