@@ -69,6 +69,10 @@ def test_layout_is_read_on_the_host_and_checked():
     with pytest.raises(ValueError, match="tile_grid describes"):
         SegmentationLayout.from_inputs(model.config, inputs["input_ids"], inputs["attention_mask"],
                                        torch.ones(4, 2, dtype=torch.long))
+    no_image = processor(images=[None, random_image(56, 56)], conversations=[
+        processor.segmentation_conversation("red circle"), [{"role": "user", "content": "hello"}]])
+    with pytest.raises(ValueError, match="Sample 0 has 1 \\[SEG\\] token\\(s\\) and 0 images"):
+        model(**no_image)
 
 
 def test_mask_construction_traces_as_one_graph_and_gives_the_same_masks():
