@@ -95,10 +95,9 @@ def test_json_holds_coco_rle_with_size_prompt_and_presence_score(model_dir, tmp_
     (record,) = json.loads((tmp_path / "out.json").read_text())
     assert record["image"] == str(tmp_path / "tall.png") and record["prompt"] == "blue square"
     assert record["segmentation"]["size"] == [70, 50]
-    rle = {"size": record["segmentation"]["size"], "counts": record["segmentation"]["counts"].encode("ascii")}
-    decoded = mask_utils.decode(rle).astype(bool)  # pycocotools reads it back as the PNG mask
+    decoded = mask_utils.decode(record["segmentation"]).astype(bool)  # pycocotools reads it as the PNG mask
     assert np.array_equal(decoded, read_mask(tmp_path / "t_mask.png"))
-    assert record["area"] == int(mask_utils.area(rle)) == int(decoded.sum())
+    assert record["area"] == int(mask_utils.area(record["segmentation"])) == int(decoded.sum())
     assert 0.0 <= record["presence_score"] <= 1.0 and (record["presence_score"] >= 0.5) == bool(decoded.any())
 
 
