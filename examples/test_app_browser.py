@@ -97,5 +97,5 @@ def test_page_segments_the_bundled_example(server, browser, tmp_path):
 
     prompt = browser.find_element(By.CSS_SELECTOR, "#prompt textarea")  # Enter in the box segments too
     prompt.clear()
-    prompt.send_keys("blue star\n")
-    wait.until(lambda d: "blue star" in d.find_element(By.ID, "summary").text)
+    prompt.send_keys("左边的红色圆圈\n")  # any script reaches the model and the caption
+    wait.until(lambda d: "左边的红色圆圈" in d.find_element(By.ID, "summary").text)

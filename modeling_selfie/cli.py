@@ -248,8 +248,8 @@ def run_batch(args) -> int:
     records, failed = [], len(problems)
     with tqdm(total=len(jobs), unit="image", desc="selfie-segment", file=sys.stderr) as progress:
         for start in range(0, len(jobs), args.batch_size):
-            ready = []
-            for job in jobs[start : start + args.batch_size]:
+            batch, ready = jobs[start : start + args.batch_size], []
+            for job in batch:
                 try:
                     ready.append((job, read_image(job.image)))
                 except CLIError as error:
@@ -262,7 +262,7 @@ def run_batch(args) -> int:
                 for (job, image), (mask, score) in zip(ready, results):
                     prefix = None if args.no_images else folder / f"{job.image.stem}_{job.line}"
                     records.append(save_result(job, image, mask, score, prefix))
-            progress.update(len(jobs[start : start + args.batch_size]))
+            progress.update(len(batch))
     if args.json:
         write_json(args.json, records)
     written = [] if args.no_images else [f"masks and overlays in {folder}{os.sep}"]
