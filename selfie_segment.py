@@ -40,19 +40,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON Lines file of {\"image\": PATH, \"prompt\": TEXT} (paths relative to the file's folder), "
         "segmented in batches with a progress bar; a bad line is reported and skipped",
     )
-    parser.add_argument("--batch-size", type=int, metavar="N", default=8, help="images per forward pass with --batch (default 8)")
+    parser.add_argument(
+        "--batch-size", type=int, metavar="N", default=8, help="images per forward pass with --batch (default 8)"
+    )
     parser.add_argument(
         "--output", metavar="PATH",
         help="prefix of the written files (PREFIX_mask.png, PREFIX_overlay.png; PREFIX_K_... for the K-th of several "
         "prompts); a folder (existing, or ending in /) gets the image's name inside it. With --batch: the folder "
         "for IMAGE_LINE_mask.png files (default: this folder)",
     )
-    parser.add_argument("--json", metavar="OUT", help="also write every mask as COCO RLE with its prompt and presence score")
+    parser.add_argument(
+        "--json", metavar="OUT", help="also write every mask as COCO RLE with its prompt and presence score"
+    )
     parser.add_argument("--no-images", action="store_true", help="write only the --json file, no PNGs")
     parser.add_argument("--model", help="model folder or Hub id (default: the shipped RefShapes model)")
     parser.add_argument("--kind", choices=["phrase", "instruction"], default="phrase", help="prompt template")
-    parser.add_argument("--device", default="auto", help="auto (default: the GPU if there is one), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto (default): bfloat16 on a GPU, else float32")
+    parser.add_argument(
+        "--device", default="auto", help="auto (default: the GPU if there is one), cpu, cuda, cuda:1, ..."
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="auto (default): bfloat16 on a GPU, else float32"
+    )
     return parser
 
 

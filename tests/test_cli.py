@@ -201,7 +201,8 @@ def test_help_and_argument_errors_answer_without_importing_torch(tmp_path):
     probe = (
         "import sys, selfie_segment\n"
         "try:\n    selfie_segment.main(sys.argv[1:])\n"
-        "except SystemExit as exit:\n    print(exit.code, sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n"
+        "except SystemExit as exit:\n"
+        "    print(exit.code, sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n"
     )
     for argv, code in [(["--help"], 0), ([], 2), (["a.png"], 2), (["--batch", "x.jsonl", "a.png"], 2)]:
         result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=tmp_path)
