@@ -652,6 +652,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         """
         from .processing_selfie import image_size_of, post_process_masks
 
+        processor.check_model(self.config)
         queries = [queries] if isinstance(queries, str) else list(queries)
         images = list(images) if isinstance(images, (list, tuple)) else [images] * len(queries)
         if len(images) != len(queries):
@@ -695,6 +696,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         """
         from .processing_selfie import image_size_of, post_process_masks
 
+        processor.check_model(self.config)
         prompt = processor.render_conversation(messages, with_image=image is not None, add_generation_prompt=True)
         inputs = processor(images=[image] if image is not None else None, text=[prompt]).to(self.device)
         if "pixel_values" in inputs:

@@ -56,9 +56,10 @@ def write_qwen2_internvl_tokenizer(folder: Path, image_roles: bool = True) -> di
     )
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(QWEN2_SPECIALS)
-    backend.add_tokens(INTERNVL_TOKENS)  # InternVL adds its tokens as normal added tokens
+    internvl_tokens = [*INTERNVL_TOKENS, "<video>"] if image_roles else INTERNVL_TOKENS  # -hf names a video token
+    backend.add_tokens(internvl_tokens)  # InternVL adds its tokens as normal added tokens
     backend.save(str(folder / "tokenizer.json"))
-    ids = {token: backend.token_to_id(token) for token in [*QWEN2_SPECIALS, *INTERNVL_TOKENS]}
+    ids = {token: backend.token_to_id(token) for token in [*QWEN2_SPECIALS, *internvl_tokens]}
     added = {
         str(ids[token]): {
             "content": token,
@@ -68,7 +69,7 @@ def write_qwen2_internvl_tokenizer(folder: Path, image_roles: bool = True) -> di
             "single_word": False,
             "special": token in QWEN2_SPECIALS,
         }
-        for token in [*QWEN2_SPECIALS, *INTERNVL_TOKENS]
+        for token in [*QWEN2_SPECIALS, *internvl_tokens]
     }
     config = {
         "add_bos_token": False,
