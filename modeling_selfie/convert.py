@@ -49,6 +49,8 @@ class ConversionError(ValueError):
 AUTHORS_ADDED_TOKENS = (SEG_TOKEN, "[SEGT]")
 IMAGE_CONTEXT_TOKEN, TURN_END_TOKEN = "<IMG_CONTEXT>", "<|im_end|>"
 PROMPT_TOKENS = (SEG_TOKEN, IMAGE_CONTEXT_TOKEN, "<img>", "</img>", "<|im_start|>", TURN_END_TOKEN)
+# Added tokens of the original InternVL3 tokenizer (its vocabulary ends with them).
+INTERNVL_TOKENS = (*PROMPT_TOKENS, "<|endoftext|>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
 AUTHORS_TEMPLATE = "internvl2_5"
 EMBEDDING_KEYS = ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
 
@@ -201,7 +203,8 @@ def read_lora_alpha(folder: Path, lora_alpha: float | None) -> tuple[float, bool
 
 def merge_lora(state: dict[str, torch.Tensor], lora_alpha: float, use_rslora: bool = False) -> dict[str, torch.Tensor]:
     """Unwrap PEFT's keys and merge each LoRA pair into its base weight as PEFT's `merge_and_unload` does on CPU:
-    the delta `(B @ A) * alpha / r` in float32, cast to the weight's dtype, then added."""
+    the delta `(B @ A) * alpha / r` computed in float32 and kept in the LoRA factors' dtype, then added in place to
+    the weight (PEFT's adapters are often float32 beside a bf16 model: the sum is then rounded once)."""
     plain, factors, adapters = {}, {}, set()
     for key, tensor in state.items():
         key = PEFT_WRAPPER.sub(r"\1.", key)
@@ -220,11 +223,11 @@ def merge_lora(state: dict[str, torch.Tensor], lora_alpha: float, use_rslora: bo
     for module in modules:
         if (module, "A") not in factors or (module, "B") not in factors or f"{module}.weight" not in plain:
             raise ConversionError(f"LoRA of {module} is incomplete (needs lora_A, lora_B and the base weight).")
-        lora_a, lora_b = factors[module, "A"].float(), factors[module, "B"].float()
+        lora_a, lora_b = factors[module, "A"], factors[module, "B"]
         rank = lora_a.shape[0]
         scale = lora_alpha / (rank**0.5 if use_rslora else rank)
-        weight = plain[f"{module}.weight"]
-        plain[f"{module}.weight"] = weight + ((lora_b @ lora_a) * scale).to(weight.dtype)
+        delta = ((lora_b.float() @ lora_a.float()) * scale).to(lora_b.dtype)
+        plain[f"{module}.weight"] = plain[f"{module}.weight"].clone().add_(delta)  # rounded once, to the weight's dtype
     logger.info(f"Merged {len(modules)} LoRA pairs (alpha {lora_alpha}).")
     return plain
 
@@ -251,26 +254,40 @@ def segmentation_tokenizer(folder: Path, base: Path | None, rows: int):
     except (OSError, ValueError, KeyError) as error:
         raise ConversionError(f"Cannot load the tokenizer of {source}: {error}") from None
     if token_id(tokenizer, SEG_TOKEN) is None:
-        tokenizer = add_authors_tokens(tokenizer, rows - len(AUTHORS_ADDED_TOKENS))
+        tokenizer = add_authors_tokens(tokenizer, rows)
     return tokenizer
 
 
-def add_authors_tokens(tokenizer, base_size: int):
+def add_authors_tokens(tokenizer, rows: int):
     """`add_tokens(["[SEG]"])` then `add_tokens(["[SEGT]"])`, as the authors' code does on the original InternVL3
-    tokenizer (whose length, `base_size`, is the checkpoint's vocabulary rows - 2).
+    tokenizer, whose length is the checkpoint's vocabulary rows - 2.
 
-    A `-hf` folder's tokenizer may hold special tokens after the original ones (transformers' InternVL conversion
-    appends `<video>`); the authors' vocabulary had none, so they are moved after `[SEGT]`, where `[SEG]` and `[SEGT]`
-    keep the authors' ids.
+    A `-hf` folder's tokenizer holds tokens after the original ones that no SELF1E prompt uses (`<video>`); the
+    authors' vocabulary had none, so they are moved after `[SEGT]`, where `[SEG]` and `[SEGT]` keep the authors' ids.
     """
-    later = {
-        token.content
-        for i, token in tokenizer.added_tokens_decoder.items()
-        if i >= base_size and token.special and token.content not in PROMPT_TOKENS
-    }
+    base_size = rows - len(AUTHORS_ADDED_TOKENS)
+    later = unused_tokens(tokenizer, base_size)
+    if len(tokenizer) - len(later) != base_size:
+        raise ConversionError(
+            f"The base tokenizer has {len(tokenizer) - len(later)} tokens, {len(tokenizer) - len(later) + 2} with "
+            f"[SEG] and [SEGT], but the checkpoint's embeddings have {rows} rows: --base-tokenizer must be the "
+            "tokenizer of the InternVL3 model this checkpoint was trained from."
+        )
     for token in AUTHORS_ADDED_TOKENS:
         tokenizer.add_tokens([token])
-    return move_tokens_last(tokenizer, later) if later else tokenizer
+    if later:
+        logger.info(f"Tokens {later} of the base tokenizer are not in the authors' vocabulary: moved after [SEGT].")
+        tokenizer = move_tokens_last(tokenizer, set(later))
+    return tokenizer
+
+
+def unused_tokens(tokenizer, size: int) -> list[str]:
+    """Added tokens with an id >= `size` that the original InternVL3 tokenizer does not have (nor `[SEG]`)."""
+    return [
+        token.content
+        for i, token in sorted(tokenizer.added_tokens_decoder.items())
+        if i >= size and token.content not in (*INTERNVL_TOKENS, *AUTHORS_ADDED_TOKENS)
+    ]
 
 
 def move_tokens_last(tokenizer, contents: set[str]):
@@ -297,15 +314,11 @@ def token_id(tokenizer, token: str) -> int | None:
 
 def tokenizer_ids(tokenizer, rows: int) -> dict[str, int]:
     """`[SEG]`, `<IMG_CONTEXT>`, `<|im_end|>` and pad ids, checked against the checkpoint's vocabulary rows: every
-    token but special ones nothing in a prompt uses (a `-hf` tokenizer's `<video>`) must have a row."""
+    token but added ones no prompt uses (a `-hf` tokenizer's `<video>`) must have a row."""
     absent = [token for token in PROMPT_TOKENS if token_id(tokenizer, token) is None]
     if absent:
         raise ConversionError(f"The tokenizer lacks {absent}: it is not an InternVL3 tokenizer with [SEG].")
-    unused = [
-        token for i, token in tokenizer.added_tokens_decoder.items()
-        if i >= rows and token.special and token.content not in PROMPT_TOKENS
-    ]
-    size = len(tokenizer) - len(unused)
+    size = len(tokenizer) - len(unused_tokens(tokenizer, rows))
     if size != rows or any(token_id(tokenizer, token) >= rows for token in PROMPT_TOKENS):
         raise ConversionError(
             f"The tokenizer has {size} tokens (with [SEG] and [SEGT]) but the checkpoint's embeddings have {rows} "
@@ -443,16 +456,22 @@ def checked_model(config: SelfieConfig, converted: dict[str, torch.Tensor]) -> S
 
 def build_processor(tokenizer, config: SelfieConfig, original: dict) -> SelfieProcessor:
     """The processor of the released model: one tile of `force_image_size` px per image (as it was trained and
-    evaluated), InternVL's ImageNet normalisation, the authors' `internvl2_5` prompt and system message."""
+    evaluated), InternVL's ImageNet normalisation, the authors' `internvl2_5` prompt and system message; checked
+    against the model's token ids."""
     size = image_size_of(original)
     image_processor = SelfieImageProcessor(size={"height": size, "width": size}, max_patches=1)
-    return SelfieProcessor(
+    processor = SelfieProcessor(
         image_processor,
         tokenizer,
         image_seq_length=config.image_seq_length,
         system_message=SELF1E_SYSTEM_MESSAGE,
         prompt_style="self1e",
     )
+    try:
+        processor.check_model(config)
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
+    return processor
 
 
 def convert_checkpoint(

@@ -18,7 +18,6 @@ returns what PEFT's `merge_and_unload` makes of it. The tensors start from the r
 """
 
 import json
-import pickle
 from pathlib import Path
 
 import torch
@@ -259,10 +258,13 @@ def module_tree(state: dict[str, torch.Tensor]) -> nn.Module:
     return root
 
 
-def lora_wrapped(module: nn.Module, targets: list[str], rank: int, alpha: float, seed: int) -> nn.Module:
-    """`module` wrapped by PEFT's `get_peft_model` with nonzero LoRA factors (B starts at zero in PEFT)."""
+def lora_wrapped(
+    module: nn.Module, targets: list[str], rank: int, alpha: float, seed: int, float32_adapters: bool = True
+) -> nn.Module:
+    """`module` wrapped by PEFT's `get_peft_model` with nonzero LoRA factors (B starts at zero in PEFT). PEFT keeps
+    the factors in float32 beside a bf16 model unless `float32_adapters` is false."""
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.05, target_modules=targets)
-    wrapped = get_peft_model(module, config)
+    wrapped = get_peft_model(module, config, autocast_adapter_dtype=float32_adapters)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in wrapped.named_parameters():
@@ -281,11 +283,13 @@ def write_lora_checkpoint(
     rank: int = 4,
     alpha: float = 8.0,
     adapter_config: bool = True,
+    float32_adapters: bool = True,
     dtype: torch.dtype = torch.bfloat16,
 ) -> dict[str, torch.Tensor]:
     """A `checkpoint-N` folder: the released tensors with the LLM (`Qwen2ForCausalLM`) and the ViT wrapped by PEFT
     LoRA (rank `rank`, alpha `alpha`), saved unmerged in one model.safetensors, with the trainer's side files.
-    With `adapter_config`, PEFT's `adapter_config.json` is saved beside it.
+    With `adapter_config`, PEFT's `adapter_config.json` is saved beside it; `float32_adapters` keeps PEFT's default
+    of float32 LoRA factors (else they are in `dtype`).
 
     Returns the tensors PEFT's `merge_and_unload` gives (original names): what the converter must produce.
     """
@@ -301,8 +305,8 @@ def write_lora_checkpoint(
     llm.to(dtype)
     vit_state = {k.removeprefix("vision_model."): v for k, v in state.items() if k.startswith("vision_model.")}
     vit = module_tree(vit_state).to(dtype)
-    peft_llm = lora_wrapped(llm, LLM_LORA_TARGETS, rank, alpha, seed=1)
-    peft_vit = lora_wrapped(vit, VIT_LORA_TARGETS, rank, alpha, seed=2)
+    peft_llm = lora_wrapped(llm, LLM_LORA_TARGETS, rank, alpha, seed=1, float32_adapters=float32_adapters)
+    peft_vit = lora_wrapped(vit, VIT_LORA_TARGETS, rank, alpha, seed=2, float32_adapters=float32_adapters)
 
     others = {k: v for k, v in state.items() if not k.startswith(("language_model.", "vision_model."))}
     unmerged = {
@@ -326,5 +330,4 @@ def write_pickled_weights(folder: Path, marker: Path) -> None:
     """A `pytorch_model.bin` that holds, besides tensors, an object whose unpickling leaves `marker`: the kind of file
     `torch.load(weights_only=True)` must refuse."""
     state = {"vision_model.embeddings.class_embedding": torch.zeros(1, 1, 32), "payload": UnpickleMarker(marker)}
-    with open(folder / "pytorch_model.bin", "wb") as handle:
-        torch.save(state, handle, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    torch.save(state, folder / "pytorch_model.bin")
