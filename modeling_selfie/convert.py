@@ -13,7 +13,8 @@ processor and processor.
 * Tokens: the authors save no tokenizer; their code adds `[SEG]` then `[SEGT]` to the base InternVL3 tokenizer
   (`add_tokens`) at every run. The converter does the same with `--base-tokenizer` (the base InternVL3 folder,
   original or `-hf`, or a tokenizer folder), or takes a tokenizer already in RELEASE_DIR, and checks the result
-  against the checkpoint: embedding rows = tokenizer length.
+  against the checkpoint: embedding rows = tokenizer length. Tokens a `-hf` tokenizer holds beyond the original
+  vocabulary (`<video>`) move after `[SEGT]`, so `[SEG]` keeps the authors' id.
 * Without any tokenizer, the token ids may come from the older `meta.json` side file or `--seg-token-id` /
   `--image-token-id`; the output then holds the model only (no processor).
 
@@ -204,7 +205,8 @@ def read_lora_alpha(folder: Path, lora_alpha: float | None) -> tuple[float, bool
 def merge_lora(state: dict[str, torch.Tensor], lora_alpha: float, use_rslora: bool = False) -> dict[str, torch.Tensor]:
     """Unwrap PEFT's keys and merge each LoRA pair into its base weight as PEFT's `merge_and_unload` does on CPU:
     the delta `(B @ A) * alpha / r` computed in float32 and kept in the LoRA factors' dtype, then added in place to
-    the weight (PEFT's adapters are often float32 beside a bf16 model: the sum is then rounded once)."""
+    the weight (PEFT's adapters are often float32 beside a bf16 model: the sum is then rounded once). The base
+    weights of `state` are updated in place (no second copy of a large model)."""
     plain, factors, adapters = {}, {}, set()
     for key, tensor in state.items():
         key = PEFT_WRAPPER.sub(r"\1.", key)
@@ -227,7 +229,7 @@ def merge_lora(state: dict[str, torch.Tensor], lora_alpha: float, use_rslora: bo
         rank = lora_a.shape[0]
         scale = lora_alpha / (rank**0.5 if use_rslora else rank)
         delta = ((lora_b.float() @ lora_a.float()) * scale).to(lora_b.dtype)
-        plain[f"{module}.weight"] = plain[f"{module}.weight"].clone().add_(delta)  # rounded once, to the weight's dtype
+        plain[f"{module}.weight"].add_(delta)  # in the weight's dtype: a float32 delta is rounded once
     logger.info(f"Merged {len(modules)} LoRA pairs (alpha {lora_alpha}).")
     return plain
 
@@ -396,7 +398,8 @@ def build_config(original: dict, ids: dict, loss_weights: dict, state: dict[str,
         "hidden_act": vision.get("hidden_act", "gelu"),
         "use_mean_pooling": True,
     }
-    for key in ("architectures", "auto_map", "_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+    # Bookkeeping of the training run, not of the model (`use_cache` is off there for gradient checkpointing).
+    for key in ("architectures", "auto_map", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"):
         llm.pop(key, None)
     return SelfieConfig(
         vision_config=vision_config,
