@@ -53,6 +53,10 @@ PROMPT_TOKENS = (SEG_TOKEN, IMAGE_CONTEXT_TOKEN, "<img>", "</img>", "<|im_start|
 # Added tokens of the original InternVL3 tokenizer (its vocabulary ends with them).
 INTERNVL_TOKENS = (*PROMPT_TOKENS, "<|endoftext|>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
 AUTHORS_TEMPLATE = "internvl2_5"
+# llm_config fields that describe the training run, not the model (`use_cache` is off there for checkpointing).
+RUN_SETTINGS = (
+    "architectures", "auto_map", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"
+)
 EMBEDDING_KEYS = ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
 
 # Original name (regex) -> transformers name. The ViT's fused qkv is split separately.
@@ -85,7 +89,7 @@ QKV = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bia
 # PEFT's wrapping inside an unmerged checkpoint-N.
 PEFT_WRAPPER = re.compile(r"^(language_model|vision_model)\.base_model\.model\.")
 LORA_FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>A|B)\.(?P<adapter>[^.]+)\.weight$")
-PEFT_SAVED_MODULE = re.compile(r"\.modules_to_save\.[^.]+\.")
+PEFT_OTHER = re.compile(r"\.(lora_\w+|modules_to_save|original_module)\.")  # DoRA, embedding LoRA, saved modules
 
 
 def convert_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,16 +119,27 @@ def convert_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; anything else is a `ConversionError` naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} does not hold a JSON object.")
+    return data
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The weight files of a checkpoint folder, safetensors first (as transformers prefers them): the index's shards,
     the single file, or shards named `*-0000k-of-0000n.*` found without an index (all n of them required)."""
     for stem, suffix in (("model", "safetensors"), ("pytorch_model", "bin")):
         index = folder / f"{stem}.{suffix}.index.json"
         if index.is_file():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as error:
-                raise ConversionError(f"{index} is not a weight index (no readable weight_map): {error}") from None
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index} is not a weight index (no weight_map).")
+            names = sorted(set(weight_map.values()))
         elif (folder / f"{stem}.{suffix}").is_file():
             names = [f"{stem}.{suffix}"]
         else:
@@ -185,7 +200,7 @@ def is_unmerged(state: dict[str, torch.Tensor]) -> bool:
 def read_lora_alpha(folder: Path, lora_alpha: float | None) -> tuple[float, bool]:
     """LoRA alpha (the flag, else `adapter_config.json`) and whether rsLoRA scaling (alpha / sqrt(r)) applies."""
     config_path = folder / "adapter_config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_json(config_path) if config_path.is_file() else {}
     for option in ("use_dora", "fan_in_fan_out", "lora_bias"):
         if config.get(option):
             raise ConversionError(f"{config_path} sets {option}; only plain LoRA can be merged.")
@@ -214,9 +229,9 @@ def merge_lora(state: dict[str, torch.Tensor], lora_alpha: float, use_rslora: bo
         if lora:
             factors[lora["module"], lora["factor"]] = tensor
             adapters.add(lora["adapter"])
-        elif ".original_module." not in key:
-            plain[PEFT_SAVED_MODULE.sub(".", key).replace(".base_layer.", ".")] = tensor
-    leftovers = sorted(key for key in plain if "lora_" in key)
+        else:
+            plain[key.replace(".base_layer.", ".")] = tensor
+    leftovers = sorted(key for key in plain if PEFT_OTHER.search(key))
     if leftovers:
         raise ConversionError(f"Unsupported PEFT tensors (only LoRA A/B pairs can be merged): {leftovers[:8]}")
     if len(adapters) > 1:
@@ -337,7 +352,7 @@ def tokenizer_ids(tokenizer, rows: int) -> dict[str, int]:
 def read_side_settings(folder: Path) -> dict:
     """Token ids and loss weights of the older `meta.json` side file (the parity fixture's), if present."""
     meta_path = folder / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = read_json(meta_path) if meta_path.is_file() else {}
     kwargs = meta.get("model_init_kwargs_not_in_config", {})
     return {
         "seg": meta.get("seg_token_id", kwargs.get("seg_token_idx")),
@@ -398,8 +413,7 @@ def build_config(original: dict, ids: dict, loss_weights: dict, state: dict[str,
         "hidden_act": vision.get("hidden_act", "gelu"),
         "use_mean_pooling": True,
     }
-    # Bookkeeping of the training run, not of the model (`use_cache` is off there for gradient checkpointing).
-    for key in ("architectures", "auto_map", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"):
+    for key in RUN_SETTINGS:
         llm.pop(key, None)
     return SelfieConfig(
         vision_config=vision_config,
@@ -495,10 +509,7 @@ def convert_checkpoint(
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass overwrite=True (--overwrite) to replace it.")
-    try:
-        original = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as error:
-        raise ConversionError(f"{folder / 'config.json'} is not valid JSON: {error}") from None
+    original = read_json(folder / "config.json")
     state = load_original_state_dict(folder)
     if is_unmerged(state):
         state = merge_lora(state, *read_lora_alpha(folder, lora_alpha))

@@ -208,8 +208,9 @@ def write_release_folder(
     marker: Path | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> dict[str, torch.Tensor]:
-    """A released SELF1E folder (`ckpt_model`) for the base tokenizer whose special-token ids are `token_ids` (as
-    `tests.internvl_artifacts.write_qwen2_internvl_tokenizer` returns them): vocabulary rows = base + 2.
+    """A released SELF1E folder (`ckpt_model`) trained from the original InternVL3 tokenizer whose special-token ids
+    are `token_ids` (as `tests.internvl_artifacts.write_original_internvl3_folder` returns them): vocabulary rows =
+    that tokenizer's length + 2 ([SEG], [SEGT]).
 
     Returns the tensors written (original names)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -258,12 +259,11 @@ def module_tree(state: dict[str, torch.Tensor]) -> nn.Module:
     return root
 
 
-def lora_wrapped(
-    module: nn.Module, targets: list[str], rank: int, alpha: float, seed: int, float32_adapters: bool = True
-) -> nn.Module:
-    """`module` wrapped by PEFT's `get_peft_model` with nonzero LoRA factors (B starts at zero in PEFT). PEFT keeps
-    the factors in float32 beside a bf16 model unless `float32_adapters` is false."""
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.05, target_modules=targets)
+def lora_wrapped(module: nn.Module, targets: list[str], seed: int, float32_adapters: bool = True, **lora) -> nn.Module:
+    """`module` wrapped by PEFT's `get_peft_model` (`lora`: `LoraConfig` arguments) with nonzero LoRA factors (B
+    starts at zero in PEFT). PEFT keeps the factors in float32 beside a bf16 model unless `float32_adapters` is
+    false."""
+    config = LoraConfig(lora_dropout=0.05, target_modules=targets, **lora)
     wrapped = get_peft_model(module, config, autocast_adapter_dtype=float32_adapters)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -284,12 +284,13 @@ def write_lora_checkpoint(
     alpha: float = 8.0,
     adapter_config: bool = True,
     float32_adapters: bool = True,
+    use_rslora: bool = False,
     dtype: torch.dtype = torch.bfloat16,
 ) -> dict[str, torch.Tensor]:
     """A `checkpoint-N` folder: the released tensors with the LLM (`Qwen2ForCausalLM`) and the ViT wrapped by PEFT
     LoRA (rank `rank`, alpha `alpha`), saved unmerged in one model.safetensors, with the trainer's side files.
     With `adapter_config`, PEFT's `adapter_config.json` is saved beside it; `float32_adapters` keeps PEFT's default
-    of float32 LoRA factors (else they are in `dtype`).
+    of float32 LoRA factors (else they are in `dtype`); `use_rslora` scales by alpha / sqrt(rank).
 
     Returns the tensors PEFT's `merge_and_unload` gives (original names): what the converter must produce.
     """
@@ -305,8 +306,9 @@ def write_lora_checkpoint(
     llm.to(dtype)
     vit_state = {k.removeprefix("vision_model."): v for k, v in state.items() if k.startswith("vision_model.")}
     vit = module_tree(vit_state).to(dtype)
-    peft_llm = lora_wrapped(llm, LLM_LORA_TARGETS, rank, alpha, seed=1, float32_adapters=float32_adapters)
-    peft_vit = lora_wrapped(vit, VIT_LORA_TARGETS, rank, alpha, seed=2, float32_adapters=float32_adapters)
+    lora = {"r": rank, "lora_alpha": alpha, "use_rslora": use_rslora, "float32_adapters": float32_adapters}
+    peft_llm = lora_wrapped(llm, LLM_LORA_TARGETS, seed=1, **lora)
+    peft_vit = lora_wrapped(vit, VIT_LORA_TARGETS, seed=2, **lora)
 
     others = {k: v for k, v in state.items() if not k.startswith(("language_model.", "vision_model."))}
     unmerged = {

@@ -50,7 +50,8 @@ def release(tmp_path, bases):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "modeling_selfie.convert", *map(str, args)], capture_output=True, text=True)
+    command = [sys.executable, "-m", "modeling_selfie.convert", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True)
 
 
 def test_release_folder_converts_to_a_complete_folder_that_segments(tmp_path, bases, release):
@@ -77,7 +78,8 @@ def test_release_folder_converts_to_a_complete_folder_that_segments(tmp_path, ba
     assert processor.system_message == "You are an helpful assistant." and processor.prompt_style == "self1e"
     assert processor.image_processor.max_patches == 1 and processor.image_processor.size.height == 56
     assert processor.image_seq_length == model.config.image_seq_length == 4
-    assert (model.config.text_loss_weight, model.config.bce_loss_weight, model.config.dice_loss_weight) == (1.0, 2.0, 0.5)
+    weights = (model.config.text_loss_weight, model.config.bce_loss_weight, model.config.dice_loss_weight)
+    assert weights == (1.0, 2.0, 0.5)
     # The authors' evaluation input (template internvl2_5), written out by hand.
     expected = (
         "<|im_start|>system\nYou are an helpful assistant.<|im_end|>\n<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 4
@@ -100,10 +102,12 @@ def test_converted_tensors_are_the_released_ones_under_the_published_names(tmp_p
         "language_model.lm_head.weight": "lm_head.weight",
         "language_model.model.layers.1.self_attn.k_proj.bias": "model.language_model.layers.1.self_attn.k_proj.bias",
         "vision_model.embeddings.class_embedding": "model.vision_tower.embeddings.cls_token",
-        "vision_model.embeddings.patch_embedding.weight": "model.vision_tower.embeddings.patch_embeddings.projection.weight",
+        "vision_model.embeddings.patch_embedding.weight":
+            "model.vision_tower.embeddings.patch_embeddings.projection.weight",
         "vision_model.encoder.layers.1.ls2": "model.vision_tower.encoder.layer.1.lambda_2",
         "vision_model.encoder.layers.0.norm1.weight": "model.vision_tower.encoder.layer.0.layernorm_before.weight",
-        "vision_model.encoder.layers.0.attn.proj.weight": "model.vision_tower.encoder.layer.0.attention.projection_layer.weight",
+        "vision_model.encoder.layers.0.attn.proj.weight":
+            "model.vision_tower.encoder.layer.0.attention.projection_layer.weight",
         "mlp1.1.weight": "model.multi_modal_projector.linear_1.weight",
         "combine_decode_proj_all.2.weight": "seg_head.pus_llm.fc2.weight",
         "combine_decode_proj_ori.0.bias": "seg_head.pus_vision.fc1.bias",
@@ -158,13 +162,24 @@ def test_a_tokenizer_in_the_release_folder_is_used(tmp_path, bases, release):
     assert (second / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
 
 
-@pytest.mark.parametrize("with_adapter_config, float32_adapters", [(True, True), (False, False)])
-def test_unmerged_lora_checkpoint_is_merged_as_peft_merges_it(tmp_path, bases, with_adapter_config, float32_adapters):
+@pytest.mark.parametrize(
+    "with_adapter_config, float32_adapters, use_rslora",
+    [(True, True, False), (False, False, False), (True, True, True)],
+)
+def test_unmerged_lora_checkpoint_is_merged_as_peft_merges_it(
+    tmp_path, bases, with_adapter_config, float32_adapters, use_rslora
+):
     """Bit for bit what PEFT's `merge_and_unload` makes of the same wrapped model (LoRA factors in float32, PEFT's
-    default, or in bf16); alpha from adapter_config.json or from the flag."""
+    default, or in bf16; rsLoRA scaling from adapter_config.json); alpha from adapter_config.json or the flag."""
     checkpoint = tmp_path / "run" / "checkpoint-500"
     merged = write_lora_checkpoint(
-        checkpoint, bases["ids"], rank=4, alpha=8.0, adapter_config=with_adapter_config, float32_adapters=float32_adapters
+        checkpoint,
+        bases["ids"],
+        rank=4,
+        alpha=8.0,
+        adapter_config=with_adapter_config,
+        float32_adapters=float32_adapters,
+        use_rslora=use_rslora,
     )
     released = tmp_path / "merged"
     write_release_folder(released, bases["ids"])
@@ -177,19 +192,34 @@ def test_unmerged_lora_checkpoint_is_merged_as_peft_merges_it(tmp_path, bases, w
     got = load_state(out)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    before = load_file(checkpoint / "model.safetensors")
-    lora_free = "model.language_model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(got[lora_free], before["language_model.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
+    base_layer = load_file(checkpoint / "model.safetensors")[
+        "language_model.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    ]
+    assert not torch.equal(got["model.language_model.layers.0.self_attn.q_proj.weight"], base_layer)  # LoRA is in
     assert not (tmp_path / "run" / "training_args_was_unpickled").exists()
 
 
 def test_unmerged_checkpoint_without_alpha_is_refused(tmp_path, bases, capsys):
     checkpoint = tmp_path / "checkpoint-500"
     write_lora_checkpoint(checkpoint, bases["ids"], adapter_config=False)
-    code = main(["--input", str(checkpoint), "--output", str(tmp_path / "out"), "--base-tokenizer", str(bases["original"])])
+    code = main(
+        ["--input", str(checkpoint), "--output", str(tmp_path / "out"), "--base-tokenizer", str(bases["original"])]
+    )
     error = capsys.readouterr().err.strip()
     assert code == 2 and error.count("\n") == 0 and error.startswith("error:")
     assert "unmerged checkpoint" in error and "--lora-alpha" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_unmerged_checkpoint_with_other_peft_tensors_is_refused(tmp_path, bases):
+    checkpoint = tmp_path / "checkpoint-500"
+    write_lora_checkpoint(checkpoint, bases["ids"])
+    state = load_file(checkpoint / "model.safetensors")
+    dora = "language_model.base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight"
+    state[dora] = torch.ones(64)
+    save_file(state, checkpoint / "model.safetensors")
+    with pytest.raises(ConversionError, match="Unsupported PEFT tensors .*lora_magnitude_vector"):
+        convert_checkpoint(checkpoint, tmp_path / "out", base_tokenizer=bases["original"])
     assert not (tmp_path / "out").exists()
 
 
@@ -253,13 +283,16 @@ def edit_config(**changes):
         ("single", edit_config(model_type="llava"), True, "model_type='llava'"),
         ("single", edit_config(template="vicuna_v1"), True, "template='vicuna_v1'"),
         ("single", edit_config(eos_token_id=5), True, "eos_token_id 5 but the tokenizer's <|im_end|> is 266"),
+        ("single", lambda f: (f / "config.json").write_text("{"), True, "config.json is not valid JSON"),
+        ("single", lambda f: (f / "model.safetensors").write_bytes(b"\0" * 64), True, "is not a readable safetensors"),
     ],
 )
 def test_wrong_inputs_are_refused_with_one_line(tmp_path, bases, capsys, layout, breakage, base, message):
     folder, out = tmp_path / "release", tmp_path / "out"
     write_release_folder(folder, bases["ids"], layout)
     breakage(folder)
-    argv = ["--input", str(folder), "--output", str(out)] + (["--base-tokenizer", str(bases["original"])] if base else [])
+    argv = ["--input", str(folder), "--output", str(out)]
+    argv += ["--base-tokenizer", str(bases["original"])] if base else []
     code = main(argv)
     error = capsys.readouterr().err.strip()
     assert code == 2 and error.startswith("error:") and "\n" not in error, error
