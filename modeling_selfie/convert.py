@@ -521,7 +521,8 @@ def convert_checkpoint(
     config = build_config(original, ids, side["loss_weights"], state)
     model = checked_model(config, convert_state_dict(state))
     if ids["turn_end"] is not None:
-        model.generation_config = GenerationConfig(eos_token_id=ids["turn_end"], pad_token_id=ids["pad"])
+        pad = ids["pad"] if ids["pad"] is not None else original.get("pad_token_id")
+        model.generation_config = GenerationConfig(eos_token_id=ids["turn_end"], pad_token_id=pad)
     processor = build_processor(tokenizer, config, original) if tokenizer is not None else None
     with atomic_output_dir(output_dir, overwrite=overwrite) as staging:
         model.save_pretrained(staging)
