@@ -34,7 +34,7 @@ def data_root(tmp_path_factory):
 
 
 def test_every_name_builds_its_loader(data_root):
-    assert tuple(DATASETS) == NAMES
+    assert tuple(DATASETS) == NAMES + ("custom_referring", "custom_semantic")  # tests/test_data_custom.py
     for name in NAMES:
         for train in (False, True):
             dataset = build_dataset(name, "train", data_root, train=train)
