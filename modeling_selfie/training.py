@@ -798,7 +798,7 @@ def resolve_settings(argv: Sequence[str]) -> RunSettings:
     if isinstance(values["sample_rates"], str):
         values["sample_rates"] = parse_sample_rates(values["sample_rates"])
     if values["sample_rates"] is None:
-        raise ValueError(f"Recipe {recipe['name']!r} has no sample_rates and --sample-rates is not given.")
+        values["sample_rates"] = {}  # every dataset entry then needs a "rate"
     if "use_cpu" not in given and not _accelerator_available():
         values["use_cpu"], sources["use_cpu"] = True, "derived: no GPU"
     if values["lora_rank"] == 0 and values["vision_lora_rank"]:

@@ -86,8 +86,8 @@ def test_build_mixture_repeats_the_recipe_datasets(data_root):
     small = {"datasets": [{"name": "ade20k", "split": "train"}, {"name": "vqav2"}],
              "sample_rates": {"semantic": 2, "vqa": 3}}  # fmt: skip
     assert len(build_mixture(small, data_root)) == 2 * 2 + 2 * 3
-    with pytest.raises(ValueError, match="lacks the key 'sample_rates'"):
-        build_mixture({"datasets": []}, data_root)
+    with pytest.raises(ValueError, match="vqav2 has task 'vqa', which has no rate in sample_rates"):
+        build_mixture({"datasets": [{"name": "vqav2"}]}, data_root)
 
 
 def test_check_script_lists_exactly_the_missing_paths_and_counts_the_complete_sets(tmp_path):

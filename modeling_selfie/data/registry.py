@@ -130,22 +130,22 @@ def build_mixture(
     the other keys going to [`build_dataset`]) repeated by its entry's `rate` or else by the rate of its task in
     `recipe["sample_rates"]`, seeded by `recipe["seed"]` (default 0)."""
     recipe = load_recipe(recipe)
-    for key in ("datasets", "sample_rates"):
-        if key not in recipe:
-            raise ValueError(f"Recipe {recipe.get('name', '<unnamed>')!r} lacks the key {key!r}.")
+    if "datasets" not in recipe:
+        raise ValueError(f"Recipe {recipe.get('name', '<unnamed>')!r} lacks the key 'datasets'.")
+    rates = recipe.get("sample_rates", {})
     seed = recipe.get("seed", 0)
     datasets, repeats = [], []
     for entry in recipe["datasets"]:
         options = {"seed": seed, **entry}
         name, split, rate = options.pop("name"), options.pop("split", "train"), options.pop("rate", None)
         dataset = build_dataset(name, split, data_root, train=train, **options)
-        if rate is None and dataset.task not in recipe["sample_rates"]:
+        if rate is None and dataset.task not in rates:
             raise ValueError(
-                f"{name} has task {dataset.task!r}, which has no rate in {recipe['sample_rates']}: add one or give "
-                "the entry a 'rate'."
+                f"{name} has task {dataset.task!r}, which has no rate in sample_rates {rates}: add one or give the "
+                "entry a 'rate'."
             )
         datasets.append(dataset)
-        repeats.append(recipe["sample_rates"][dataset.task] if rate is None else rate)
+        repeats.append(rates[dataset.task] if rate is None else rate)
     return MixedDataset(datasets, repeats, seed=seed, shuffle=shuffle)
 
 
