@@ -15,12 +15,11 @@ setup(
     },
     install_requires=[
         "torch>=2.11,<2.15",
-        "transformers>=5.24,<5.25",
+        "transformers>=5.17,<5.25",  # differences between releases: modeling_selfie/compat.py
         "peft>=0.21,<0.22",
-        "trl>=1.16,<1.17",
-        "accelerate>=1.15,<1.16",
-        "safetensors>=0.8,<0.9",
-        "huggingface_hub>=2.4,<2.5",
+        "accelerate>=1.15,<2",
+        "safetensors>=0.4.3,<1",
+        "huggingface_hub>=1.5,<3",
         "tokenizers>=0.23,<0.24",
         "pillow>=12,<14",
         "pycocotools>=2.0.11,<2.1",

@@ -5,13 +5,9 @@ Importing this package registers the `selfie` model type with `AutoConfig`, `Aut
 `referring-segmentation` pipeline task.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-)
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+from .compat import AutoImageProcessor
 
 from .configuration_selfie import SelfieConfig
 from .modeling_selfie import SelfieForSegmentation, SelfieModel, SelfieSegmentationHead, SelfieSegmentationOutput

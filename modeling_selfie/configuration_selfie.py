@@ -55,6 +55,15 @@ class SelfieConfig(InternVLConfig):
     mask_loss_normalization: str = "batch"
     tie_word_embeddings: bool = False
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "SelfieConfig":
+        """Also reads a plain InternVL config (model_type `internvl`): the start of a SELFIE fine-tuning. Its fields
+        keep InternVL's meaning, so a `tie_word_embeddings` it leaves out takes InternVL's default, not SELFIE's."""
+        if config_dict.get("model_type") == "internvl":
+            config_dict = {**config_dict, "model_type": cls.model_type}
+            config_dict.setdefault("tie_word_embeddings", InternVLConfig.__dataclass_fields__["tie_word_embeddings"].default)
+        return super().from_dict(config_dict, **kwargs)
+
     def validate_selfie(self):
         """Part of `@strict` validation: every SELFIE switch names a known setting."""
         choices = {

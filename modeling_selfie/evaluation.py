@@ -3,10 +3,32 @@
 * [`ReferringMetrics`]: cIoU, gIoU and, on splits with no-target samples (gRefCOCO), N-acc / T-acc;
 * [`SemanticMetrics`]: confusion matrix -> mIoU, per-class IoU, pixel accuracy;
 * [`evaluate_referring`], [`evaluate_open_vocab`]: batched inference loops returning the metrics dict;
+* [`build_benchmark`]: a benchmark's evaluation samples under a protocol;
 * [`main`]: the `python -m modeling_selfie.evaluate` command line.
 
 Both accumulators can be filled in any order, merged ([`merge`]) and summed over `torch.distributed` processes
 ([`all_reduce`]): give each process a shard of the data, `all_reduce()`, then `compute()`.
+
+Protocols ([`EvaluationProtocol`], `--protocol`). `default` is this project's scoring; `self1e` scores as the
+SELF1E authors' evaluation does (see docs/evaluation.md). What differs:
+
+| | `default` | `self1e` |
+|---|---|---|
+| ReasonSeg samples | every query of every image | the first query of each image |
+| RefCOCO family target | union of the annotation's polygons | pixels in exactly one of its polygons |
+| RefCOCO-family sentences | as in the refs file | lowercased |
+| expressions per forward pass | `batch_size` (8) | 1 (one image per batch) |
+| cIoU | sum I / sum U; 1.0 when sum U = 0 | sum I / (sum U + 1e-10); 0.0 when sum U = 0 |
+
+(RefCOCO family: RefCOCO, RefCOCO+, RefCOCOg, refCLEF, gRefCOCO; an annotation stored as polygons whose
+polygons overlap has those pixels summed to 2 by the authors' loader, which leaves them out of the target. The
+annotations of a gRefCOCO expression are then joined by union under both protocols.)
+
+The same in both: the prediction (mask logits resized bilinearly, `align_corners=False`, to the image size,
+foreground where logit > 0); gIoU (mean per-expression IoU, 1.0 when target and prediction are both empty); the
+open-vocabulary mIoU (the authors have no code for it; both follow detectron2's `SemSegEvaluator`, see
+[`SemanticMetrics`]); and, where the facts known about the authors' evaluation are silent, this project's choices:
+ReasonSeg "ignore" pixels left out of target and prediction, N-acc / T-acc (the authors have no code for them).
 """
 
 import argparse
@@ -16,6 +38,7 @@ import pickle
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +53,73 @@ from .processing_selfie import image_size_of
 
 REFERRING_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef", "grefcoco", "reasonseg")
 OPEN_VOCAB_DATASETS = ("ade150", "pc59", "pc459", "voc20")
+REFER_DATASETS = tuple(name for name in REFERRING_DATASETS if name != "reasonseg")  # the RefCOCO family
+DEFAULT_BATCH_SIZE = 8
+
+
+@dataclass(frozen=True)
+class EvaluationProtocol:
+    """How a benchmark is scored: the settings that differ between protocols (table in the module docstring).
+
+    Attributes:
+        name: `"default"` or `"self1e"`.
+        ciou_epsilon: `None` gives cIoU = sum I / sum U (1.0 when sum U = 0); a number gives sum I / (sum U + it).
+        referring_batch_size: expressions per forward pass the protocol fixes (`None`: free, `DEFAULT_BATCH_SIZE`
+            unless given).
+        reasonseg_first_query_only: ReasonSeg is scored on the first query of each image only.
+        overlapping_polygons: `"keep"` or `"drop"` the pixels covered by two or more polygons of one annotation
+            (RefCOCO family), see `modeling_selfie.data.common.coco_segmentation_mask`.
+        lowercase_sentences: lowercase the RefCOCO-family sentences.
+    """
+
+    name: str
+    ciou_epsilon: float | None
+    referring_batch_size: int | None
+    reasonseg_first_query_only: bool
+    overlapping_polygons: str
+    lowercase_sentences: bool
+
+    def dataset_options(self, dataset: str) -> dict:
+        """Keyword arguments of the evaluation loader of `dataset` under this protocol."""
+        if dataset == "reasonseg":
+            return {"first_query_only": self.reasonseg_first_query_only}
+        if dataset in REFER_DATASETS:
+            return {"overlapping_polygons": self.overlapping_polygons, "lowercase": self.lowercase_sentences}
+        return {}
+
+    def batch_size(self, requested: int | None) -> int:
+        """Expressions per forward pass: `requested` (default `DEFAULT_BATCH_SIZE`) where the protocol leaves it
+        free; a different request where it fixes one raises `ValueError`."""
+        fixed = self.referring_batch_size
+        if fixed is None:
+            return DEFAULT_BATCH_SIZE if requested is None else requested
+        if requested not in (None, fixed):
+            raise ValueError(
+                f"protocol {self.name} scores {fixed} expression(s) per forward pass, as the authors do; "
+                f"batch size {requested} was asked for"
+            )
+        return fixed
+
+
+PROTOCOLS = {
+    "default": EvaluationProtocol(
+        name="default", ciou_epsilon=None, referring_batch_size=None, reasonseg_first_query_only=False,
+        overlapping_polygons="keep", lowercase_sentences=False,
+    ),
+    "self1e": EvaluationProtocol(
+        name="self1e", ciou_epsilon=1e-10, referring_batch_size=1, reasonseg_first_query_only=True,
+        overlapping_polygons="drop", lowercase_sentences=True,
+    ),
+}  # fmt: skip
+
+
+def evaluation_protocol(protocol: "str | EvaluationProtocol") -> EvaluationProtocol:
+    """The [`EvaluationProtocol`] named `protocol` (one of `PROTOCOLS`), or `protocol` itself."""
+    if isinstance(protocol, EvaluationProtocol):
+        return protocol
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown evaluation protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}.")
+    return PROTOCOLS[protocol]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,18 +168,23 @@ class ReferringMetrics(_SummableState):
 
     Pixels marked in `ignore` (ReasonSeg's "ignore" regions) are left out of both masks.
 
-    * `cIoU`: cumulative IoU, total intersection / total union over the split (1.0 if every union is empty);
+    * `cIoU`: cumulative IoU, total intersection / total union over the split; under protocol `default` 1.0 if
+      every union is empty, under `self1e` the authors' sum I / (sum U + 1e-10), which is 0.0 then;
     * `gIoU`: mean per-sample IoU; a sample with an empty target scores 1.0 if the prediction is empty too, else 0.0;
     * `count`: number of samples;
     * on splits with no-target samples (gRefCOCO) also `N-acc`, the fraction of no-target samples predicted empty,
       and `T-acc`, the fraction of samples with a target predicted non-empty (when there are such samples).
+
+    Args:
+        protocol: `"default"` or `"self1e"` (or an [`EvaluationProtocol`]); it changes the cIoU formula only.
     """
 
     _COUNTERS = (
         "intersection", "union", "iou_sum", "count", "no_target_count", "no_target_correct", "target_correct",
     )  # fmt: skip
 
-    def __init__(self):
+    def __init__(self, protocol: "str | EvaluationProtocol" = "default"):
+        self.protocol = evaluation_protocol(protocol)
         self.reset()
 
     def reset(self) -> None:
@@ -107,7 +202,7 @@ class ReferringMetrics(_SummableState):
             pred, target = pred & ~ignore, target & ~ignore
         intersection = (pred & target).sum(-1)
         union = (pred | target).sum(-1)
-        iou = torch.where(union > 0, intersection / union.clamp(min=1), 1.0)
+        iou = torch.where(union > 0, intersection.double() / union.clamp(min=1), 1.0)  # float64, as the sums
         has_target, pred_empty = target.any(-1), ~pred.any(-1)
         sums = torch.stack(
             [intersection.sum(), union.sum(), (~has_target).sum(), (~has_target & pred_empty).sum(),
@@ -118,15 +213,20 @@ class ReferringMetrics(_SummableState):
         self.no_target_count += sums[2]
         self.no_target_correct += sums[3]
         self.target_correct += sums[4]
-        self.iou_sum += float(iou.double().sum())
+        self.iou_sum += float(iou.sum())
         self.count += pred.shape[0]
 
     def compute(self) -> dict:
         """`{"cIoU", "gIoU", "count"}` plus `"N-acc"` / `"T-acc"` on splits with no-target samples."""
         if self.count == 0:
             raise ValueError("ReferringMetrics.compute() needs at least one sample: call update() first.")
+        epsilon = self.protocol.ciou_epsilon
+        if epsilon is None:
+            ciou = self.intersection / self.union if self.union else 1.0
+        else:
+            ciou = self.intersection / (self.union + epsilon)
         metrics = {
-            "cIoU": self.intersection / self.union if self.union else 1.0,
+            "cIoU": ciou,
             "gIoU": self.iou_sum / self.count,
             "count": self.count,
         }
@@ -164,13 +264,19 @@ def boundary_iou(pred, target, dilation_ratio: float = 0.02) -> float:
 
 class SemanticMetrics(_SummableState):
     r"""
-    Semantic segmentation metrics from a `[num_classes, num_classes]` confusion matrix (rows: target class,
-    columns: predicted class), accumulated over labelled pixels (`target != ignore_index`).
+    Semantic segmentation metrics from one `[num_classes, num_classes]` confusion matrix (rows: target class,
+    columns: predicted class) accumulated over the labelled pixels (`target != ignore_index`) of the whole split,
+    not averaged per image.
 
-    * `mIoU`: mean IoU over the classes present in the target or the prediction of the split;
+    * `mIoU`: mean IoU over the classes present in the target or the prediction of the split, so a class that is
+      only predicted counts as 0: detectron2's `SemSegEvaluator` mIoU in its earlier form (sum of the IoUs of
+      the classes present in the target / number of classes with a non-empty union), the common
+      open-vocabulary evaluator; later detectron2 versions leave classes that are only predicted out instead;
     * `per_class_IoU`: IoU per class (`None` for a class absent from both), keyed by name if `class_names` given;
-    * `pixel_accuracy`: correctly classified labelled pixels / labelled pixels;
+    * `pixel_accuracy`: correctly classified labelled pixels / labelled pixels (detectron2's pACC);
     * `count`: number of label maps.
+
+    Values are fractions in [0, 1] (detectron2 reports percentages).
 
     Args:
         num_classes: number of classes; target and prediction values must lie in `[0, num_classes)` (or equal
@@ -252,8 +358,10 @@ def _identity(batch):
     return batch
 
 
-def _prepare_model(model, device: str | torch.device | None) -> None:
-    """Move `model` to `device` (when given) and put it in eval mode."""
+def _prepare_model(model, processor, device: str | torch.device | None) -> None:
+    """Check that `processor` matches `model`, move `model` to `device` (when given) and put it in eval mode: the
+    first step of both evaluation loops."""
+    processor.check_model(model.config)
     if device is not None:
         model.to(device)
     model.eval()
@@ -297,7 +405,14 @@ def _check_referring_sample(sample: dict, index: int) -> None:
 
 
 def evaluate_referring(
-    model, processor, dataset, batch_size: int = 8, device=None, progress: bool = True, num_workers: int = 0
+    model,
+    processor,
+    dataset,
+    batch_size: int | None = None,
+    device=None,
+    progress: bool = True,
+    num_workers: int = 0,
+    protocol: "str | EvaluationProtocol" = "default",
 ) -> dict:
     """Referring / reasoning segmentation of every sample of `dataset`, scored by [`ReferringMetrics`].
 
@@ -310,15 +425,20 @@ def evaluate_referring(
     Args:
         model: a [`SelfieForSegmentation`] (put in eval mode, moved to `device` when given).
         processor: its [`SelfieProcessor`].
-        dataset: a map-style dataset or a list of sample dicts.
-        batch_size: samples per forward pass.
+        dataset: a map-style dataset or a list of sample dicts; [`build_benchmark`] gives a benchmark's samples
+            under a protocol (which samples and which targets are the protocol's: this loop scores what it gets).
+        batch_size: samples per forward pass; `None` gives the protocol's (8 under `default`, 1 under `self1e`,
+            which allows no other).
         progress: show a tqdm bar.
         num_workers: `DataLoader` workers that load samples.
+        protocol: `"default"` or `"self1e"`: the batch size and the cIoU formula (see the module docstring).
     Returns:
         [`ReferringMetrics.compute`]'s dict.
     """
-    _prepare_model(model, device)
-    metrics = ReferringMetrics()
+    protocol = evaluation_protocol(protocol)
+    batch_size = protocol.batch_size(batch_size)
+    _prepare_model(model, processor, device)
+    metrics = ReferringMetrics(protocol)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_identity, num_workers=num_workers)
     index = 0
     bar = tqdm(total=len(dataset), desc="referring", unit="sample", disable=not progress)
@@ -406,7 +526,7 @@ def evaluate_open_vocab(
     Returns:
         [`SemanticMetrics.compute`]'s dict.
     """
-    _prepare_model(model, device)
+    _prepare_model(model, processor, device)
     ignore_index = getattr(dataset, "ignore_index", 255) if ignore_index is None else ignore_index
     metrics = None
     loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=num_workers)
@@ -445,8 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
     parser.add_argument("--data-root", required=True, help="folder holding the dataset")
     parser.add_argument(
-        "--batch-size", type=int, default=8, help="samples (referring) or class queries (open-vocab) per forward"
-    )
+        "--protocol", default="default", choices=tuple(PROTOCOLS),
+        help="scoring: this project's (default) or the SELF1E authors' (self1e); see docs/evaluation.md",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-size", type=int,
+        help=f"samples (referring; default {DEFAULT_BATCH_SIZE}, protocol self1e: 1 only) or class queries "
+        f"(open-vocab; default {DEFAULT_BATCH_SIZE}) per forward",
+    )  # fmt: skip
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
@@ -473,6 +599,11 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise _UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.num_workers < 0:
         raise _UsageError(f"--num-workers must be at least 0, got {args.num_workers}")
+    if args.dataset in REFERRING_DATASETS:
+        try:
+            PROTOCOLS[args.protocol].batch_size(args.batch_size)
+        except ValueError as error:
+            raise _UsageError(f"--batch-size: {error}") from None
 
 
 def _resolve_device(name: str | None) -> torch.device:
@@ -491,19 +622,27 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def build_benchmark(dataset: str, split: str, data_root: str | Path, protocol: "str | EvaluationProtocol" = "default"):
+    """The evaluation samples of benchmark `dataset` (one of `REFERRING_DATASETS` or `OPEN_VOCAB_DATASETS`) under
+    `data_root`, as `protocol` selects them (ReasonSeg: every query or the first of each image) and builds their
+    targets (RefCOCO family: overlapping polygons, lowercased sentences); see the module docstring."""
+    protocol = evaluation_protocol(protocol)
+    if dataset in OPEN_VOCAB_DATASETS:
+        from .data.open_vocab import build_open_vocab_dataset
+
+        return build_open_vocab_dataset(dataset, data_root, split)
+    if dataset not in REFERRING_DATASETS:
+        choices = ", ".join(REFERRING_DATASETS + OPEN_VOCAB_DATASETS)
+        raise ValueError(f"Unknown benchmark {dataset!r}; choose one of {choices}.")
+    from .data.registry import build_dataset
+
+    return build_dataset(dataset, split, data_root, train=False, **protocol.dataset_options(dataset))
+
+
 def _load_dataset(args: argparse.Namespace):
     """The evaluation dataset named on the command line, cut to `--limit`."""
     try:
-        if args.dataset in OPEN_VOCAB_DATASETS:
-            from .data.open_vocab import build_open_vocab_dataset
-
-            dataset = build_open_vocab_dataset(args.dataset, args.data_root, args.split)
-        else:
-            try:
-                from .data.registry import build_dataset
-            except ImportError as error:
-                raise _UsageError(f"referring datasets need modeling_selfie.data.registry: {error}") from None
-            dataset = build_dataset(args.dataset, args.split, args.data_root, train=False)
+        dataset = build_benchmark(args.dataset, args.split, args.data_root, args.protocol)
     except (OSError, ValueError, KeyError, pickle.UnpicklingError) as error:
         message = f"cannot read {args.dataset} ({args.split}) from {args.data_root}: {_one_line(error)}"
         raise _UsageError(message) from None
@@ -530,7 +669,8 @@ def _summary(args: argparse.Namespace, metrics: dict, seconds: float) -> str:
     scores = ", ".join(
         f"{name} {value:.4f}" for name, value in metrics.items() if isinstance(value, float)
     )
-    return f"{args.dataset} {args.split}: {scores} (count {metrics['count']}, {seconds:.1f} s)"
+    details = f"count {metrics['count']}, protocol {args.protocol}, {seconds:.1f} s"
+    return f"{args.dataset} {args.split}: {scores} ({details})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -548,13 +688,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     if args.dataset in OPEN_VOCAB_DATASETS:
         ignore_index = (dataset.dataset if isinstance(dataset, Subset) else dataset).ignore_index
+        batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
         metrics = evaluate_open_vocab(
-            model, processor, dataset, query_batch_size=args.batch_size, ignore_index=ignore_index,
+            model, processor, dataset, query_batch_size=batch_size, ignore_index=ignore_index,
             num_workers=args.num_workers,
         )  # fmt: skip
     else:
+        batch_size = PROTOCOLS[args.protocol].batch_size(args.batch_size)
         metrics = evaluate_referring(
-            model, processor, dataset, batch_size=args.batch_size, num_workers=args.num_workers
+            model, processor, dataset, batch_size=batch_size, num_workers=args.num_workers, protocol=args.protocol
         )
     seconds = time.perf_counter() - start
 
@@ -564,6 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "model": str(args.model),
             "dataset": args.dataset,
             "split": args.split,
+            "protocol": args.protocol,
+            "batch_size": batch_size,
             "count": metrics["count"],
             "time_s": round(seconds, 3),
             "metrics": metrics,
@@ -574,12 +718,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = [
+    "PROTOCOLS",
+    "EvaluationProtocol",
     "ReferringMetrics",
     "SemanticMetrics",
+    "build_benchmark",
     "chunked_argmax",
     "evaluate_open_vocab",
     "evaluate_referring",
+    "evaluation_protocol",
     "main",
-        "predict_open_vocab",
+    "predict_open_vocab",
     "segment_images",
 ]

@@ -12,7 +12,7 @@ The model is transformers' InternVL plus three small things, each in one named p
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +20,13 @@ from torch import nn
 from transformers import InternVLForConditionalGeneration, InternVLModel
 from transformers.activations import ACT2FN
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.masking_utils import create_causal_mask
 from transformers.models.internvl.modeling_internvl import (
     InternVLCausalLMOutputWithPast,
     InternVLModelOutputWithPast,
 )
 from transformers.utils import logging
 
+from .compat import cache_kwargs, create_causal_mask, pop_cache
 from .configuration_selfie import SelfieConfig
 
 logger = logging.get_logger(__name__)
@@ -307,9 +307,27 @@ class SelfieSegmentationHead(nn.Module):
         return torch.einsum("shwc,sc->shw", pixels, seg_embeddings) / math.sqrt(self.seg_hidden_size)
 
 
+def shared_fields(output, target_class) -> dict:
+    """The fields of a model output that `target_class` also has (cache, hidden states, attentions, image outputs:
+    their names differ between transformers releases)."""
+    names = {f.name for f in fields(target_class)} - {"loss", "logits"}
+    return {f.name: getattr(output, f.name) for f in fields(output) if f.name in names}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
+
+# Checkpoint key layouts of InternVL (regex -> this model's names), for `from_pretrained(key_mapping=...)`: the Hub's
+# `-hf` repositories (`language_model.model.*`, `language_model.lm_head.*`, `vision_tower.*`,
+# `multi_modal_projector.*`) and `InternVLForConditionalGeneration.save_pretrained` (`model.language_model.model.*`).
+INTERNVL_KEY_MAPPING = {
+    r"^language_model\.lm_head\.": "lm_head.",
+    r"^language_model\.model\.": "model.language_model.",
+    r"^model\.language_model\.model\.": "model.language_model.",
+    r"^vision_tower\.": "model.vision_tower.",
+    r"^multi_modal_projector\.": "model.multi_modal_projector.",
+}
 
 
 class SelfieModel(InternVLModel):
@@ -378,12 +396,12 @@ class SelfieModel(InternVLModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> SelfieModelOutputWithPast:
         r"""
         Same inputs as [`InternVLModel.forward`] (`input_ids` are required: they locate image and `[SEG]` tokens).
+        The key-value cache comes as `cache` or `past_key_values`, whichever this transformers release uses.
 
         Returns:
             [`SelfieModelOutputWithPast`]: InternVL's outputs plus `image_features` (F_V1) and, when a sample
@@ -391,6 +409,7 @@ class SelfieModel(InternVLModel):
         """
         if input_ids is None:
             raise ValueError("SelfieModel.forward needs input_ids: they locate the image and [SEG] tokens.")
+        cache = pop_cache(kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -410,8 +429,8 @@ class SelfieModel(InternVLModel):
         outputs = self.language_model(
             attention_mask=llm_attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
+            **cache_kwargs(cache),
             **kwargs,
         )
         return SelfieModelOutputWithPast(
@@ -438,17 +457,28 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, seg_token_id: int | None = None, **kwargs):
-        """Load a SELFIE checkpoint, or start SELFIE from a plain `InternVLForConditionalGeneration` one.
+        """Load a SELFIE checkpoint, or start SELFIE from a plain InternVL3 one.
 
-        On an InternVL checkpoint (no `seg_token_id` in its config) the SELFIE head is initialised as transformers
-        initialises every Linear (normal weights with `initializer_range`, zero biases) and, unless `seg_token_id`
-        is given, `[SEG]` is appended to the vocabulary: id = old vocabulary size, one new row in the input and
-        output embeddings (initialised from the mean of the old rows). Both are logged.
+        Reads the key layouts InternVL checkpoints come in (`INTERNVL_KEY_MAPPING`: the Hub's `-hf` repositories,
+        what `InternVLForConditionalGeneration.save_pretrained` writes, the module names), tied or untied word
+        embeddings. Every base weight must be in the checkpoint: a missing one is a `ValueError` that names it. Only
+        the SELFIE head may be missing (an InternVL start): it is initialised as transformers initialises every Linear
+        (normal weights with `initializer_range`, zero biases) and logged. Unless `seg_token_id` is given, a config
+        without one gets `[SEG]` appended to the vocabulary (id = old vocabulary size, one new row in the input and
+        output embeddings, the mean of the old rows), also logged.
         """
         want_info = kwargs.pop("output_loading_info", False)
+        kwargs["key_mapping"] = {**INTERNVL_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
+        missing = [key for key in info["missing_keys"] if not key.startswith("seg_head.")]
+        if missing:
+            shown = ", ".join(sorted(missing)[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
+            raise ValueError(
+                f"{pretrained_model_name_or_path} lacks {len(missing)} weight(s) of the InternVL base model: {shown}. "
+                "Only the SELFIE head may be missing from a checkpoint; is this an InternVL3 / SELFIE checkpoint?"
+            )
         if any(key.startswith("seg_head.") for key in info["missing_keys"]):
             count = sum(p.numel() for p in model.seg_head.parameters())
             logger.warning(
@@ -622,6 +652,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         """
         from .processing_selfie import image_size_of, post_process_masks
 
+        processor.check_model(self.config)
         queries = [queries] if isinstance(queries, str) else list(queries)
         images = list(images) if isinstance(images, (list, tuple)) else [images] * len(queries)
         if len(images) != len(queries):
@@ -665,6 +696,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         """
         from .processing_selfie import image_size_of, post_process_masks
 
+        processor.check_model(self.config)
         prompt = processor.render_conversation(messages, with_image=image is not None, add_generation_prompt=True)
         inputs = processor(images=[image] if image is not None else None, text=[prompt]).to(self.device)
         if "pixel_values" in inputs:
@@ -693,7 +725,6 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         tile_grid: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -723,7 +754,6 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
             **kwargs,
         )
@@ -763,10 +793,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         return SelfieSegmentationOutput(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_outputs=outputs.image_outputs,
+            **shared_fields(outputs, SelfieSegmentationOutput),
             pred_masks=pred_masks,
             presence_logits=presence_logits,
             text_loss=text_loss,

@@ -31,6 +31,10 @@ class ReferringSegmentationPipeline(Pipeline):
     _load_tokenizer = False
     _load_feature_extractor = False
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.processor.check_model(self.model.config)
+
     def _sanitize_parameters(self, text=None, query_kind=None, mask_threshold=None, presence_threshold=None):
         preprocess = {k: v for k, v in {"text": text, "query_kind": query_kind}.items() if v is not None}
         postprocess = {

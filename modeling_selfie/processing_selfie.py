@@ -16,11 +16,28 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 SEG_TOKEN = "[SEG]"
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 INTERNVL_SYSTEM_MESSAGE = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 )
+SELF1E_SYSTEM_MESSAGE = "You are an helpful assistant."  # (sic) the released SELF1E's system turn
+# How the first user turn starts and whether phrases are normalised (the authors' evaluation writes "<image>\n "
+# and lowercases RefCOCO phrases; InternVL's chat format writes "<image>\n").
+PROMPT_STYLES = {
+    "self1e": {"image_prefix": "{image}\n ", "lowercase_phrases": True},
+    "internvl": {"image_prefix": "{image}\n", "lowercase_phrases": False},
+}
+# InternVL's image tokens, for tokenizers whose config does not name them (the original InternVL3 folders).
+IMAGE_TOKEN_ROLES = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+}
 
 # Paper Sec. 9: prompt templates.
 SHORT_QUESTIONS = (
@@ -159,7 +176,15 @@ class SelfieProcessor(InternVLProcessor):
     * [`post_process_masks`] brings mask logits back to each image's own size.
 
     Args:
-        system_message (`str`, *optional*): system turn of the InternVL chat format (`""` leaves it out).
+        system_message (`str`, *optional*, defaults to the released SELF1E's): system turn of the chat (`""` leaves
+            it out).
+        prompt_style (`str`, *optional*, defaults to `"self1e"`): `"self1e"` writes the first user turn as the
+            authors' evaluation does (`<image>\n ` then the question, phrases stripped and lowercased); `"internvl"`
+            as InternVL's chat format (`<image>\n`, phrases as given). Saved with the processor, so a model keeps the
+            prompt it was trained with.
+
+    `SelfieProcessor.from_pretrained` also reads InternVL3 folders (`-hf` or original): SELFIE tiling with the
+    folder's tile size and normalisation, its tokenizer with `[SEG]` added.
     """
 
     def __init__(
@@ -168,25 +193,94 @@ class SelfieProcessor(InternVLProcessor):
         tokenizer=None,
         image_seq_length: int = 256,
         chat_template=None,
-        system_message: str = INTERNVL_SYSTEM_MESSAGE,
+        system_message: str = SELF1E_SYSTEM_MESSAGE,
+        prompt_style: str = "self1e",
         **kwargs,
     ):
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style={prompt_style!r} is not one of {list(PROMPT_STYLES)}.")
         if tokenizer is not None and tokenizer.convert_tokens_to_ids(SEG_TOKEN) in (None, tokenizer.unk_token_id):
             tokenizer.add_tokens([AddedToken(SEG_TOKEN, special=True, normalized=False)], special_tokens=True)
         # InternVLProcessor.__init__ also takes a video processor, which needs torchvision; SELFIE has no video
         # input, so the processor is set up with an image processor and a tokenizer only.
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self.image_seq_length = image_seq_length
-        self.start_image_token, self.start_image_token_id = tokenizer.start_image_token, tokenizer.start_image_token_id
-        self.end_image_token, self.end_image_token_id = tokenizer.end_image_token, tokenizer.end_image_token_id
-        self.image_token, self.image_token_id = tokenizer.context_image_token, tokenizer.context_image_token_id
-        self.video_token = tokenizer.video_token
+        self.start_image_token, self.start_image_token_id = image_token(tokenizer, "start_image_token")
+        self.end_image_token, self.end_image_token_id = image_token(tokenizer, "end_image_token")
+        self.image_token, self.image_token_id = image_token(tokenizer, "context_image_token")
+        self.video_token = getattr(tokenizer, "video_token", None) or "<video>"
         self.multimodal_pattern = re.compile(f"(?P<image>{re.escape(self.image_token)})")
         self.system_message = system_message
+        self.prompt_style = prompt_style
         self.seg_token = SEG_TOKEN
         self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
         self._assistant_header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
         self._turn_end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "SelfieProcessor":
+        """A saved SELFIE processor, or a new one from an InternVL3 folder (see [`SelfieProcessor.from_internvl`])."""
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **hub_kwargs)
+        if processor_dict.get("processor_class") == cls.__name__:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return cls.from_internvl(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_internvl(cls, pretrained_model_name_or_path, **kwargs) -> "SelfieProcessor":
+        """A SELFIE processor for a plain InternVL3 folder (the `-hf` layout or the original `internvl_chat` one).
+
+        Keeps the folder's tokenizer (adding `[SEG]`, which gets the id `SelfieForSegmentation.from_pretrained`
+        appends to the model's vocabulary when the vocabulary is the tokenizer's length), tile size, normalisation
+        and image tokens per tile; tiles as SELFIE does (`SelfieImageProcessor`: one tile by default, no thumbnail,
+        `tile_grid`). `kwargs` may set `system_message`, `prompt_style`, `image_seq_length`.
+        """
+        from transformers import AutoTokenizer, PretrainedConfig
+        from transformers.image_processing_base import ImageProcessingMixin
+
+        hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        config, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+        try:
+            image_dict, _ = ImageProcessingMixin.get_image_processor_dict(pretrained_model_name_or_path, **hub_kwargs)
+        except OSError:
+            image_dict = {}
+        processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **hub_kwargs)
+        tile = internvl_tile_size(config, image_dict)
+        kwargs.setdefault(
+            "image_seq_length",
+            processor_dict.get("image_seq_length") or config.get("image_seq_length") or internvl_tokens_per_tile(config),
+        )
+        image_processor = SelfieImageProcessor(
+            size={"height": tile, "width": tile},
+            image_mean=image_dict.get("image_mean", IMAGENET_DEFAULT_MEAN),
+            image_std=image_dict.get("image_std", IMAGENET_DEFAULT_STD),
+        )
+        had_seg = SEG_TOKEN in tokenizer.get_vocab()
+        processor = cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+        vocab_size = (config.get("text_config") or config.get("llm_config") or {}).get("vocab_size")
+        if not had_seg and vocab_size is not None and processor.seg_token_id != vocab_size:
+            logger.warning(
+                f"[SEG] gets id {processor.seg_token_id} in the tokenizer of {pretrained_model_name_or_path}, but its "
+                f"model has {vocab_size} vocabulary rows, where SelfieForSegmentation.from_pretrained appends [SEG] "
+                f"by default: load the model with seg_token_id={processor.seg_token_id}."
+            )
+        return processor
+
+    def check_model(self, config) -> None:
+        """Raise a `ValueError` if this processor and a model (its `SelfieConfig`) disagree on the `[SEG]` or image
+        token ids or on the image tokens per tile: inputs built by one would be misread by the other."""
+        checks = {
+            "[SEG] token id": (self.seg_token_id, config.seg_token_id),
+            "image token id (<IMG_CONTEXT>)": (self.image_token_id, config.image_token_id),
+            "image tokens per tile": (self.image_seq_length, config.tokens_per_tile_side**2),
+        }
+        wrong = [f"{name}: processor {ours}, model {theirs}" for name, (ours, theirs) in checks.items() if ours != theirs]
+        if wrong:
+            raise ValueError(
+                "The processor does not match the model (" + "; ".join(wrong) + "). Load both from the same folder, "
+                "or build the processor for this model's tokenizer."
+            )
 
     def render_conversation(
         self, turns: Sequence[dict], with_image: bool = True, add_generation_prompt: bool = False
@@ -195,20 +289,24 @@ class SelfieProcessor(InternVLProcessor):
         at the start of the first user turn, every assistant turn closed (teacher forcing) and, with
         `add_generation_prompt`, an open assistant turn at the end (for `generate`)."""
         parts = [f"<|im_start|>system\n{self.system_message}<|im_end|>\n"] if self.system_message else []
+        image_prefix = PROMPT_STYLES[self.prompt_style]["image_prefix"].format(image=self.image_token)
         image_pending = with_image
         for turn in turns:
             role, content = turn["role"], turn["content"]
             if role not in ("user", "assistant"):
                 raise ValueError(f"Conversation turn role must be 'user' or 'assistant', got {role!r}.")
             if role == "user" and image_pending:
-                content, image_pending = f"{self.image_token}\n{content}", False
+                content, image_pending = image_prefix + content, False
             parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
         if add_generation_prompt:
             parts.append("<|im_start|>assistant\n")
         return "".join(parts)
 
     def segmentation_conversation(self, query: str, kind: str = "phrase") -> list[dict]:
-        """The paper's validation conversation for one query (Sec. 9.2), answered "[SEG]."."""
+        """The paper's validation conversation for one query (Sec. 9.2), answered "[SEG].". Under the `"self1e"`
+        prompt style a phrase is stripped and lowercased, as the authors' RefCOCO loader does."""
+        if kind == "phrase" and PROMPT_STYLES[self.prompt_style]["lowercase_phrases"]:
+            query = query.strip().lower()
         return [
             {"role": "user", "content": segmentation_question(query, kind)},
             {"role": "assistant", "content": segmentation_answer()},
@@ -362,6 +460,37 @@ def post_process_masks(
     return results
 
 
+def image_token(tokenizer, role: str) -> tuple[str, int]:
+    """(token, id) of one of InternVL's image tokens: the tokenizer's named role, else InternVL's literal token."""
+    token = getattr(tokenizer, role, None) or IMAGE_TOKEN_ROLES[role]
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"The tokenizer has no {token} token ({role}): it is not an InternVL tokenizer.")
+    return token, token_id
+
+
+def internvl_tile_size(config: dict, image_processor_dict: dict) -> int:
+    """Side of one tile in an InternVL3 folder: the image processor's size (`-hf`: `{"height", "width"}`, original:
+    CLIP `crop_size` / `size`), else config.json's `force_image_size` or vision `image_size`."""
+    for key in ("size", "crop_size"):
+        size = image_processor_dict.get(key)
+        if isinstance(size, dict) and size.get("height"):
+            return int(size["height"])
+        if isinstance(size, int):
+            return size
+    size = config.get("force_image_size") or config.get("vision_config", {}).get("image_size", 448)
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def internvl_tokens_per_tile(config: dict) -> int:
+    """LLM image tokens per tile of an InternVL3 config.json: (tile / patch)^2 * downsample_ratio^2."""
+    vision = config.get("vision_config", {})
+    patch = vision.get("patch_size", 14)
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    tile = internvl_tile_size(config, {})
+    return round((tile // patch) ** 2 * config.get("downsample_ratio", 0.5) ** 2)
+
+
 def image_size_of(image) -> tuple[int, int]:
     """(height, width) of a PIL image, HWC numpy array or CHW tensor."""
     if isinstance(image, Image.Image):
@@ -375,6 +504,7 @@ SelfieImageProcessor.register_for_auto_class("AutoImageProcessor")  # remote cod
 SelfieProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "SELF1E_SYSTEM_MESSAGE",
     "SelfieImageProcessor",
     "SelfieProcessor",
     "image_size_of",

@@ -70,3 +70,14 @@ def test_box_mask_helper_matches_polygon_fill(reasonseg):
     root, _ = reasonseg
     mask = ReasonSegDataset(root, "val")[0]["ignore_masks"][0]
     assert (mask == box_mask(32, 48, 10, 10, 17, 17)).all()  # PIL fills the outline too: 10..16 inclusive
+
+
+def test_first_query_only_gives_one_evaluation_sample_per_image(reasonseg):
+    root, written = reasonseg
+    (written["folder"] / "c.jpg").write_bytes((written["folder"] / "b.jpg").read_bytes())
+    (written["folder"] / "c.json").write_text('{"text": [], "is_sentence": false, "shapes": []}')  # nothing asked
+    dataset = ReasonSegDataset(root, "val", first_query_only=True)
+    queries = [dataset[i]["query"] for i in range(len(dataset))]
+    assert queries == ["What in this kitchen keeps food cold?", "the red cup"]
+    with pytest.raises(ValueError, match="first_query_only selects evaluation samples"):
+        ReasonSegDataset(root, "val", train=True, first_query_only=True)

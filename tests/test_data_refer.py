@@ -120,3 +120,14 @@ def test_bad_dataset_split_or_split_by_are_named(refcoco):
         ReferringDataset(root, "refcocoh", "train")
     with pytest.raises(IndexError, match="refcoco has 3 samples"):
         ReferringDataset(root, "refcoco", "train")[3]
+
+
+def test_overlapping_polygons_drop_leaves_rle_targets_alone_and_checks_its_value(refcoco):
+    root, written = refcoco
+    dropped = ReferringDataset(root, "refcoco", "train", overlapping_polygons="drop", lowercase=True)
+    kept = ReferringDataset(root, "refcoco", "train")
+    for index in range(len(kept)):  # ann 11 is one polygon, ann 12 an RLE: nothing overlaps, nothing changes
+        assert np.array_equal(dropped[index]["masks"], kept[index]["masks"])
+    assert np.array_equal(dropped[2]["masks"][0], written["masks"][12])
+    with pytest.raises(ValueError, match="overlapping_polygons must be one of \\('keep', 'drop'\\), got 'sum'"):
+        ReferringDataset(root, "refcoco", "train", overlapping_polygons="sum")

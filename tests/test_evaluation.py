@@ -1,6 +1,7 @@
 """Evaluation: metrics on hand-made masks, open-vocab argmax and readers, the loops and the CLI end to end."""
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from modeling_selfie.data.open_vocab import (
 from modeling_selfie.evaluation import (
     ReferringMetrics,
     SemanticMetrics,
+    build_benchmark,
     chunked_argmax,
     evaluate_open_vocab,
     evaluate_referring,
@@ -28,7 +30,15 @@ from modeling_selfie.evaluation import (
     segment_images,
 )
 
-from .data_fixtures import write_grefcoco, write_reasonseg, write_refer_dataset
+from .data_fixtures import (
+    box_polygon,
+    coco_file_name,
+    write_coco,
+    write_grefcoco,
+    write_image,
+    write_reasonseg,
+    write_refer_dataset,
+)
 from .helpers import WORDS, random_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -402,3 +412,148 @@ def test_boundary_iou_rewards_exact_contours_and_punishes_shifted_ones():
     assert boundary_iou(coarse, target, dilation_ratio=0.02) == 0.0
     assert 0 < boundary_iou(shifted, target) < 1
     assert boundary_iou(torch.zeros_like(target), torch.zeros_like(target)) == 1.0
+
+
+# --------------------------------------------------------------------------------------------- protocols
+
+
+def test_ciou_of_a_split_without_foreground_is_one_by_default_and_zero_as_the_authors_compute_it():
+    empty = np.zeros((3, 3), bool)
+    default, self1e = ReferringMetrics(), ReferringMetrics("self1e")
+    for metrics in (default, self1e):
+        metrics.update(np.stack([empty, empty]), np.stack([empty, empty]))
+    assert default.compute() == {"cIoU": 1.0, "gIoU": 1.0, "count": 2, "N-acc": 1.0}
+    assert self1e.compute() == {"cIoU": 0.0, "gIoU": 1.0, "count": 2, "N-acc": 1.0}  # 0 / (0 + 1e-10)
+    self1e.update(mask((3, 3), (0, 0), (1, 1), (2, 2)), empty)  # a false positive: union 3, intersection 0
+    assert self1e.compute()["cIoU"] == 0.0 and self1e.compute()["gIoU"] == pytest.approx(2 / 3)
+
+
+def test_self1e_ciou_adds_1e_10_to_the_union():
+    metrics = ReferringMetrics("self1e")
+    metrics.update(np.ones((4, 4), bool), np.ones((4, 4), bool))
+    metrics.update(mask((4, 4), (0, 0), (0, 1)), mask((4, 4), (0, 0)))
+    result = metrics.compute()
+    assert result["cIoU"] == 17 / (18 + 1e-10) and result["cIoU"] < 17 / 18
+    assert result["gIoU"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="Unknown evaluation protocol 'lisa'"):
+        ReferringMetrics("lisa")
+
+
+def test_reasonseg_under_self1e_keeps_the_first_query_of_each_image(tmp_path):
+    write_reasonseg(tmp_path, "val")  # a.jpg: two sentence queries, b.jpg: one phrase query
+    default = build_benchmark("reasonseg", "val", tmp_path)
+    self1e = build_benchmark("reasonseg", "val", tmp_path, protocol="self1e")
+    assert [sample["query"] for sample in default] == [
+        "What in this kitchen keeps food cold?", "Which object would you open to get milk?", "the red cup"
+    ]  # fmt: skip
+    assert [(s["query"], s["query_kind"]) for s in self1e] == [
+        ("What in this kitchen keeps food cold?", "instruction"), ("the red cup", "phrase")
+    ]  # fmt: skip
+    assert np.array_equal(self1e[0]["masks"], default[0]["masks"])
+    assert np.array_equal(self1e[0]["ignore_masks"], default[0]["ignore_masks"])  # ignore regions: both protocols
+
+
+def write_refcoco_with_overlapping_polygons(root: Path) -> None:
+    """RefCOCO (REFER layout) with one val ref on an 8x8 image whose annotation is two overlapping polygons: the
+    boxes rows/cols 0..3 and 2..5 (16 pixels each, 4 shared)."""
+    image_dir = root / "refer_seg" / "images" / "mscoco" / "images" / "train2014"
+    write_image(image_dir / coco_file_name(1), 8, 8, seed=1)
+    annotation = {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                  "segmentation": [box_polygon(0, 0, 4, 4), box_polygon(2, 2, 6, 6)]}  # fmt: skip
+    write_coco(root / "refer_seg" / "refcoco" / "instances.json", {1: coco_file_name(1)}, {1: (8, 8)}, [annotation],
+               {1: "person"})  # fmt: skip
+    sentence = "The Man On The LEFT"
+    ref = {"ref_id": 1, "ann_id": 11, "image_id": 1, "split": "val", "category_id": 1, "sent_ids": [1],
+           "file_name": "COCO_train2014_000000000001_11.jpg",
+           "sentences": [{"sent": sentence, "raw": sentence, "tokens": sentence.split(), "sent_id": 1}]}  # fmt: skip
+    (root / "refer_seg" / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps([ref], protocol=2))
+
+
+def test_refcoco_under_self1e_drops_pixels_where_polygons_of_one_annotation_overlap(tmp_path):
+    write_refcoco_with_overlapping_polygons(tmp_path)
+    default = build_benchmark("refcoco", "val", tmp_path)[0]
+    self1e = build_benchmark("refcoco", "val", tmp_path, protocol="self1e")[0]
+    union = np.zeros((8, 8), np.uint8)
+    union[0:4, 0:4] = union[2:6, 2:6] = 1
+    assert np.array_equal(default["masks"][0], union) and union.sum() == 28
+    expected = union.copy()
+    expected[2:4, 2:4] = 0  # covered twice: summed to 2 by the authors' loader, not target
+    assert np.array_equal(self1e["masks"][0], expected) and expected.sum() == 24
+    assert default["query"] == "The Man On The LEFT" and self1e["query"] == "the man on the left"
+    # predicting the union: IoU 1 by default, 24 / 28 under self1e (the 4 doubly covered pixels are false positives)
+    scores = {}
+    for name, sample in (("default", default), ("self1e", self1e)):
+        metrics = ReferringMetrics(name)
+        metrics.update(union, sample["masks"][0])
+        scores[name] = metrics.compute()["gIoU"]
+    assert scores == {"default": 1.0, "self1e": 24 / 28}
+
+
+def test_self1e_scores_one_expression_per_forward(tiny):
+    model, processor = tiny
+    with pytest.raises(ValueError, match="self1e scores 1 expression"):
+        evaluate_referring(model, processor, referring_samples(), batch_size=2, progress=False, protocol="self1e")
+
+
+def test_open_vocab_miou_counts_a_class_only_predicted_as_zero():
+    # target a a / b b, prediction a c / b b: a IoU 1/2, b 2/2, c only predicted 0/1 -> (0.5 + 1 + 0) / 3
+    metrics = SemanticMetrics(4, class_names=("a", "b", "c", "d"))
+    metrics.update(np.array([[0, 2], [1, 1]]), np.array([[0, 0], [1, 1]]))
+    result = metrics.compute()
+    assert result["mIoU"] == pytest.approx(0.5)  # later detectron2 versions, leaving c out, would give 0.75
+    assert result["per_class_IoU"] == {"a": 0.5, "b": 1.0, "c": 0.0, "d": None}
+    assert result["pixel_accuracy"] == pytest.approx(3 / 4)
+
+
+def test_open_vocab_ignores_label_255_in_target_and_prediction():
+    # the only "c" prediction lies on an ignored pixel: c is absent, a and b are perfect
+    metrics = SemanticMetrics(3, class_names=("a", "b", "c"))
+    metrics.update(np.array([[0, 1, 2]]), np.array([[0, 1, 255]]))
+    result = metrics.compute()
+    assert result["mIoU"] == 1.0 and result["per_class_IoU"] == {"a": 1.0, "b": 1.0, "c": None}
+    assert int(metrics.confusion.sum()) == 2
+
+
+def test_open_vocab_miou_comes_from_one_confusion_matrix_over_the_split_not_a_mean_over_images():
+    metrics = SemanticMetrics(2)
+    metrics.update(np.zeros((2, 2), int), np.zeros((2, 2), int))  # image 1: all a, right; its mIoU 1
+    metrics.update(np.array([[1, 1]]), np.array([[0, 1]]))  # image 2: a 0/1, b 1/2; its mIoU 0.25
+    result = metrics.compute()
+    # split: a I 4 U 5, b I 1 U 2 -> (0.8 + 0.5) / 2 = 0.65 (the mean of the per-image mIoUs would be 0.625)
+    assert result["mIoU"] == pytest.approx(0.65) and result["per_class_IoU"] == pytest.approx([0.8, 0.5])
+    assert result["count"] == 2
+
+
+def test_cli_self1e_on_reasonseg_scores_first_queries_one_by_one_with_a_progress_bar(tmp_path, saved_tiny, tiny,
+                                                                                    capsys):  # fmt: skip
+    write_reasonseg(tmp_path / "data", "val")
+    output = tmp_path / "results.json"
+    code = main([
+        "--model", str(saved_tiny), "--dataset", "reasonseg", "--data-root", str(tmp_path / "data"),
+        "--device", "cpu", "--protocol", "self1e", "--output", str(output),
+    ])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.startswith("reasonseg val: cIoU ") and "protocol self1e" in captured.out
+    assert "referring" in captured.err and "100%" in captured.err and "2/2" in captured.err  # the tqdm bar
+    results = json.loads(output.read_text())
+    assert (results["protocol"], results["batch_size"], results["count"]) == ("self1e", 1, 2)
+
+    model, processor = tiny  # the same weights as saved_tiny (preset, seed 0)
+    expected = ReferringMetrics("self1e")
+    for sample in build_benchmark("reasonseg", "val", tmp_path / "data", protocol="self1e"):
+        conversation = processor.segmentation_conversation(sample["query"], sample["query_kind"])
+        (pred,) = segment_images(model, processor, [sample["image"]], conversations=[conversation])
+        expected.update(pred[0], sample["masks"][0], sample["ignore_masks"][0])
+    for key, value in expected.compute().items():
+        assert results["metrics"][key] == pytest.approx(value, abs=1e-6)
+
+
+def test_cli_refuses_a_batch_size_the_self1e_protocol_does_not_use(tmp_path, saved_tiny, capsys):
+    write_refcoco_with_overlapping_polygons(tmp_path)
+    code = main([
+        "--model", str(saved_tiny), "--dataset", "refcoco", "--data-root", str(tmp_path), "--protocol", "self1e",
+        "--batch-size", "4",
+    ])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: --batch-size: protocol self1e scores 1 expression") and "\n" not in err

@@ -67,7 +67,7 @@ def reference_dual_pathway(input_ids, attention_mask, image_id, seg_id):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "mask_function"])
 def test_dual_pathway_mask_matches_reference_rule(attn):
-    from transformers.masking_utils import create_causal_mask
+    from modeling_selfie.compat import create_causal_mask
 
     model, _ = tiny_model_and_processor(WORDS)
     image_id, seg_id = model.config.image_token_id, model.config.seg_token_id

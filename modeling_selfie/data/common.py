@@ -68,18 +68,34 @@ def polygon_mask(points: Sequence[Sequence[float]], height: int, width: int) -> 
     return np.asarray(canvas, dtype=np.uint8)
 
 
-def coco_segmentation_mask(segmentation, height: int, width: int) -> np.ndarray:
+OVERLAPPING_POLYGONS = ("keep", "drop")
+
+
+def coco_segmentation_mask(
+    segmentation, height: int, width: int, overlapping_polygons: str = "keep"
+) -> np.ndarray:
     """Decode a COCO `segmentation` field to a `uint8` `[height, width]` 0/1 mask.
 
-    Accepts a list of polygons `[[x0, y0, x1, y1, ...], ...]` (their union; polygons of fewer than 3 points have
-    no area and are skipped), an uncompressed RLE `{"size": [h, w], "counts": [int, ...]}`, or a compressed RLE
-    whose `counts` is a `str` or `bytes`. An empty list gives an empty mask.
+    Accepts a list of polygons `[[x0, y0, x1, y1, ...], ...]` (polygons of fewer than 3 points have no area and are
+    skipped), an uncompressed RLE `{"size": [h, w], "counts": [int, ...]}`, or a compressed RLE whose `counts` is a
+    `str` or `bytes`. An empty list gives an empty mask.
+
+    Args:
+        overlapping_polygons: pixels covered by two or more polygons of the list: `"keep"` (the polygons' union, as
+            COCO's `annToMask`) or `"drop"` (left out of the mask: SELF1E's evaluation sums the polygon masks and
+            counts only the pixels where the sum is 1, see `modeling_selfie.evaluation`). RLEs are unaffected.
     """
+    if overlapping_polygons not in OVERLAPPING_POLYGONS:
+        raise ValueError(f"overlapping_polygons must be one of {OVERLAPPING_POLYGONS}, got {overlapping_polygons!r}.")
     if isinstance(segmentation, list):
         polygons = [polygon for polygon in segmentation if len(polygon) >= 6]
         if not polygons:
             return np.zeros((height, width), dtype=np.uint8)
-        rle = coco_mask_utils.merge(coco_mask_utils.frPyObjects(polygons, height, width))
+        rles = coco_mask_utils.frPyObjects(polygons, height, width)
+        if overlapping_polygons == "drop":
+            covered = coco_mask_utils.decode(rles).sum(axis=2, dtype=np.int64)  # [H, W, n] -> polygons per pixel
+            return (covered == 1).astype(np.uint8)
+        rle = coco_mask_utils.merge(rles)
     elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
         if list(segmentation["size"]) != [height, width]:
             raise ValueError(f"RLE of size {segmentation['size']} for an image of size {[height, width]}.")
@@ -115,16 +131,16 @@ class CocoAnnotations:
         for annotation in data["annotations"]:
             self.annotations_by_image[annotation["image_id"]].append(annotation)
 
-    def mask(self, annotation_ids: Iterable[int], image_id: int) -> np.ndarray:
+    def mask(self, annotation_ids: Iterable[int], image_id: int, overlapping_polygons: str = "keep") -> np.ndarray:
         """Union of the masks of `annotation_ids` on image `image_id`: `uint8` `[height, width]` (all zero for no
-        annotation)."""
+        annotation). `overlapping_polygons` applies within each annotation, see [`coco_segmentation_mask`]."""
         image = self.images[image_id]
         mask = np.zeros((image["height"], image["width"]), dtype=np.uint8)
         for annotation_id in annotation_ids:
             if annotation_id not in self.annotations:
                 raise KeyError(f"{self.path} has no annotation with id {annotation_id}.")
             mask |= coco_segmentation_mask(
-                self.annotations[annotation_id]["segmentation"], image["height"], image["width"]
+                self.annotations[annotation_id]["segmentation"], image["height"], image["width"], overlapping_polygons
             )
         return mask
 

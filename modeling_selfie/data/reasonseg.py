@@ -14,7 +14,8 @@ any other paints target. The target mask holds the target pixels; the ignore pix
 returned as `sample["ignore_masks"]` (`uint8` `[1, H, W]`, 1 = pixels to leave out of the loss and the metrics).
 
 Training samples (`train=True`) are one per image, with a random query and random templates; evaluation samples
-are one per (image, query), with the validation template, `query` and `query_kind`.
+are one per (image, query), with the validation template, `query` and `query_kind`, or one per image with
+`first_query_only=True` (its first query: SELF1E's evaluation, `--protocol self1e`).
 """
 
 import random
@@ -51,6 +52,7 @@ class ReasonSegDataset(SelfieDataset):
         root: the folder holding `reason_seg/ReasonSeg/`.
         split: `train`, `val` or `test`.
         train: training samples (one per image) or evaluation samples (one per query).
+        first_query_only: evaluation samples for the first query of each image only (as SELF1E scores ReasonSeg).
         seed, max_samples: see [`SelfieDataset`].
 
     Samples: `masks` and `ignore_masks` `uint8` `[1, H, W]`.
@@ -66,6 +68,7 @@ class ReasonSegDataset(SelfieDataset):
         split: str = "train",
         *,
         train: bool = False,
+        first_query_only: bool = False,
         seed: int = 0,
         max_samples: int | None = None,
     ):
@@ -74,14 +77,15 @@ class ReasonSegDataset(SelfieDataset):
         images = sorted(folder.glob("*.jpg"))
         if not images:
             raise ValueError(f"{folder} holds no .jpg image.")
+        if train and first_query_only:
+            raise ValueError("first_query_only selects evaluation samples; it cannot be combined with train=True.")
         if train:
             items = [(image, None) for image in images]
         else:
-            items = [
-                (image, query)
-                for image in images
-                for query in range(len(read_json(image.with_suffix(".json"), self.check_script)["text"]))
-            ]
+            items = []
+            for image in images:
+                queries = len(read_json(image.with_suffix(".json"), self.check_script)["text"])
+                items += [(image, query) for query in range(min(queries, 1) if first_query_only else queries)]
         super().__init__(items, train=train, seed=seed, max_samples=max_samples)
 
     @classmethod

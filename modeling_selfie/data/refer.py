@@ -16,6 +16,10 @@ Training samples (`train=True`) are one per image of the split, as in SELF1E's t
 sentences are drawn without replacement from all sentences of the image's refs, one user turn each (a random
 phrase template) answered by a random answer with one `[SEG]`. Evaluation samples are one per (ref, sentence) of
 the split, with the validation template, `query` (the sentence) and `query_kind="phrase"`.
+
+Two options reproduce SELF1E's evaluation (`python -m modeling_selfie.evaluate --protocol self1e`):
+`overlapping_polygons="drop"` leaves the pixels covered by two polygons of one annotation out of its target, and
+`lowercase=True` lowercases the sentences, as the authors' loader does.
 """
 
 import pickle
@@ -25,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..processing_selfie import segmentation_answer, segmentation_question
-from .common import CocoAnnotations, SelfieDataset, load_image, read_json, require_paths
+from .common import OVERLAPPING_POLYGONS, CocoAnnotations, SelfieDataset, load_image, read_json, require_paths
 
 # dataset -> the `split_by` values of its REFER release, the default first.
 REFER_SPLIT_BY = {
@@ -98,6 +102,10 @@ class ReferringDataset(SelfieDataset):
             `root/images/saiapr_tc-12`).
         train: training samples (one per image, random sentences and templates) or evaluation samples.
         max_turns: most sentences (turns, `[SEG]` tokens) per training sample.
+        overlapping_polygons: `"keep"` (the union of an annotation's polygons) or `"drop"` (pixels covered by two
+            or more polygons of one annotation are not target, as in SELF1E's evaluation); see
+            [`coco_segmentation_mask`].
+        lowercase: lowercase the sentences (SELF1E's loader does).
         seed, max_samples: see [`SelfieDataset`].
 
     Samples: `image` RGB, `masks` `uint8` `[n_turns, H, W]`.
@@ -115,15 +123,23 @@ class ReferringDataset(SelfieDataset):
         *,
         train: bool = False,
         max_turns: int = 3,
+        overlapping_polygons: str = "keep",
+        lowercase: bool = False,
         seed: int = 0,
         max_samples: int | None = None,
     ):
+        if overlapping_polygons not in OVERLAPPING_POLYGONS:
+            raise ValueError(
+                f"overlapping_polygons must be one of {OVERLAPPING_POLYGONS}, got {overlapping_polygons!r}."
+            )
         root = Path(root)
         self.source = dataset
         self.check_script = "processing/check_grefcoco.py" if dataset == "grefcoco" else "processing/check_refer.py"
         self.split_by = resolve_split_by(dataset, split_by)
         self.image_dir = Path(image_dir) if image_dir is not None else default_image_dir(root, dataset)
         self.max_turns = max_turns
+        self.overlapping_polygons = overlapping_polygons
+        self.lowercase = lowercase
         require_paths(self.expected_paths(root, dataset, split, self.split_by, self.image_dir), self.check_script)
 
         refs = self._read_refs(root / dataset / refs_file_name(dataset, self.split_by), split)
@@ -172,7 +188,7 @@ class ReferringDataset(SelfieDataset):
 
     def ref_mask(self, ref: dict) -> np.ndarray:
         """The target of a ref: `uint8` `[H, W]`, the union of its annotations (empty for a no-target ref)."""
-        return self.coco.mask(ref_annotation_ids(ref), ref["image_id"])
+        return self.coco.mask(ref_annotation_ids(ref), ref["image_id"], self.overlapping_polygons)
 
     def data_files(self) -> list[Path]:
         image_ids = {item[0] if self.train else item[0]["image_id"] for item in self.items}
@@ -189,6 +205,7 @@ class ReferringDataset(SelfieDataset):
         conversation, masks = [], []
         for ref, sentence in turns:
             text = sentence["sent"].strip()
+            text = text.lower() if self.lowercase else text
             conversation.append({"role": "user", "content": segmentation_question(text, "phrase", rng)})
             conversation.append({"role": "assistant", "content": segmentation_answer(rng)})
             masks.append(self.ref_mask(ref))

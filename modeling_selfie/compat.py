@@ -1,0 +1,42 @@
+"""Differences between the transformers and huggingface_hub releases SELFIE supports, in one place.
+
+Every switch here detects a feature (a signature, an attribute), never a version string, so a release that backports
+or renames something is handled by what it actually offers. Supported: transformers 5.17 to 5.24, huggingface_hub
+1.x and 2.x.
+"""
+
+import inspect
+
+# transformers' top-level `AutoImageProcessor` is a placeholder that demands torchvision in some releases (5.17);
+# the class in its own module works with the PIL backends everywhere.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
+from transformers.masking_utils import create_causal_mask as _create_causal_mask
+
+# The name of the key-value cache argument: `past_key_values` until transformers 5.2x renamed it to `cache`.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(_create_causal_mask).parameters else "past_key_values"
+
+
+def create_causal_mask(*, cache=None, **kwargs):
+    """`transformers.masking_utils.create_causal_mask` with the cache passed under whichever name it takes."""
+    return _create_causal_mask(**{CACHE_KWARG: cache}, **kwargs)
+
+
+def pop_cache(kwargs: dict):
+    """Remove and return the key-value cache from forward kwargs, under either name (`generate` passes the one its
+    release uses)."""
+    cache = kwargs.pop("cache", None)
+    legacy = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else legacy
+
+
+def cache_kwargs(cache) -> dict:
+    """`{name: cache}` for calling a transformers module of this release."""
+    return {CACHE_KWARG: cache}
+
+
+def output_cache(outputs):
+    """The cache field of a transformers model output, whichever name it has."""
+    return getattr(outputs, CACHE_KWARG, None)
+
+
+__all__ = ["AutoImageProcessor", "CACHE_KWARG", "cache_kwargs", "create_causal_mask", "output_cache", "pop_cache"]
