@@ -475,3 +475,95 @@ def test_training_entry_point_applies_the_recipe(tmp_path, monkeypatch):
     assert SelfieProcessor.from_pretrained(final).seg_token_id == merged.config.seg_token_id
     assert json.loads((final / "settings.json").read_text())["settings"] == settings
     assert "\"max_steps\": 2" in (final / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """HfApi with the network calls replaced: each upload_folder copies the folder to tmp_path/uploads/<n>."""
+    import shutil
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+
+    uploads = []
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def fake_upload_folder(self, repo_id, folder_path, **kwargs):
+        target = tmp_path / "uploads" / str(len(uploads))
+        shutil.copytree(folder_path, target)
+        uploads.append((repo_id, target))
+        return f"https://hub.invalid/{repo_id}/commit/{len(uploads)}"
+
+    monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
+    return uploads
+
+
+def test_push_to_hub_flag_uploads_the_merged_model_with_card(tmp_path, fake_hub, capsys):
+    """`--push-to-hub` uploads once, at the end: the merged model with its remote code, the processor and a card
+    with base_model, datasets, the recipe, the settings and the evaluation losses; no adapter, no checkpoint."""
+    recipe = write_recipe(tmp_path / "recipe.json", {"lora_rank": 4, "lora_alpha": 8, "max_steps": 2,
+                                                     "per_device_train_batch_size": 2}, name="colours")
+    data_root = vqa_data_root(tmp_path / "data")
+    status = main(["--model", "selfie-tiny", "--recipe", recipe, "--data-root", data_root, "--eval-recipe", recipe,
+                   "--output-dir", str(tmp_path / "run"), "--push-to-hub", "--hub-model-id", "team/selfie-colours",
+                   "--base-model", "OpenGVLab/InternVL3-2B-hf", "--eval-strategy", "steps", "--eval-steps", "2",
+                   "--save-strategy", "steps", "--save-steps", "1", "--report-to", "none", "--disable-tqdm", "true"])
+    assert status == 0
+    assert len(fake_hub) == 1 and fake_hub[0][0] == "team/selfie-colours"  # checkpoints were not pushed
+    assert "pushed https://hub.invalid/team/selfie-colours/commit/1" in capsys.readouterr().out
+    uploaded = fake_hub[0][1]
+    files = {p.name for p in uploaded.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "modeling_selfie.py", "configuration_selfie.py",
+            "processing_selfie.py", "tokenizer.json"} <= files
+    assert not files & {"adapter_config.json", "adapter_model.safetensors", "training_args.bin"}
+    card = (uploaded / "README.md").read_text()
+    assert "base_model: OpenGVLab/InternVL3-2B-hf" in card and "datasets:\n- vqav2" in card
+    assert '"name": "colours"' in card and "| lora_rank " in card and "| colours/eval |" in card and "eval_loss" in card
+    merged = SelfieForSegmentation.from_pretrained(uploaded)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    local = SelfieForSegmentation.from_pretrained(tmp_path / "run" / "final")  # the pushed model is final/'s
+    for (name, a), (_, b) in zip(sorted(merged.state_dict().items()), sorted(local.state_dict().items()), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_push_to_hub_training_argument_pushes_the_same_files(tmp_path, fake_hub):
+    """`TrainingArguments(push_to_hub=True)`: checkpoints are not pushed; `save_model()` (which the Trainer makes
+    push) and `push_to_hub()` upload the merged model, loadable with and without this package."""
+    import subprocess
+    import sys
+
+    from .test_hub import REMOTE_CHECK
+
+    model, processor = lora_model()
+    args = training_args(tmp_path / "run", push_to_hub=True, hub_model_id="team/selfie-squares",
+                         save_strategy="steps", save_steps=2, max_steps=4)
+    trainer = SelfieTrainer(model=model, args=args, train_dataset=TRAIN, processing_class=processor)
+    trainer.train()
+    assert fake_hub == [] and (tmp_path / "run" / "checkpoint-2").is_dir()
+    trainer.save_model(str(tmp_path / "saved"))
+    url = trainer.push_to_hub(base_model="OpenGVLab/InternVL3-2B-hf", datasets=["squares"])
+    assert url.endswith("/commit/2") and [repo for repo, _ in fake_hub] == ["team/selfie-squares"] * 2
+    first, second = (folder for _, folder in fake_hub)
+    assert {p.name for p in first.iterdir()} == {p.name for p in second.iterdir()}
+    assert "adapter_config.json" not in {p.name for p in second.iterdir()}
+    assert "base_model: OpenGVLab/InternVL3-2B-hf" in (second / "README.md").read_text()
+
+    image = HELD_OUT[0]["image"]
+    image.save(tmp_path / "image.png")
+    (tmp_path / "check.py").write_text(REMOTE_CHECK)
+    remote = subprocess.run([sys.executable, str(tmp_path / "check.py"), str(second), str(tmp_path / "image.png")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    logits = torch.tensor(json.loads(remote.stdout.strip().splitlines()[-1])["logits"])
+    loaded = SelfieForSegmentation.from_pretrained(second).eval()
+    with torch.no_grad():
+        ours = loaded(**processor(images=[image], queries=["red circle"])).pred_masks[0].flatten()
+    torch.testing.assert_close(logits, ours, atol=1e-5, rtol=1e-5)
