@@ -189,6 +189,18 @@ class SelfieTrainingArguments(TrainingArguments):
     )
 
 
+def _use_plain_cpu_device(args: TrainingArguments) -> None:
+    """Give CPU processes the device "cpu" instead of an indexed "cpu:N" (the same memory).
+
+    Version difference: with several processes, transformers 5.17 loads a resumed optimizer state onto `args.device`,
+    and `torch.load` cannot restore tensors onto "cpu:N" (later releases load onto "cpu"). `args.device` is the cached
+    `_setup_devices` property in every supported release.
+    """
+    device = args.device
+    if device.type == "cpu" and device.index is not None:
+        args.__dict__["_setup_devices"] = torch.device("cpu")
+
+
 def vision_parameter_names(model: torch.nn.Module) -> set[str]:
     """Names of the trainable parameters inside the vision tower (its LoRA, or its weights when fully trained)."""
     return {name for name, p in model.named_parameters() if p.requires_grad and ".vision_tower." in f".{name}"}
@@ -241,6 +253,7 @@ class SelfieTrainer(Trainer):
             args.ddp_find_unused_parameters = True
         if args.push_to_hub:
             args.hub_strategy = "end"
+        _use_plain_cpu_device(args)
         if data_collator is None and isinstance(processing_class, SelfieProcessor):
             data_collator = SelfieDataCollator(processing_class)
         super().__init__(
