@@ -868,7 +868,9 @@ def load_model_and_processor(
             "8B presets have no weights or tokenizer: convert a checkpoint with selfie-convert)."
         )
     loaded = SelfieForSegmentation.from_pretrained(model, dtype=dtype)
-    return loaded.train(), SelfieProcessor.from_pretrained(processor or model)
+    loaded_processor = SelfieProcessor.from_pretrained(processor or model)
+    loaded_processor.check_model(loaded.config)
+    return loaded.train(), loaded_processor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -901,9 +903,13 @@ def main(argv: list[str] | None = None) -> int:
             with atomic_output_file(Path(args.output_dir) / name) as staging:
                 staging.write_text(text, encoding="utf-8")
 
-    model, processor = load_model_and_processor(
-        script.model, script.processor, getattr(torch, script.model_dtype), train_dataset
-    )
+    try:
+        model, processor = load_model_and_processor(
+            script.model, script.processor, getattr(torch, script.model_dtype), train_dataset
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if script.lora_rank > 0:
         model = apply_lora(
             model,

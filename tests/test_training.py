@@ -384,6 +384,20 @@ def test_unknown_recipe_keys_are_errors(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "'epochs'" in err[0]
 
 
+def test_processor_of_another_model_is_an_error_before_training(tmp_path, capsys):
+    model, processor = tiny_model_and_processor(WORDS)
+    model.save_pretrained(tmp_path / "model")
+    processor.image_seq_length = 16  # a processor made for 4x4 tokens per tile; the model has 2x2
+    processor.save_pretrained(tmp_path / "processor")
+    status = main(["--model", str(tmp_path / "model"), "--processor", str(tmp_path / "processor"), "--recipe",
+                   write_recipe(tmp_path / "r.json"), "--data-root", vqa_data_root(tmp_path / "data"),
+                   "--output-dir", str(tmp_path / "run"), *QUIET])
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: The processor does not match the model (image tokens per tile: processor 16")
+    assert not (tmp_path / "run" / "final").exists()
+
+
 def test_help_is_short_and_help_all_lists_trainer_options(capsys):
     assert main(["--help"]) == 0
     short = capsys.readouterr().out
