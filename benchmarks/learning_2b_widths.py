@@ -143,8 +143,8 @@ def main() -> None:
         optimizer.zero_grad()
         bce, dice = mask_losses(outputs)
         curve.append({"step": step, "mask_bce": bce, "mask_dice": dice, "text": float(outputs.text_loss.detach())})
-        print(f"step {step:3d}  mask BCE {bce:.4f}  DICE {dice:.4f}  BCE+DICE {bce + dice:.4f}  text {curve[-1]['text']:.3f}"
-              f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"step {step:3d}  mask BCE {bce:.4f}  DICE {dice:.4f}  BCE+DICE {bce + dice:.4f}  "
+              f"text {curve[-1]['text']:.3f}  ({time.perf_counter() - start:.0f} s)", flush=True)
     after = evaluate()
     print(f"held-out 8 queries, mask BCE+DICE: {sum(before):.4f} before -> {sum(after):.4f} after {args.steps} steps "
           f"(BCE {before[0]:.4f} -> {after[0]:.4f}, DICE {before[1]:.4f} -> {after[1]:.4f})")

@@ -139,9 +139,10 @@ class SelfieDataCollator:
         at most `max_length` tokens."""
         conversation, masks = list(sample["conversation"]), sample["masks"]
         while True:
-            length = int(self._process([{**sample, "conversation": conversation, "masks": masks}])["attention_mask"].sum())
+            candidate = {**sample, "conversation": conversation, "masks": masks}
+            length = int(self._process([candidate])["attention_mask"].sum())
             if length <= self.max_length:
-                return {**sample, "conversation": conversation, "masks": masks}
+                return candidate
             last_user = max(i for i, turn in enumerate(conversation) if turn["role"] == "user")
             if last_user == 0:
                 raise ValueError(
@@ -399,7 +400,9 @@ class SelfieTrainer(Trainer):
         [`merge_and_save`] and `modeling_selfie.hub.push_to_hub` instead. Returns the commit URL on the main process.
         """
         if _is_sharded(self):
-            raise NotImplementedError("Sharded model: merge_and_save(trainer, dir), then modeling_selfie.hub.push_to_hub.")
+            raise NotImplementedError(
+                "Sharded model: merge_and_save(trainer, dir), then modeling_selfie.hub.push_to_hub."
+            )
         if not self.is_world_process_zero():
             return None
         model = self.accelerator.unwrap_model(self.model)
@@ -610,7 +613,8 @@ class SelfieArguments:
     eval_recipe: str | None = field(default=None, metadata={"help": "evaluation data recipe (validation prompts)"})
     processor: str | None = field(default=None, metadata={"help": "processor folder (default: --model)"})
     base_model: str | None = field(
-        default=None, metadata={"help": "Hub id of the starting model, for the model card (e.g. OpenGVLab/InternVL3-2B-hf)"}
+        default=None,
+        metadata={"help": "Hub id of the starting model, for the model card (e.g. OpenGVLab/InternVL3-2B-hf)"},
     )
     final_dir: str | None = field(
         default=None,
@@ -623,7 +627,9 @@ class SelfieArguments:
         default_factory=lambda: list(LLM_LORA_TARGETS), metadata={"help": "LLM layers that get LoRA"}
     )
     vision_lora_rank: int = field(default=0, metadata={"help": "LoRA rank on the vision tower; 0: frozen"})
-    vision_lora_alpha: float | None = field(default=None, metadata={"help": "vision LoRA alpha (default: --lora-alpha)"})
+    vision_lora_alpha: float | None = field(
+        default=None, metadata={"help": "vision LoRA alpha (default: --lora-alpha)"}
+    )
     vision_lora_target_modules: list[str] = field(
         default_factory=lambda: list(VISION_LORA_TARGETS), metadata={"help": "vision layers that get LoRA"}
     )
@@ -633,7 +639,9 @@ class SelfieArguments:
     max_tiles: int | None = field(default=None, metadata={"help": "most tiles per image (default: the processor's)"})
     sample_rates: str | None = field(
         default=None,
-        metadata={"help": "copies per epoch by task, e.g. semantic=6,referring=20,reasoning=6,vqa=1 (default: the recipe's)"},
+        metadata={
+            "help": "copies per epoch by task, e.g. semantic=6,referring=20,reasoning=6,vqa=1 (default: the recipe's)"
+        },
     )
     model_dtype: str = field(
         default="float32",
@@ -708,7 +716,9 @@ def short_help() -> str:
     options = []
     for item in [*fields(SelfieArguments), vision_lr]:
         flag = "--" + item.name.replace("_", "-")
-        options.append(textwrap.fill(item.metadata["help"], 116, initial_indent=f"  {flag:<34} ", subsequent_indent=" " * 37))
+        options.append(
+            textwrap.fill(item.metadata["help"], 116, initial_indent=f"  {flag:<34} ", subsequent_indent=" " * 37)
+        )
     return SHORT_HELP.format(options="\n".join(options) + "\n")
 
 
@@ -745,7 +755,8 @@ def recipe_settings(recipe: dict) -> dict:
     allowed |= {item.name for item in fields(SelfieTrainingArguments) if item.init} - set(PER_RUN_TRAINING_OPTIONS)
     for key in training:
         if key not in allowed:
-            hint = " (a per-run option: give it on the command line)" if key in RUN_OPTIONS + PER_RUN_TRAINING_OPTIONS else ""
+            per_run = key in RUN_OPTIONS + PER_RUN_TRAINING_OPTIONS
+            hint = " (a per-run option: give it on the command line)" if per_run else ""
             raise ValueError(
                 f"Recipe {name!r}: unknown training key {key!r}{hint}. Keys are the SELFIE settings "
                 "(python -m modeling_selfie.training --help) and TrainingArguments fields (--help-all)."
@@ -819,7 +830,9 @@ def resolve_settings(argv: Sequence[str]) -> RunSettings:
     script = SelfieArguments(**{f.name: values[f.name] for f in fields(SelfieArguments)})
     training = SelfieTrainingArguments(**{f.name: values[f.name] for f in fields(SelfieTrainingArguments) if f.init})
     values["world_size"], sources["world_size"] = training.world_size, "derived: launcher"
-    values["total_batch_size"] = training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size
+    values["total_batch_size"] = (
+        training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size
+    )
     sources["total_batch_size"] = "derived: batch x accum. x procs"
     values["datasets"] = [entry["name"] for entry in recipe.get("datasets", [])]
     sources["datasets"] = "recipe"

@@ -74,14 +74,17 @@ def referring_root(tmp_path):
     return tmp_path
 
 
-EXPECTED = {
-    "left thing": box(0, 0, 10, 10),
-    "square": None,  # polygon_mask()
-    "both blocks": box(0, 0, 10, 10) | box(30, 50, 10, 10),
-    "middle bar": box(15, 0, 10, 60),
-    "right column": box(0, 55, 40, 5),
-    "a cat": np.zeros((H, W), np.uint8),
-}
+def expected_masks() -> dict[str, np.ndarray]:
+    """The mask each expression of `referring_root` targets."""
+    return {
+        "left thing": box(0, 0, 10, 10),
+        "the top left block": box(0, 0, 10, 10),
+        "square": polygon_mask(),
+        "both blocks": box(0, 0, 10, 10) | box(30, 50, 10, 10),
+        "middle bar": box(15, 0, 10, 60),
+        "right column": box(0, 55, 40, 5),
+        "a cat": np.zeros((H, W), np.uint8),
+    }
 
 
 def test_referring_evaluation_samples_decode_every_mask_form(referring_root):
@@ -92,7 +95,7 @@ def test_referring_evaluation_samples_decode_every_mask_form(referring_root):
         sample = check_sample(dataset[i], where=str(i))
         assert sample["task"] == "referring" and sample["masks"].shape == (1, H, W)
         seen[sample["query"]] = sample["masks"][0]
-    expected = {**EXPECTED, "square": polygon_mask(), "the top left block": box(0, 0, 10, 10)}
+    expected = expected_masks()
     assert set(seen) == set(expected)
     for query, mask in expected.items():
         np.testing.assert_array_equal(seen[query], mask, err_msg=query)

@@ -372,7 +372,8 @@ def test_deepspeed_configs_pass_the_installed_deepspeed_schema(stage):
         unset_hf_deepspeed_config()
     assert "auto" not in json.dumps(filled.config)
     config = DeepSpeedConfig(filled.config)
-    assert (config.zero_optimization_stage, config.train_batch_size, config.gradient_accumulation_steps) == (stage, 40, 8)
+    assert (config.zero_optimization_stage, config.train_batch_size) == (stage, 40)
+    assert config.gradient_accumulation_steps == 8
     misspelt = json.loads(json.dumps(filled.config))
     misspelt["zero_optimization"]["overlap_com"] = misspelt["zero_optimization"].pop("overlap_comm")
     with pytest.raises(pydantic.ValidationError, match="overlap_com"):

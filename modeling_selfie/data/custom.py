@@ -95,7 +95,9 @@ def check_referring_record(record, where: str) -> None:
         raise ValueError(f"{where} is a {type(record).__name__}, not an object with image, expressions and mask.")
     unknown = set(record) - {"image", "expressions", "mask", "masks"}
     if unknown:
-        raise ValueError(f"{where} has unknown key(s) {sorted(unknown)}; the keys are image, expressions, mask / masks.")
+        raise ValueError(
+            f"{where} has unknown key(s) {sorted(unknown)}; the keys are image, expressions, mask / masks."
+        )
     if not isinstance(record.get("image"), str):
         raise ValueError(f"{where} lacks 'image' (a path).")
     expressions = record.get("expressions")
@@ -295,7 +297,8 @@ def check_custom(annotations: str | Path, kind: str | None = None, image_root: s
     path = Path(annotations)
     try:
         if kind is None:
-            kind = "semantic" if path.suffix == ".json" and isinstance(read_json(path, CHECK_SCRIPT), dict) else "referring"
+            semantic = path.suffix == ".json" and isinstance(read_json(path, CHECK_SCRIPT), dict)
+            kind = "semantic" if semantic else "referring"
         loader = CustomSemanticDataset if kind == "semantic" else CustomReferringDataset
         dataset = loader(path, image_root=image_root, train=False)
     except (ValueError, FileNotFoundError) as error:
