@@ -8,6 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=["modeling_selfie", "modeling_selfie.configuration", "modeling_selfie.data"],
+    py_modules=["selfie_segment"],  # the CLI's argument parser, importable without torch (see its docstring)
     package_dir={"modeling_selfie.configuration": "configuration"},
     package_data={
         "modeling_selfie.configuration": ["*.json", "recipes/*", "launch/*"],
@@ -29,7 +30,7 @@ setup(
     extras_require={"dev": ["pytest>=9,<10"], "app": ["gradio>=6,<7"]},
     entry_points={
         "console_scripts": [
-            "selfie-segment=modeling_selfie.cli:main",
+            "selfie-segment=selfie_segment:main",
             "selfie-convert=modeling_selfie.convert:main",
             "selfie-evaluate=modeling_selfie.evaluation:main",
             "selfie-train=modeling_selfie.training:main",

@@ -1,9 +1,10 @@
 """A demo page: upload an image, type what to segment, see the mask over the image.
 
     pip install -e ".[app]"
-    python examples/app.py [--model DIR_OR_HUB_ID] [--port 7860]
+    python examples/app.py [--model DIR_OR_HUB_ID] [--port 7860] [--device auto]
 
-With no `--model` it serves the small RefShapes model shipped in the package (try the bundled example).
+With no `--model` it serves the small RefShapes model shipped in the package (try the bundled example). The page
+draws the same overlay as `selfie-segment` (`modeling_selfie.overlay.render_overlay`).
 """
 
 import argparse
@@ -11,24 +12,32 @@ from pathlib import Path
 
 import gradio as gr
 
-from modeling_selfie.cli import load_model, render_overlay
+from modeling_selfie.cli import load_model, segment_with_scores
+from modeling_selfie.overlay import render_overlay
 
 EXAMPLE = Path(__file__).parent / "assets" / "shapes.png"
 
 
-def build_app(model, processor) -> gr.Blocks:
-    """The Gradio page around `model.segment` and the CLI's overlay picture."""
+def make_segment(model, processor):
+    """The page's action: `(PIL image, prompt, "phrase" | "instruction")` -> `(overlay image, Markdown summary)`."""
 
-    def segment(image, prompt: str, kind: str):
+    def segment(image, prompt: str, kind: str = "phrase"):
         if image is None:
             raise gr.Error("Upload an image first.")
         if not prompt or not prompt.strip():
             raise gr.Error("Type what to segment, e.g. 'red circle'.")
-        mask = model.segment(processor, image.convert("RGB"), prompt.strip(), query_kind=kind)[0].cpu().numpy()
+        image, prompt = image.convert("RGB"), prompt.strip()
+        ((mask, score),) = segment_with_scores(model, processor, image, [prompt], kind)
         area = int(mask.sum())
-        summary = f"**{prompt.strip()}**: {area} px ({100 * area / mask.size:.1f}% of the image)"
-        return render_overlay(image.convert("RGB"), mask, prompt.strip()), summary
+        summary = f"**{prompt}**: {area} px ({100 * area / mask.size:.1f}% of the image), presence score {score:.2f}"
+        return render_overlay(image, mask, prompt), summary
 
+    return segment
+
+
+def build_app(model, processor) -> gr.Blocks:
+    """The Gradio page around `model.segment` and the CLI's overlay picture; its action is the `/segment` API."""
+    segment = make_segment(model, processor)
     with gr.Blocks(title="SELFIE: segment with one [SEG] token") as app:
         gr.Markdown("## SELFIE\nSegment an image from a phrase or a question, with the MLLM itself as the segmenter.")
         with gr.Row():
@@ -38,11 +47,11 @@ def build_app(model, processor) -> gr.Blocks:
                 kind = gr.Radio(["phrase", "instruction"], value="phrase", label="Prompt kind")
                 button = gr.Button("Segment", variant="primary", elem_id="segment-button")
             with gr.Column():
-                overlay = gr.Image(type="pil", label="Mask overlay", elem_id="overlay")
+                overlay = gr.Image(type="pil", format="png", label="Mask overlay", elem_id="overlay")  # lossless
                 summary = gr.Markdown(elem_id="summary")
         gr.Examples([[str(EXAMPLE), "red circle", "phrase"]], [image, prompt, kind], elem_id="examples")
-        button.click(segment, [image, prompt, kind], [overlay, summary])
-        prompt.submit(segment, [image, prompt, kind], [overlay, summary])
+        button.click(segment, [image, prompt, kind], [overlay, summary], api_name="segment")
+        prompt.submit(segment, [image, prompt, kind], [overlay, summary], api_name=False)
     return app
 
 
@@ -51,8 +60,9 @@ def main(argv=None):
     parser.add_argument("--model", help="model folder or Hub id (default: the shipped RefShapes model)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda, ...")
     args = parser.parse_args(argv)
-    model, processor = load_model(args.model)
+    model, processor = load_model(args.model, args.device)
     build_app(model, processor).launch(server_name=args.host, server_port=args.port)
 
 

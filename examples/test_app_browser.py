@@ -1,14 +1,16 @@
 """End-to-end test of examples/app.py in headless Chromium: load the bundled example, segment, see the overlay.
 
-Not part of the CI suite (it needs a browser); run it with:
+Run by `.ci/browser.sh`, which installs what it needs; by hand:
 
-    apt-get install -y chromium chromium-driver
-    pip install -e ".[app,dev]" selenium
-    python -m pytest examples/test_app_browser.py -q
+    apt-get install -y chromium chromium-driver fonts-wqy-microhei
+    pip install -e ".[app,dev]" "selenium>=4.40,<5"
+    python -m pytest examples/test_app_browser.py -q -p no:cacheprovider
 
-It serves a tiny random SELFIE model (the page, not the model's quality, is under test) on 127.0.0.1.
+It serves the model shipped in the package (the page's default) on 127.0.0.1. With DEMO_PAGE_SCREENSHOT=PATH it
+also saves its screenshot of the page there (the README's is docs/images/demo-page.png).
 """
 
+import os
 import shutil
 import socket
 import subprocess
@@ -23,8 +25,6 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
-from modeling_selfie.presets import tiny_model_and_processor
-
 APP = Path(__file__).parent / "app.py"
 
 
@@ -36,12 +36,9 @@ def free_port() -> int:
 
 @pytest.fixture
 def server(tmp_path):
-    model, processor = tiny_model_and_processor(["red", "circle"])
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, str(APP), "--model", str(tmp_path / "model"), "--port", str(port)],
+        [sys.executable, str(APP), "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={"GRADIO_ANALYTICS_ENABLED": "False",
                                                               "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
@@ -64,13 +61,16 @@ def server(tmp_path):
 
 @pytest.fixture
 def browser(tmp_path):
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail("headless Chromium is needed: apt-get install chromium chromium-driver (see .ci/browser.sh)")
     options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1280,1000"):
         options.add_argument(flag)
-    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    service = webdriver.ChromeService(executable_path=driver)
     driver = webdriver.Chrome(options=options, service=service)
     yield driver
     driver.quit()
@@ -87,7 +87,15 @@ def test_page_segments_the_bundled_example(server, browser, tmp_path):
     overlay = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#overlay img"))
     wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", overlay))
     width = browser.execute_script("return arguments[0].naturalWidth", overlay)
-    summary = wait.until(lambda d: d.find_element(By.ID, "summary").text)
+    wait.until(lambda d: "red circle" in d.find_element(By.ID, "summary").text)
+    summary = browser.find_element(By.ID, "summary").text
     browser.save_screenshot(str(tmp_path / "page.png"))
+    if os.environ.get("DEMO_PAGE_SCREENSHOT"):
+        browser.save_screenshot(os.environ["DEMO_PAGE_SCREENSHOT"])
     assert width == 312  # the overlay keeps the example image's width (312 px), with the caption band below
-    assert "red circle" in summary and "px" in summary
+    assert "px" in summary and "presence score" in summary
+
+    prompt = browser.find_element(By.CSS_SELECTOR, "#prompt textarea")  # Enter in the box segments too
+    prompt.clear()
+    prompt.send_keys("左边的红色圆圈\n")  # any script reaches the model and the caption
+    wait.until(lambda d: "左边的红色圆圈" in d.find_element(By.ID, "summary").text)

@@ -1,29 +1,45 @@
-"""`selfie-segment IMAGE "PROMPT"`: segment an image from a sentence and write the mask and an overlay picture.
+"""The work behind `selfie-segment` (see `selfie_segment.py` for its arguments and `--help`).
 
     selfie-segment examples/assets/shapes.png "red circle"
-    selfie-segment photo.jpg "Which object can hold water?" --kind instruction --model path/or/hub-id
+    selfie-segment photo.jpg "red circle" "blue star" --json masks.json
+    selfie-segment --batch jobs.jsonl --output out/ --json masks.json
 
-With no `--model` it uses the small model shipped in the package (trained on RefShapes, see its model card in
-`modeling_selfie/pretrained/selfie-refshapes/README.md`).
+Every output file is written atomically (`io_utils.atomic_output_file`), so an interrupted run never leaves a
+half-written mask, overlay or JSON file in place of a good one.
 """
 
-import argparse
+import json
+import os
 import sys
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+from pycocotools import mask as mask_utils
+from tqdm.auto import tqdm
 
 from .io_utils import atomic_output_file
+from .overlay import render_overlay
 
 DEFAULT_MODEL = "selfie-refshapes"
-OVERLAY_COLOUR = (255, 0, 180)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
+    """A user-facing error: printed as one `error:` line, exit code 2."""
+
+
+@dataclass
+class Job:
+    """One image + prompt to segment; `line` is its line in a `--batch` file (`None` on the command line)."""
+
+    image: Path
+    prompt: str
+    line: int | None = None
+    name: str | None = None  # the image as the user wrote it
 
 
 def default_model_dir() -> Path:
@@ -31,23 +47,50 @@ def default_model_dir() -> Path:
     return Path(str(resources.files("modeling_selfie").joinpath("pretrained", DEFAULT_MODEL)))
 
 
-def load_model(name_or_path: str | None = None, device: str | None = None):
-    """(model, processor) from a folder or Hub id; the shipped RefShapes model when `None`."""
+def resolve_device(name: str) -> torch.device:
+    """`"auto"`: the accelerator torch sees (CUDA, ...), else the CPU. Any other name must work on this machine."""
+    if name == "auto":
+        return torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise CLIError(f"--device {name} is not a device name (try auto, cpu, cuda or cuda:1)") from error
+    if device.type == "meta":
+        raise CLIError("--device meta holds no data: use auto, cpu or cuda")
+    try:
+        torch.empty(1, device=device)
+    except (AssertionError, RuntimeError, NotImplementedError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CLIError(f"--device {name} cannot be used here: {reason} (try --device auto or cpu)") from error
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`"auto"`: bfloat16 on a CUDA GPU that supports it, float32 elsewhere; else the named dtype."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[name]
+
+
+def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str = "auto"):
+    """(model, processor) from a folder or Hub id (the shipped RefShapes model when `None`), on `device` in `dtype`
+    (names as `selfie-segment --device/--dtype` takes them)."""
     from transformers import AutoModel, AutoProcessor
 
     import modeling_selfie  # noqa: F401  (registers the selfie model type)
 
+    torch_device = resolve_device(device)
     source = str(name_or_path or default_model_dir())
     if name_or_path is None and not (default_model_dir() / "config.json").exists():
         raise CLIError(f"the shipped model is missing from {default_model_dir()}; reinstall modeling-selfie")
     if Path(source).exists() and not (Path(source) / "config.json").is_file():
         raise CLIError(f"{source} is not a model folder (no config.json)")
     try:
-        model = AutoModel.from_pretrained(source)
+        model = AutoModel.from_pretrained(source, dtype=resolve_dtype(dtype, torch_device))
         processor = AutoProcessor.from_pretrained(source)
     except (OSError, ValueError, KeyError) as error:
         raise CLIError(f"cannot load the model from {source}: {error}") from error
-    return model.to(device or "cpu").eval(), processor
+    return model.to(torch_device).eval(), processor
 
 
 def read_image(path: str | Path) -> Image.Image:
@@ -62,83 +105,185 @@ def read_image(path: str | Path) -> Image.Image:
         raise CLIError(f"cannot read image {path}: {error}") from error
 
 
-def render_overlay(image: Image.Image, mask: np.ndarray | torch.Tensor, caption: str, alpha: float = 0.55) -> Image.Image:
-    """The image with the mask tinted over it, its outline drawn, and the caption in a band underneath.
+def clean_prompt(prompt) -> str:
+    """The prompt without surrounding whitespace; a `CLIError` when there is nothing left."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise CLIError(f"the prompt {prompt!r} is empty: say what to segment, e.g. \"red circle\"")
+    return prompt.strip()
 
-    Args:
-        image: RGB image.
-        mask: bool `[H, W]` at the image's size.
-        caption: text shown under the picture (the prompt).
+
+def segment_with_scores(model, processor, images, prompts: list[str], query_kind: str = "phrase"):
+    """`model.segment` for one image per prompt (or one image for all) in a single forward pass, with each mask's
+    presence score.
+
+    Returns:
+        One `(mask, score)` per prompt: bool numpy `[H, W]` at its image's size, and `sigmoid(presence_logit)`
+        (the mask is empty exactly when it is below 0.5), read from the forward pass's `presence_logits`.
     """
-    mask = np.asarray(mask, dtype=bool)
-    pixels = np.asarray(image, dtype=np.float32)
-    tint = np.asarray(OVERLAY_COLOUR, dtype=np.float32)
-    pixels[mask] = (1 - alpha) * pixels[mask] + alpha * tint
-    edge = mask & ~(
-        np.pad(mask, 1, mode="edge")[2:, 1:-1] & np.pad(mask, 1, mode="edge")[:-2, 1:-1]
-        & np.pad(mask, 1, mode="edge")[1:-1, 2:] & np.pad(mask, 1, mode="edge")[1:-1, :-2]
-    )
-    pixels[edge] = tint
-    tinted = Image.fromarray(pixels.astype(np.uint8))
-    font = ImageFont.load_default(size=max(12, image.width // 28))
-    band = int(font.size * 1.8)
-    canvas = Image.new("RGB", (image.width, image.height + band), (255, 255, 255))
-    canvas.paste(tinted, (0, 0))
-    ImageDraw.Draw(canvas).text((6, image.height + band // 5), caption, fill=(0, 0, 0), font=font)
-    return canvas
-
-
-def segment_file(
-    image_path: str | Path,
-    prompt: str,
-    model=None,
-    processor=None,
-    output_prefix: str | Path | None = None,
-    query_kind: str = "phrase",
-) -> dict:
-    """Segment `image_path` from `prompt`; write `{prefix}_mask.png` and `{prefix}_overlay.png`.
-
-    Returns `{"mask": bool [H, W], "area": pixels, "fraction": area / pixels, "mask_path", "overlay_path"}`.
-    """
-    if not prompt or not prompt.strip():
-        raise CLIError("the prompt is empty: say what to segment, e.g. \"red circle\"")
-    image = read_image(image_path)
-    if model is None or processor is None:
-        model, processor = load_model()
-    mask = model.segment(processor, image, prompt.strip(), query_kind=query_kind)[0].cpu().numpy()
-    prefix = Path(output_prefix) if output_prefix else Path(image_path).with_suffix("").name
-    mask_path, overlay_path = Path(f"{prefix}_mask.png"), Path(f"{prefix}_overlay.png")
-    with atomic_output_file(mask_path) as staging:
-        Image.fromarray(mask.astype(np.uint8) * 255).save(staging, format="PNG")
-    with atomic_output_file(overlay_path) as staging:
-        render_overlay(image, mask, prompt.strip()).save(staging, format="PNG")
-    area = int(mask.sum())
-    return {"mask": mask, "area": area, "fraction": area / mask.size, "mask_path": mask_path,
-            "overlay_path": overlay_path}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="selfie-segment", description=__doc__.split("\n\n")[0])
-    parser.add_argument("image", help="image file to segment")
-    parser.add_argument("prompt", help="what to segment: a phrase (\"red circle\") or, with --kind instruction, a question")
-    parser.add_argument("--model", help="model folder or Hub id (default: the shipped RefShapes model)")
-    parser.add_argument("--output", help="prefix of the written files (default: the image's name, in this folder)")
-    parser.add_argument("--kind", choices=["phrase", "instruction"], default="phrase", help="prompt template")
-    parser.add_argument("--device", default=None, help="cpu (default) or cuda")
-    args = parser.parse_args(argv)
+    caught = []
+    hook = model.register_forward_hook(lambda module, args, output: caught.append(output.presence_logits))
     try:
-        model, processor = load_model(args.model, args.device)
-        result = segment_file(args.image, args.prompt, model, processor, args.output, args.kind)
-    except CLIError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    height, width = result["mask"].shape
-    print(
-        f"{args.prompt!r}: mask of {result['area']} px ({100 * result['fraction']:.1f}% of {width}x{height}) -> "
-        f"{result['mask_path']}, {result['overlay_path']}"
-    )
+        masks = model.segment(processor, images, prompts, query_kind=query_kind)
+    finally:
+        hook.remove()
+    scores = [float(presence[0].float().sigmoid()) for presence in caught[-1]]
+    return [(mask.cpu().numpy(), score) for mask, score in zip(masks, scores)]
+
+
+def output_prefix(output: str | None, image: Path) -> Path:
+    """Where `IMAGE` PROMPT's files go: `--output` as a prefix, or inside it when it names a folder (an existing
+    one, or any path ending in a separator); the image's name in this folder without `--output`."""
+    if not output:
+        return Path(image.stem)
+    separators = tuple(s for s in (os.sep, os.altsep) if s)
+    if output.endswith(separators) or Path(output).is_dir():
+        return Path(output) / image.stem
+    return Path(output)
+
+
+def coco_rle(mask: np.ndarray) -> dict:
+    """COCO run-length encoding of a bool `[H, W]` mask: `{"size": [H, W], "counts": str}` (pycocotools)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def save_result(job: Job, image: Image.Image, mask: np.ndarray, score: float, prefix: Path | None) -> dict:
+    """Write `{prefix}_mask.png` and `{prefix}_overlay.png` (nothing when `prefix` is `None`); the JSON record."""
+    record = {"image": job.name or str(job.image), "prompt": job.prompt}
+    if job.line is not None:
+        record["line"] = job.line
+    record.update(presence_score=score, area=int(mask.sum()), segmentation=coco_rle(mask))
+    if prefix is not None:
+        mask_path, overlay_path = Path(f"{prefix}_mask.png"), Path(f"{prefix}_overlay.png")
+        with atomic_output_file(mask_path) as staging:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(staging, format="PNG")
+        with atomic_output_file(overlay_path) as staging:
+            render_overlay(image, mask, job.prompt).save(staging, format="PNG")
+        record.update(mask=str(mask_path), overlay=str(overlay_path))
+    return record
+
+
+def write_json(path: str | Path, records: list[dict]) -> None:
+    with atomic_output_file(path) as staging:
+        staging.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
+def check_json_path(path: str | None) -> None:
+    if path and Path(path).is_dir():
+        raise CLIError(f"--json {path} is a folder: name the file to write, e.g. {Path(path) / 'masks.json'}")
+
+
+def read_batch_file(path: str | Path) -> tuple[list[Job], list[str]]:
+    """The jobs of a JSON Lines file of `{"image", "prompt"}` objects (image paths relative to the file's folder),
+    and one message per line that cannot be used (blank lines are skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"batch file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CLIError(f"cannot read batch file {path}: {error}") from error
+    jobs, problems = [], []
+    for number, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError as error:
+            problems.append(f"{path} line {number}: not JSON ({error})")
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("image"), str) or "prompt" not in item:
+            problems.append(f'{path} line {number}: needs an object {{"image": PATH, "prompt": TEXT}}, got {text[:80]}')
+            continue
+        try:
+            prompt = clean_prompt(item["prompt"])
+        except CLIError as error:
+            problems.append(f"{path} line {number}: {error}")
+            continue
+        jobs.append(Job(path.parent / item["image"], prompt, number, item["image"]))
+    return jobs, problems
+
+
+def report(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def run_single(args) -> int:
+    """`selfie-segment IMAGE PROMPT [PROMPT ...]`: all prompts in one forward pass, one mask + overlay each."""
+    image_path = Path(args.image)
+    jobs = [Job(image_path, clean_prompt(prompt), name=args.image) for prompt in args.prompts]
+    check_json_path(args.json)
+    image = read_image(image_path)
+    model, processor = load_model(args.model, args.device, args.dtype)
+    results = segment_with_scores(model, processor, image, [job.prompt for job in jobs], args.kind)
+    prefix = output_prefix(args.output, image_path)
+    records = []
+    for k, (job, (mask, score)) in enumerate(zip(jobs, results), 1):
+        if args.no_images:
+            job_prefix = None
+        else:
+            job_prefix = prefix if len(jobs) == 1 else Path(f"{prefix}_{k}")
+        record = save_result(job, image, mask, score, job_prefix)
+        records.append(record)
+        height, width = mask.shape
+        written = f" -> {record['mask']}, {record['overlay']}" if "mask" in record else ""
+        print(f"{job.prompt!r}: mask of {record['area']} px ({100 * record['area'] / mask.size:.1f}% of "
+              f"{width}x{height}), presence {score:.2f}{written}")
+    if args.json:
+        write_json(args.json, records)
+        print(f"wrote {len(records)} masks (COCO RLE) to {args.json}")
     return 0
 
 
+def run_batch(args) -> int:
+    """`selfie-segment --batch FILE`: `--batch-size` lines per forward pass; bad lines are reported, not fatal."""
+    check_json_path(args.json)
+    jobs, problems = read_batch_file(args.batch)
+    for problem in problems:
+        report(problem)
+    if not jobs:
+        raise CLIError(f"{args.batch} holds no usable line")
+    model, processor = load_model(args.model, args.device, args.dtype)
+    folder = Path(args.output or ".")
+    records, failed = [], len(problems)
+    with tqdm(total=len(jobs), unit="image", desc="selfie-segment", file=sys.stderr) as progress:
+        for start in range(0, len(jobs), args.batch_size):
+            batch, ready = jobs[start : start + args.batch_size], []
+            for job in batch:
+                try:
+                    ready.append((job, read_image(job.image)))
+                except CLIError as error:
+                    progress.write(f"error: {args.batch} line {job.line}: {error}", file=sys.stderr)
+                    failed += 1
+            if ready:
+                results = segment_with_scores(
+                    model, processor, [image for _, image in ready], [job.prompt for job, _ in ready], args.kind
+                )
+                for (job, image), (mask, score) in zip(ready, results):
+                    prefix = None if args.no_images else folder / f"{job.image.stem}_{job.line}"
+                    records.append(save_result(job, image, mask, score, prefix))
+            progress.update(len(batch))
+    if args.json:
+        write_json(args.json, records)
+    written = [] if args.no_images else [f"masks and overlays in {folder}{os.sep}"]
+    written += [f"COCO RLE in {args.json}"] if args.json else []
+    print(f"{len(records)} of {len(records) + failed} lines of {args.batch} segmented; {'; '.join(written)}")
+    return 2 if failed else 0
+
+
+def run(args) -> int:
+    """Do what the parsed `selfie-segment` arguments say; a `CLIError` becomes one `error:` line and exit code 2."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # no "Loading weights" bar: the output is the results (and --batch's own bar)
+    try:
+        return run_batch(args) if args.batch else run_single(args)
+    except CLIError as error:
+        report(str(error))
+        return 2
+
+
 if __name__ == "__main__":
+    from selfie_segment import main
+
     sys.exit(main())

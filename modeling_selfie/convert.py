@@ -1,29 +1,63 @@
-"""Convert a checkpoint of the authors' released SELF1E code (InternVL "internvl_chat" layout plus
-`combine_decode_proj*`) into a transformers `SelfieForSegmentation` folder.
+"""Convert a checkpoint folder of the authors' released SELF1E code (InternVL `internvl_chat` layout plus
+`combine_decode_proj*`) into a complete transformers folder: model, config, generation config, tokenizer, image
+processor and processor.
 
-    python -m modeling_selfie.convert --input ORIGINAL_DIR --output HF_DIR
+    python -m modeling_selfie.convert --input RELEASE_DIR --output OUT [--base-tokenizer BASE]
 
-Token ids and loss weights, which the original code keeps outside config.json, come from `meta.json` in the input
-folder (keys `seg_token_idx`, `img_context_token_id`, `loss_weights`) or from the flags.
+* Weights: `model.safetensors`, safetensors shards (with or without `model.safetensors.index.json`),
+  `pytorch_model.bin` or its shards (read with `torch.load(weights_only=True)`); `training_args.bin` and the
+  trainer's other files are never opened. They keep their dtype (a bf16 release stays bf16).
+* An intermediate `checkpoint-N` folder (LoRA not merged: PEFT's `base_model.model.*`, `*.base_layer.*`,
+  `*.lora_A.*` keys) is merged as PEFT merges it, W + (alpha / r) B @ A, with alpha from the folder's
+  `adapter_config.json` or `--lora-alpha`; without either it is refused.
+* Tokens: the authors save no tokenizer; their code adds `[SEG]` then `[SEGT]` to the base InternVL3 tokenizer
+  (`add_tokens`) at every run. The converter does the same with `--base-tokenizer` (the base InternVL3 folder,
+  original or `-hf`, or a tokenizer folder), or takes a tokenizer already in RELEASE_DIR, and checks the result
+  against the checkpoint: embedding rows = tokenizer length. Tokens a `-hf` tokenizer holds beyond the original
+  vocabulary (`<video>`) move after `[SEGT]`, so `[SEG]` keeps the authors' id.
+* Without any tokenizer, the token ids may come from the older `meta.json` side file or `--seg-token-id` /
+  `--image-token-id`; the output then holds the model only (no processor).
+
+Every refusal is a `ConversionError` (CLI: one `error: ...` line, exit 2); OUT is written atomically.
 """
 
 import argparse
 import json
+import pickle
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer, GenerationConfig
+from transformers.utils import logging
 
 from .configuration_selfie import SelfieConfig
 from .io_utils import atomic_output_dir
 from .modeling_selfie import SelfieForSegmentation
+from .processing_selfie import SELF1E_SYSTEM_MESSAGE, SEG_TOKEN, SelfieImageProcessor, SelfieProcessor
+
+logger = logging.get_logger(__name__)
 
 
 class ConversionError(ValueError):
     """The input is not an original SELF1E checkpoint we can convert; the message says what is wrong."""
 
+
+# The tokens the authors' code adds to the base tokenizer, in this order (`[SEGT]` is unused but takes a row).
+AUTHORS_ADDED_TOKENS = (SEG_TOKEN, "[SEGT]")
+IMAGE_CONTEXT_TOKEN, TURN_END_TOKEN = "<IMG_CONTEXT>", "<|im_end|>"
+PROMPT_TOKENS = (SEG_TOKEN, IMAGE_CONTEXT_TOKEN, "<img>", "</img>", "<|im_start|>", TURN_END_TOKEN)
+# Added tokens of the original InternVL3 tokenizer (its vocabulary ends with them).
+INTERNVL_TOKENS = (*PROMPT_TOKENS, "<|endoftext|>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
+AUTHORS_TEMPLATE = "internvl2_5"
+# llm_config fields that describe the training run, not the model (`use_cache` is off there for checkpointing).
+RUN_SETTINGS = (
+    "architectures", "auto_map", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"
+)
+EMBEDDING_KEYS = ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
 
 # Original name (regex) -> transformers name. The ViT's fused qkv is split separately.
 KEY_RULES = [
@@ -52,6 +86,11 @@ KEY_RULES = [
 ]
 QKV = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
 
+# PEFT's wrapping inside an unmerged checkpoint-N.
+PEFT_WRAPPER = re.compile(r"^(language_model|vision_model)\.base_model\.model\.")
+LORA_FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>A|B)\.(?P<adapter>[^.]+)\.weight$")
+PEFT_OTHER = re.compile(r"\.(lora_\w+|modules_to_save|original_module)\.")  # DoRA, embedding LoRA, saved modules
+
 
 def convert_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename (and split the ViT's qkv) of an original SELF1E state dict; unknown keys raise `ConversionError`."""
@@ -71,41 +110,294 @@ def convert_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         else:
             unknown.append(key)
     if unknown:
-        raise ConversionError(f"Unknown tensors in the original checkpoint (not SELF1E layout?): {unknown[:8]}")
+        raise ConversionError(f"Unknown tensors in the original checkpoint (not SELF1E layout?): {sorted(unknown)[:8]}")
     return converted
 
 
-def load_original_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of `model.safetensors` or of the shards named in `model.safetensors.index.json`."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").exists():
-        shards = ["model.safetensors"]
-    else:
-        raise ConversionError(f"{folder} holds no model.safetensors (or model.safetensors.index.json).")
-    state = {}
-    for shard in shards:
-        state.update(load_file(folder / shard))
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; anything else is a `ConversionError` naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} does not hold a JSON object.")
+    return data
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, safetensors first (as transformers prefers them): the index's shards,
+    the single file, or shards named `*-0000k-of-0000n.*` found without an index (all n of them required)."""
+    for stem, suffix in (("model", "safetensors"), ("pytorch_model", "bin")):
+        index = folder / f"{stem}.{suffix}.index.json"
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index} is not a weight index (no weight_map).")
+            names = sorted(set(weight_map.values()))
+        elif (folder / f"{stem}.{suffix}").is_file():
+            names = [f"{stem}.{suffix}"]
+        else:
+            shards = sorted(folder.glob(f"{stem}-*-of-*.{suffix}"))
+            if not shards:
+                continue
+            counts = {re.search(r"-of-(\d+)\.", p.name).group(1) for p in shards}
+            if len(counts) != 1:
+                raise ConversionError(f"{folder} mixes shard sets {sorted(counts)} of {stem}-*.{suffix}.")
+            count = counts.pop()
+            names = [f"{stem}-{i:0{len(count)}d}-of-{count}.{suffix}" for i in range(1, int(count) + 1)]
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            raise ConversionError(f"{folder} lacks the weight file(s) {missing}.")
+        return [folder / name for name in names]
+    raise ConversionError(
+        f"{folder} holds no weights: expected model.safetensors, model-*-of-*.safetensors shards (with or without "
+        "model.safetensors.index.json) or pytorch_model.bin."
+    )
+
+
+def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of one file; `.bin` files are read with `weights_only=True`, so no pickled object is ever built."""
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except Exception as error:  # safetensors raises its own SafetensorError on a damaged file
+            raise ConversionError(f"{path.name} is not a readable safetensors file: {error}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise ConversionError(f"{path.name} holds more than tensors; refused to unpickle it ({first_line}).") from None
+    except (RuntimeError, EOFError) as error:
+        raise ConversionError(f"{path.name} is not a readable PyTorch weight file: {error}") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ConversionError(f"{path.name} is not a state dict of tensors.")
     return state
 
 
-def build_config(original: dict, side: dict, state: dict[str, torch.Tensor]) -> SelfieConfig:
-    """`SelfieConfig` from the original config.json, the side settings (meta.json / flags) and tensor shapes."""
-    if original.get("model_type") != "internvl_chat":
+def load_original_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the folder's weight files (see `weight_files`)."""
+    state = {}
+    for path in weight_files(folder):
+        state.update(read_weight_file(path))
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Unmerged LoRA (checkpoint-N folders)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def is_unmerged(state: dict[str, torch.Tensor]) -> bool:
+    return any(PEFT_WRAPPER.match(key) for key in state)
+
+
+def read_lora_alpha(folder: Path, lora_alpha: float | None) -> tuple[float, bool]:
+    """LoRA alpha (the flag, else `adapter_config.json`) and whether rsLoRA scaling (alpha / sqrt(r)) applies."""
+    config_path = folder / "adapter_config.json"
+    config = read_json(config_path) if config_path.is_file() else {}
+    for option in ("use_dora", "fan_in_fan_out", "lora_bias"):
+        if config.get(option):
+            raise ConversionError(f"{config_path} sets {option}; only plain LoRA can be merged.")
+    if config.get("alpha_pattern"):
+        raise ConversionError(f"{config_path} sets alpha_pattern; only one LoRA alpha for all modules is supported.")
+    if lora_alpha is None:
+        lora_alpha = config.get("lora_alpha")
+    if lora_alpha is None:
         raise ConversionError(
-            f"config.json has model_type={original.get('model_type')!r}; the original SELF1E layout has "
-            "'internvl_chat'."
+            f"{folder} is an unmerged checkpoint (PEFT LoRA keys) without adapter_config.json: pass --lora-alpha "
+            "(the LoRA alpha of the training run; the merge adds alpha / rank * B @ A), or convert the merged "
+            "release folder instead."
         )
-    if original.get("ps_version", "v2") != "v2":
-        raise ConversionError(f"ps_version={original['ps_version']!r} is not supported (transformers' InternVL is v2).")
-    if "combine_decode_proj.0.weight" not in state:
-        raise ConversionError("The checkpoint has no combine_decode_proj* tensors: it is not a SELF1E checkpoint.")
-    for name in ("seg_token_id", "image_token_id"):
-        if side.get(name) is None:
-            raise ConversionError(f"{name} is unknown: give it in meta.json or with --{name.replace('_', '-')}.")
+    return float(lora_alpha), bool(config.get("use_rslora", False))
+
+
+def merge_lora(state: dict[str, torch.Tensor], lora_alpha: float, use_rslora: bool = False) -> dict[str, torch.Tensor]:
+    """Unwrap PEFT's keys and merge each LoRA pair into its base weight as PEFT's `merge_and_unload` does on CPU:
+    the delta `(B @ A) * alpha / r` computed in float32 and kept in the LoRA factors' dtype, then added in place to
+    the weight (PEFT's adapters are often float32 beside a bf16 model: the sum is then rounded once). The base
+    weights of `state` are updated in place (no second copy of a large model)."""
+    plain, factors, adapters = {}, {}, set()
+    for key, tensor in state.items():
+        key = PEFT_WRAPPER.sub(r"\1.", key)
+        lora = LORA_FACTOR.match(key)
+        if lora:
+            factors[lora["module"], lora["factor"]] = tensor
+            adapters.add(lora["adapter"])
+        else:
+            plain[key.replace(".base_layer.", ".")] = tensor
+    leftovers = sorted(key for key in plain if PEFT_OTHER.search(key))
+    if leftovers:
+        raise ConversionError(f"Unsupported PEFT tensors (only LoRA A/B pairs can be merged): {leftovers[:8]}")
+    if len(adapters) > 1:
+        raise ConversionError(f"The checkpoint holds several LoRA adapters {sorted(adapters)}; expected one.")
+    modules = sorted({module for module, _ in factors})
+    for module in modules:
+        if (module, "A") not in factors or (module, "B") not in factors or f"{module}.weight" not in plain:
+            raise ConversionError(f"LoRA of {module} is incomplete (needs lora_A, lora_B and the base weight).")
+        lora_a, lora_b = factors[module, "A"], factors[module, "B"]
+        rank = lora_a.shape[0]
+        scale = lora_alpha / (rank**0.5 if use_rslora else rank)
+        delta = ((lora_b.float() @ lora_a.float()) * scale).to(lora_b.dtype)
+        plain[f"{module}.weight"].add_(delta)  # in the weight's dtype: a float32 delta is rounded once
+    logger.info(f"Merged {len(modules)} LoRA pairs (alpha {lora_alpha}).")
+    return plain
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokens
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
+def segmentation_tokenizer(folder: Path, base: Path | None, rows: int):
+    """The tokenizer of the converted model: `base`'s (or `folder`'s) with `[SEG]` and `[SEGT]` added as the
+    authors add them when it lacks `[SEG]`; `None` when neither folder has a tokenizer."""
+    source = base if base is not None else (folder if has_tokenizer(folder) else None)
+    if source is None:
+        return None
+    if not has_tokenizer(source):
+        raise ConversionError(f"--base-tokenizer {source} holds no tokenizer (tokenizer.json / tokenizer_config.json).")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as error:
+        raise ConversionError(f"Cannot load the tokenizer of {source}: {error}") from None
+    if token_id(tokenizer, SEG_TOKEN) is None:
+        tokenizer = add_authors_tokens(tokenizer, rows)
+    return tokenizer
+
+
+def add_authors_tokens(tokenizer, rows: int):
+    """`add_tokens(["[SEG]"])` then `add_tokens(["[SEGT]"])`, as the authors' code does on the original InternVL3
+    tokenizer, whose length is the checkpoint's vocabulary rows - 2.
+
+    A `-hf` folder's tokenizer holds tokens after the original ones that no SELF1E prompt uses (`<video>`); the
+    authors' vocabulary had none, so they are moved after `[SEGT]`, where `[SEG]` and `[SEGT]` keep the authors' ids.
+    """
+    base_size = rows - len(AUTHORS_ADDED_TOKENS)
+    later = unused_tokens(tokenizer, base_size)
+    if len(tokenizer) - len(later) != base_size:
+        raise ConversionError(
+            f"The base tokenizer has {len(tokenizer) - len(later)} tokens, {len(tokenizer) - len(later) + 2} with "
+            f"[SEG] and [SEGT], but the checkpoint's embeddings have {rows} rows: --base-tokenizer must be the "
+            "tokenizer of the InternVL3 model this checkpoint was trained from."
+        )
+    for token in AUTHORS_ADDED_TOKENS:
+        tokenizer.add_tokens([token])
+    if later:
+        logger.info(f"Tokens {later} of the base tokenizer are not in the authors' vocabulary: moved after [SEGT].")
+        tokenizer = move_tokens_last(tokenizer, set(later))
+    return tokenizer
+
+
+def unused_tokens(tokenizer, size: int) -> list[str]:
+    """Added tokens with an id >= `size` that the original InternVL3 tokenizer does not have (nor `[SEG]`)."""
+    return [
+        token.content
+        for i, token in sorted(tokenizer.added_tokens_decoder.items())
+        if i >= size and token.content not in (*INTERNVL_TOKENS, *AUTHORS_ADDED_TOKENS)
+    ]
+
+
+def move_tokens_last(tokenizer, contents: set[str]):
+    """The same tokenizer with the added tokens `contents` renumbered after all other added tokens."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        path = Path(folder) / "tokenizer.json"
+        data = json.loads(path.read_text())
+        added = sorted(data["added_tokens"], key=lambda token: token["id"])
+        first = min(token["id"] for token in added if token["content"] in contents)
+        tail = [t for t in added if t["id"] >= first and t["content"] not in contents]
+        tail += [t for t in added if t["id"] >= first and t["content"] in contents]
+        for new_id, token in enumerate(tail, start=first):
+            token["id"] = new_id
+        path.write_text(json.dumps(data, ensure_ascii=False))
+        return AutoTokenizer.from_pretrained(folder)
+
+
+def token_id(tokenizer, token: str) -> int | None:
+    """Id of `token` in `tokenizer`, `None` if it is not a token of it."""
+    found = tokenizer.convert_tokens_to_ids(token)
+    return None if found is None or found == tokenizer.unk_token_id else found
+
+
+def tokenizer_ids(tokenizer, rows: int) -> dict[str, int]:
+    """`[SEG]`, `<IMG_CONTEXT>`, `<|im_end|>` and pad ids, checked against the checkpoint's vocabulary rows: every
+    token but added ones no prompt uses (a `-hf` tokenizer's `<video>`) must have a row."""
+    absent = [token for token in PROMPT_TOKENS if token_id(tokenizer, token) is None]
+    if absent:
+        raise ConversionError(f"The tokenizer lacks {absent}: it is not an InternVL3 tokenizer with [SEG].")
+    size = len(tokenizer) - len(unused_tokens(tokenizer, rows))
+    if size != rows or any(token_id(tokenizer, token) >= rows for token in PROMPT_TOKENS):
+        raise ConversionError(
+            f"The tokenizer has {size} tokens (with [SEG] and [SEGT]) but the checkpoint's embeddings have {rows} "
+            "rows: --base-tokenizer must be the tokenizer of the InternVL3 model this checkpoint was trained from."
+        )
+    return {
+        "seg": token_id(tokenizer, SEG_TOKEN),
+        "image": token_id(tokenizer, IMAGE_CONTEXT_TOKEN),
+        "turn_end": token_id(tokenizer, TURN_END_TOKEN),
+        "pad": tokenizer.pad_token_id,
+    }
+
+
+def read_side_settings(folder: Path) -> dict:
+    """Token ids and loss weights of the older `meta.json` side file (the parity fixture's), if present."""
+    meta_path = folder / "meta.json"
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    kwargs = meta.get("model_init_kwargs_not_in_config", {})
+    return {
+        "seg": meta.get("seg_token_id", kwargs.get("seg_token_idx")),
+        "image": meta.get("img_context_token_id", kwargs.get("img_token_idx")),
+        "loss_weights": meta.get("loss_weights", {}),
+    }
+
+
+def resolve_token_ids(tokenizer, side: dict, given: dict, original: dict, rows: int) -> dict:
+    """Token ids from the tokenizer when there is one (side settings and flags must then agree with it), else from
+    the side settings / flags."""
+    ids = tokenizer_ids(tokenizer, rows) if tokenizer is not None else {"turn_end": None, "pad": None}
+    for name, flag in (("seg", "--seg-token-id"), ("image", "--image-token-id")):
+        for source, value in (("meta.json", side[name]), (flag, given.get(name))):
+            if value is None:
+                continue
+            if tokenizer is not None and value != ids[name]:
+                raise ConversionError(f"{source} gives {name} token id {value} but the tokenizer has {ids[name]}.")
+            ids[name] = value
+        if ids.get(name) is None:
+            raise ConversionError(
+                f"The {name} token id is unknown: pass --base-tokenizer (the base InternVL3 folder or its tokenizer), "
+                "since the release holds no tokenizer."
+            )
+    if ids["turn_end"] is not None and original.get("eos_token_id") not in (None, ids["turn_end"]):
+        raise ConversionError(
+            f"config.json has eos_token_id {original['eos_token_id']} but the tokenizer's {TURN_END_TOKEN} is "
+            f"{ids['turn_end']}: wrong --base-tokenizer?"
+        )
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config and output
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def image_size_of(original: dict) -> int:
+    return original.get("force_image_size") or original["vision_config"]["image_size"]
+
+
+def build_config(original: dict, ids: dict, loss_weights: dict, state: dict[str, torch.Tensor]) -> SelfieConfig:
+    """`SelfieConfig` from the original config.json, the token ids, the loss weights and tensor shapes."""
     vision, llm = original["vision_config"], dict(original["llm_config"])
-    image_size = original.get("force_image_size") or vision["image_size"]
+    image_size = image_size_of(original)
     ratio = original.get("downsample_ratio", 0.5)
     vision_config = {
         "hidden_size": vision["hidden_size"],
@@ -121,80 +413,155 @@ def build_config(original: dict, side: dict, state: dict[str, torch.Tensor]) -> 
         "hidden_act": vision.get("hidden_act", "gelu"),
         "use_mean_pooling": True,
     }
-    for key in ("architectures", "auto_map", "_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+    for key in RUN_SETTINGS:
         llm.pop(key, None)
-    weights = side.get("loss_weights", {})
-    seg_hidden = state["combine_decode_proj.0.weight"].shape[1]
     return SelfieConfig(
         vision_config=vision_config,
         text_config=llm,
-        image_token_id=side["image_token_id"],
-        seg_token_id=side["seg_token_id"],
+        image_token_id=ids["image"],
+        seg_token_id=ids["seg"],
         image_seq_length=int((image_size // vision["patch_size"]) ** 2 * ratio**2),
         downsample_ratio=ratio,
         vision_feature_layer=original.get("select_layer", -1),
-        seg_hidden_size=seg_hidden,
+        seg_hidden_size=state["combine_decode_proj.0.weight"].shape[1],
         tie_word_embeddings=llm.get("tie_word_embeddings", False),
-        text_loss_weight=weights.get("ce_loss_weight", 1.0),
-        bce_loss_weight=weights.get("bce_loss_weight", 2.0),
-        dice_loss_weight=weights.get("dice_loss_weight", 0.5),
+        text_loss_weight=loss_weights.get("ce_loss_weight", 1.0),
+        bce_loss_weight=loss_weights.get("bce_loss_weight", 2.0),
+        dice_loss_weight=loss_weights.get("dice_loss_weight", 0.5),
     )
 
 
-def read_side_settings(folder: Path, seg_token_id: int | None, image_token_id: int | None) -> dict:
-    """Token ids and loss weights from `meta.json` (if present), overridden by explicit values."""
-    meta_path = folder / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    kwargs = meta.get("model_init_kwargs_not_in_config", {})
-    side = {
-        "seg_token_id": meta.get("seg_token_id", kwargs.get("seg_token_idx")),
-        "image_token_id": meta.get("img_context_token_id", kwargs.get("img_token_idx")),
-        "loss_weights": meta.get("loss_weights", {}),
-    }
-    if seg_token_id is not None:
-        side["seg_token_id"] = seg_token_id
-    if image_token_id is not None:
-        side["image_token_id"] = image_token_id
-    return side
+def check_original(original: dict, state: dict[str, torch.Tensor]) -> None:
+    """Refuse configs and checkpoints that are not the SELF1E layout this converter knows."""
+    if original.get("model_type") != "internvl_chat":
+        raise ConversionError(
+            f"config.json has model_type={original.get('model_type')!r}; the original SELF1E layout has "
+            "'internvl_chat'."
+        )
+    if original.get("ps_version", "v2") != "v2":
+        raise ConversionError(f"ps_version={original['ps_version']!r} is not supported (transformers' InternVL is v2).")
+    if original.get("template", AUTHORS_TEMPLATE) != AUTHORS_TEMPLATE:
+        raise ConversionError(
+            f"config.json has template={original['template']!r}; the released SELF1E prompt is {AUTHORS_TEMPLATE!r}."
+        )
+    missing = [key for key in ("combine_decode_proj.0.weight", *EMBEDDING_KEYS) if key not in state]
+    if missing:
+        raise ConversionError(f"The checkpoint lacks {missing}: it is not a SELF1E checkpoint.")
+    rows = {key: state[key].shape[0] for key in EMBEDDING_KEYS}
+    declared = original["llm_config"].get("vocab_size")
+    if len(set(rows.values())) != 1 or declared not in (None, *rows.values()):
+        raise ConversionError(f"Vocabulary sizes disagree: llm_config.vocab_size={declared}, tensor rows {rows}.")
+
+
+def checked_model(config: SelfieConfig, converted: dict[str, torch.Tensor]) -> SelfieForSegmentation:
+    """A `SelfieForSegmentation` holding exactly the converted tensors (their dtypes kept). It is built on the meta
+    device, so nothing is initialised at random; every key and shape must match the architecture."""
+    with torch.device("meta"):
+        model = SelfieForSegmentation(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    if missing or unexpected:
+        raise ConversionError(f"Checkpoint does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}.")
+    wrong = [f"{key} {tuple(converted[key].shape)} != {tuple(expected[key].shape)}"
+             for key in sorted(expected) if converted[key].shape != expected[key].shape]
+    if wrong:
+        raise ConversionError(f"Tensor shapes do not fit config.json: {wrong[:4]}")
+    model.load_state_dict(converted, strict=True, assign=True)
+    return model.eval()
+
+
+def build_processor(tokenizer, config: SelfieConfig, original: dict) -> SelfieProcessor:
+    """The processor of the released model: one tile of `force_image_size` px per image (as it was trained and
+    evaluated), InternVL's ImageNet normalisation, the authors' `internvl2_5` prompt and system message; checked
+    against the model's token ids."""
+    size = image_size_of(original)
+    image_processor = SelfieImageProcessor(size={"height": size, "width": size}, max_patches=1)
+    processor = SelfieProcessor(
+        image_processor,
+        tokenizer,
+        image_seq_length=config.image_seq_length,
+        system_message=SELF1E_SYSTEM_MESSAGE,
+        prompt_style="self1e",
+    )
+    try:
+        processor.check_model(config)
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
+    return processor
 
 
 def convert_checkpoint(
     input_dir: str | Path,
     output_dir: str | Path,
+    base_tokenizer: str | Path | None = None,
     seg_token_id: int | None = None,
     image_token_id: int | None = None,
+    lora_alpha: float | None = None,
     overwrite: bool = False,
-) -> SelfieForSegmentation:
-    """Convert `input_dir` (original SELF1E layout) into `output_dir` (written atomically); returns the model."""
+) -> Path:
+    """Convert `input_dir` (original SELF1E layout) into `output_dir`, written atomically; returns `output_dir`."""
     folder = Path(input_dir)
     if not (folder / "config.json").is_file():
         raise ConversionError(f"{folder} has no config.json: point --input at an original SELF1E checkpoint folder.")
-    original = json.loads((folder / "config.json").read_text())
+    if base_tokenizer is not None and not Path(base_tokenizer).is_dir():
+        raise ConversionError(f"--base-tokenizer {base_tokenizer} is not a folder.")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists; pass overwrite=True (--overwrite) to replace it.")
+    original = read_json(folder / "config.json")
     state = load_original_state_dict(folder)
-    config = build_config(original, read_side_settings(folder, seg_token_id, image_token_id), state)
-    model = SelfieForSegmentation(config)
-    converted = convert_state_dict(state)
-    missing, unexpected = model.load_state_dict(converted, strict=False)
-    if missing or unexpected:
-        raise ConversionError(f"Checkpoint does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}.")
-    model.eval()
+    if is_unmerged(state):
+        state = merge_lora(state, *read_lora_alpha(folder, lora_alpha))
+    check_original(original, state)
+    rows = state[EMBEDDING_KEYS[0]].shape[0]
+    tokenizer = segmentation_tokenizer(folder, Path(base_tokenizer) if base_tokenizer is not None else None, rows)
+    side = read_side_settings(folder)
+    ids = resolve_token_ids(tokenizer, side, {"seg": seg_token_id, "image": image_token_id}, original, rows)
+    config = build_config(original, ids, side["loss_weights"], state)
+    model = checked_model(config, convert_state_dict(state))
+    if ids["turn_end"] is not None:
+        pad = ids["pad"] if ids["pad"] is not None else original.get("pad_token_id")
+        model.generation_config = GenerationConfig(eos_token_id=ids["turn_end"], pad_token_id=pad)
+    processor = build_processor(tokenizer, config, original) if tokenizer is not None else None
     with atomic_output_dir(output_dir, overwrite=overwrite) as staging:
         model.save_pretrained(staging)
-    return model
+        if processor is not None:
+            processor.save_pretrained(staging)
+    if processor is None:
+        logger.warning(
+            f"{output_dir} holds the model only (token ids from meta.json / flags): no tokenizer was given, so it has "
+            "no processor. Pass --base-tokenizer for a complete folder."
+        )
+    return output_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", required=True, help="folder of the original checkpoint (config.json + safetensors)")
+    parser.add_argument("--input", required=True, help="the released checkpoint folder (config.json + weights)")
     parser.add_argument("--output", required=True, help="folder to write the transformers checkpoint to")
-    parser.add_argument("--seg-token-id", type=int, help="id of [SEG] (default: from meta.json)")
-    parser.add_argument("--image-token-id", type=int, help="id of <IMG_CONTEXT> (default: from meta.json)")
+    parser.add_argument(
+        "--base-tokenizer",
+        help="the base InternVL3 folder (original or -hf) or its tokenizer folder; [SEG] and [SEGT] are added as the "
+        "authors' code adds them (default: a tokenizer in --input)",
+    )
+    parser.add_argument("--lora-alpha", type=float, help="LoRA alpha, to merge an unmerged checkpoint-N folder")
+    parser.add_argument("--seg-token-id", type=int, help="id of [SEG] when no tokenizer is given")
+    parser.add_argument("--image-token-id", type=int, help="id of <IMG_CONTEXT> when no tokenizer is given")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
     try:
-        convert_checkpoint(args.input, args.output, args.seg_token_id, args.image_token_id, args.overwrite)
-    except (ConversionError, FileExistsError, OSError, json.JSONDecodeError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        convert_checkpoint(
+            args.input,
+            args.output,
+            base_tokenizer=args.base_tokenizer,
+            seg_token_id=args.seg_token_id,
+            image_token_id=args.image_token_id,
+            lora_alpha=args.lora_alpha,
+            overwrite=args.overwrite,
+        )
+    except (ConversionError, FileExistsError, OSError) as error:
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 2
     print(f"wrote {args.output}")
     return 0

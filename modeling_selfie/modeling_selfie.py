@@ -428,6 +428,24 @@ class SelfieSegmentationHead(nn.Module):
         return torch.einsum("shwc,sc->shw", pixels, seg_embeddings) / math.sqrt(self.seg_hidden_size)
 
 
+def seg_token_id_of_folder(pretrained_model_name_or_path, kwargs: dict, image_token_id: int) -> int | None:
+    """The id `[SEG]` has, or gets when added, in the tokenizer stored with a checkpoint; `None` if the checkpoint
+    has no tokenizer of its own (one that puts InternVL's image token at the model's `image_token_id`)."""
+    from transformers import AutoTokenizer
+
+    from .processing_selfie import HUB_KWARGS, IMAGE_TOKEN_ROLES, seg_token_id_in
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            pretrained_model_name_or_path, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        )
+    except (OSError, ValueError, TypeError):
+        return None
+    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN_ROLES["context_image_token"]) != image_token_id:
+        return None
+    return seg_token_id_in(tokenizer)
+
+
 def shared_fields(output, target_class) -> dict:
     """The fields of a model output that `target_class` also has (cache, hidden states, attentions, image outputs:
     their names differ between transformers releases)."""
@@ -604,8 +622,9 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         embeddings. Every base weight must be in the checkpoint: a missing one is a `ValueError` that names it. Only
         the SELFIE head may be missing (an InternVL start): it is initialised as transformers initialises every Linear
         (normal weights with `initializer_range`, zero biases) and logged. Unless `seg_token_id` is given, a config
-        without one gets `[SEG]` appended to the vocabulary (id = old vocabulary size, one new row in the input and
-        output embeddings, the mean of the old rows), also logged.
+        without one gets `[SEG]` at the id the folder's tokenizer gives it (`SelfieProcessor.from_pretrained` on the
+        same folder agrees), or appended to the vocabulary when the folder has no tokenizer; its embedding rows
+        start at the mean of the old rows (`add_seg_token`), also logged.
         """
         want_info = kwargs.pop("output_loading_info", False)
         kwargs["key_mapping"] = {**INTERNVL_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
@@ -628,13 +647,24 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         if seg_token_id is not None:
             model.config.seg_token_id = seg_token_id
         if model.config.seg_token_id is None:
-            model.add_seg_token()
+            model.add_seg_token(
+                seg_token_id_of_folder(pretrained_model_name_or_path, kwargs, model.config.image_token_id)
+            )
         return (model, info) if want_info else model
 
-    def add_seg_token(self) -> int:
-        """Append `[SEG]` to the vocabulary (id = current vocabulary size); returns the new id."""
-        new_id = self.config.text_config.vocab_size
-        self.resize_token_embeddings(new_id + 1, mean_resizing=False)
+    def add_seg_token(self, seg_token_id: int | None = None) -> int:
+        """Give `[SEG]` an embedding row (input and output) and return its id.
+
+        Args:
+            seg_token_id: the id; defaults to the current vocabulary size (the row is appended). An id past the
+                vocabulary grows it to `seg_token_id + 1` rows; an id inside it reuses that (unused) row. Every row
+                set here starts at the mean of the old vocabulary's rows.
+        """
+        old_size = self.config.text_config.vocab_size
+        new_id = old_size if seg_token_id is None else seg_token_id
+        if new_id >= old_size:
+            self.resize_token_embeddings(new_id + 1, mean_resizing=False)
+        rows = slice(min(old_size, new_id), new_id + 1)
         weights = [self.get_input_embeddings().weight, self.get_output_embeddings().weight]
         gathered = contextlib.nullcontext()
         if is_deepspeed_zero3_enabled():  # the rows are partitioned across processes
@@ -645,9 +675,12 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
             gathered = GatheredParameters(weights, modifier_rank=0)
         with gathered, torch.no_grad():
             for weight in weights:
-                weight[new_id] = weight[:new_id].mean(0)
+                weight[rows] = weight[:old_size].mean(0)
         self.config.seg_token_id = new_id
-        logger.warning(f"Added [SEG] to the vocabulary with id {new_id}; embeddings grew to {new_id + 1} rows.")
+        logger.warning(
+            f"Added [SEG] to the vocabulary with id {new_id}; the embeddings have "
+            f"{self.config.text_config.vocab_size} rows."
+        )
         return new_id
 
     def predict_masks(

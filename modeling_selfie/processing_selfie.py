@@ -16,9 +16,6 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-from transformers.utils import logging
-
-logger = logging.get_logger(__name__)
 
 SEG_TOKEN = "[SEG]"
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
@@ -230,8 +227,8 @@ class SelfieProcessor(InternVLProcessor):
     def from_internvl(cls, pretrained_model_name_or_path, **kwargs) -> "SelfieProcessor":
         """A SELFIE processor for a plain InternVL3 folder (the `-hf` layout or the original `internvl_chat` one).
 
-        Keeps the folder's tokenizer (adding `[SEG]`, which gets the id `SelfieForSegmentation.from_pretrained`
-        appends to the model's vocabulary when the vocabulary is the tokenizer's length), tile size, normalisation
+        Keeps the folder's tokenizer (adding `[SEG]`, at the id `SelfieForSegmentation.from_pretrained` gives it on
+        the same folder: `seg_token_id_in`), tile size, normalisation
         and image tokens per tile; tiles as SELFIE does (`SelfieImageProcessor`: one tile by default, no thumbnail,
         `tile_grid`). `kwargs` may set `system_message`, `prompt_style`, `image_seq_length`.
         """
@@ -256,15 +253,7 @@ class SelfieProcessor(InternVLProcessor):
             image_mean=image_dict.get("image_mean", IMAGENET_DEFAULT_MEAN),
             image_std=image_dict.get("image_std", IMAGENET_DEFAULT_STD),
         )
-        had_seg = SEG_TOKEN in tokenizer.get_vocab()
         processor = cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
-        vocab_size = (config.get("text_config") or config.get("llm_config") or {}).get("vocab_size")
-        if not had_seg and vocab_size is not None and processor.seg_token_id != vocab_size:
-            logger.warning(
-                f"[SEG] gets id {processor.seg_token_id} in the tokenizer of {pretrained_model_name_or_path}, but its "
-                f"model has {vocab_size} vocabulary rows, where SelfieForSegmentation.from_pretrained appends [SEG] "
-                f"by default: load the model with seg_token_id={processor.seg_token_id}."
-            )
         return processor
 
     def check_model(self, config) -> None:
@@ -458,6 +447,13 @@ def post_process_masks(
                 resized = resized & ~absent.to(resized.device)[:, None, None]
         results.append(resized)
     return results
+
+
+def seg_token_id_in(tokenizer) -> int:
+    """The id of `[SEG]` in `tokenizer`, or the id it gets when added (the tokenizer's length)."""
+    if SEG_TOKEN in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+    return len(tokenizer)
 
 
 def image_token(tokenizer, role: str) -> tuple[str, int]:

@@ -157,7 +157,7 @@ def write_internvl3_hf_folder(
     if layout not in LAYOUTS:
         raise ValueError(layout)
     ids = write_qwen2_internvl_tokenizer(folder)
-    vocab_size = max(ids.values()) + 1
+    vocab_size = ids["</box>"] + 1  # as the Hub's config: the tokenizer's <video> has no embedding row
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(
         internvl3_config(vocab_size, ids["<IMG_CONTEXT>"], tie_word_embeddings)

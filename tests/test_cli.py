@@ -1,14 +1,20 @@
-"""The main job: `selfie-segment IMAGE PROMPT` writes a mask and an overlay; bad input gets one clear line."""
+"""The main job: `selfie-segment IMAGE PROMPT [PROMPT ...]` and `--batch FILE` write masks, overlays and COCO RLE;
+bad input gets one clear line and never costs the results of the good input."""
 
+import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
-from modeling_selfie.cli import default_model_dir, main, render_overlay
+from modeling_selfie import cli
+from modeling_selfie.cli import default_model_dir, resolve_device, resolve_dtype
 from modeling_selfie.presets import tiny_model_and_processor
+from selfie_segment import main
 
 from .helpers import WORDS, random_image
 
@@ -22,26 +28,189 @@ def model_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture
+def forwards(monkeypatch):
+    """Counts the forward passes of every model `selfie-segment` loads; yields the loaded (model, processor)."""
+    calls, loaded = [], []
+
+    def counting_load_model(*args, **kwargs):
+        model, processor = load_model(*args, **kwargs)
+        model.register_forward_hook(lambda module, inputs, output: calls.append(len(output.pred_masks)))
+        loaded.append((model, processor))
+        return model, processor
+
+    load_model = cli.load_model
+    monkeypatch.setattr(cli, "load_model", counting_load_model)
+    return calls, loaded
+
+
+def read_mask(path) -> np.ndarray:
+    mask = np.array(Image.open(path))
+    assert set(np.unique(mask)) <= {0, 255}
+    return mask > 0
+
+
 def test_segments_an_image_and_writes_mask_and_overlay(model_dir, tmp_path, capsys):
     image_path = tmp_path / "scene.png"
     random_image(80, 64).save(image_path)
     code = main([str(image_path), "red circle", "--model", str(model_dir), "--output", str(tmp_path / "out")])
     assert code == 0
-    mask = np.array(Image.open(tmp_path / "out_mask.png"))
+    mask = read_mask(tmp_path / "out_mask.png")
     overlay = Image.open(tmp_path / "out_overlay.png")
-    assert mask.shape == (64, 80) and set(np.unique(mask)) <= {0, 255}
+    assert mask.shape == (64, 80)
     assert overlay.size[0] == 80 and overlay.size[1] > 64  # caption band under the picture
     line = capsys.readouterr().out.strip()
     assert line.startswith("'red circle': mask of") and "out_mask.png" in line and "out_overlay.png" in line
-    assert f"{int((mask > 0).sum())} px" in line
+    assert f"{int(mask.sum())} px" in line
 
 
-def test_overlay_tints_only_the_mask():
-    image = Image.new("RGB", (20, 10), (0, 0, 0))
-    mask = np.zeros((10, 20), dtype=bool)
-    mask[2:8, 5:15] = True
-    picture = np.array(render_overlay(image, mask, "x"))[:10]
-    assert picture[mask].any(axis=-1).all() and not picture[~mask].any()
+def test_several_prompts_share_one_forward_and_get_a_mask_and_overlay_each(model_dir, tmp_path, forwards):
+    calls, loaded = forwards
+    image = random_image(80, 64)
+    image.save(tmp_path / "scene.png")
+    prompts = ["red circle", "the blue square left", "green"]
+    code = main([str(tmp_path / "scene.png"), *prompts, "--model", str(model_dir), "--output", str(tmp_path / "o"),
+                 "--json", str(tmp_path / "masks.json")])
+    assert code == 0
+    assert calls == [3]  # one forward pass holding the three prompts
+    model, processor = loaded[0]
+    records = json.loads((tmp_path / "masks.json").read_text())
+    assert [r["prompt"] for r in records] == prompts
+    for k, (prompt, record) in enumerate(zip(prompts, records), 1):
+        alone = model.segment(processor, image, prompt)[0].numpy()  # the same prompt in a forward of its own
+        mask = read_mask(tmp_path / f"o_{k}_mask.png")
+        assert np.array_equal(mask, alone)
+        assert record["mask"] == str(tmp_path / f"o_{k}_mask.png")
+        assert Image.open(tmp_path / f"o_{k}_overlay.png").width == 80
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["scene.png", "masks.json"] + [f"o_{k}_{kind}.png" for k in (1, 2, 3) for kind in ("mask", "overlay")]
+    )
+
+
+def test_json_holds_coco_rle_with_size_prompt_and_presence_score(model_dir, tmp_path):
+    random_image(50, 70, seed=3).save(tmp_path / "tall.png")
+    code = main([str(tmp_path / "tall.png"), "blue square", "--model", str(model_dir),
+                 "--output", str(tmp_path / "t"), "--json", str(tmp_path / "out.json")])
+    assert code == 0
+    (record,) = json.loads((tmp_path / "out.json").read_text())
+    assert record["image"] == str(tmp_path / "tall.png") and record["prompt"] == "blue square"
+    assert record["segmentation"]["size"] == [70, 50]
+    decoded = mask_utils.decode(record["segmentation"]).astype(bool)  # pycocotools reads it as the PNG mask
+    assert np.array_equal(decoded, read_mask(tmp_path / "t_mask.png"))
+    assert record["area"] == int(mask_utils.area(record["segmentation"])) == int(decoded.sum())
+    assert 0.0 <= record["presence_score"] <= 1.0 and (record["presence_score"] >= 0.5) == bool(decoded.any())
+
+
+def test_json_only_writes_no_pictures(model_dir, tmp_path):
+    random_image(40, 40).save(tmp_path / "a.png")
+    code = main([str(tmp_path / "a.png"), "red", "--model", str(model_dir), "--no-images",
+                 "--json", str(tmp_path / "a.json"), "--output", str(tmp_path / "x")])
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.png"]
+    assert "mask" not in json.loads((tmp_path / "a.json").read_text())[0]
+
+
+def test_batch_file_keeps_the_good_lines_when_some_are_bad(model_dir, tmp_path, capsys, forwards):
+    calls, loaded = forwards
+    images = {"one.png": random_image(80, 64, seed=1), "two.png": random_image(48, 72, seed=2)}
+    for name, image in images.items():
+        image.save(tmp_path / name)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    lines = [
+        json.dumps({"image": "one.png", "prompt": "red circle"}),  # 1
+        json.dumps({"image": "missing.png", "prompt": "red"}),  # 2: no such file
+        "{not json",  # 3
+        "",  # blank lines are skipped
+        json.dumps({"image": "two.png", "prompt": "   "}),  # 5: empty prompt
+        json.dumps({"image": "two.png", "prompt": "blue square"}),  # 6
+        json.dumps({"image": "broken.png", "prompt": "green"}),  # 7: unreadable
+        json.dumps(["one.png", "red"]),  # 8: not an object
+        json.dumps({"image": "one.png", "prompt": "green shape"}),  # 9
+    ]
+    (tmp_path / "jobs.jsonl").write_text("\n".join(lines) + "\n")
+    code = main(["--batch", str(tmp_path / "jobs.jsonl"), "--batch-size", "2", "--model", str(model_dir),
+                 "--output", str(tmp_path / "out") + "/", "--json", str(tmp_path / "out.json")])
+    assert code == 2  # some lines failed
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    for number, reason in [(2, "image not found"), (3, "not JSON"), (5, "is empty"), (7, "cannot read image"),
+                           (8, "needs an object")]:
+        assert any(f"jobs.jsonl line {number}: " in line and reason in line for line in errors), (number, errors)
+    assert len(errors) == 5
+    assert sum(calls) == 3 and max(calls) <= 2  # the 3 readable lines, at most 2 per forward
+
+    model, processor = loaded[0]
+    records = json.loads((tmp_path / "out.json").read_text())
+    assert [(r["line"], r["image"], r["prompt"]) for r in records] == [
+        (1, "one.png", "red circle"), (6, "two.png", "blue square"), (9, "one.png", "green shape")]
+    for record in records:
+        expected = model.segment(processor, images[record["image"]], record["prompt"])[0].numpy()
+        stem = record["image"].removesuffix(".png")
+        mask = read_mask(tmp_path / "out" / f"{stem}_{record['line']}_mask.png")
+        assert np.array_equal(mask, expected) and record["segmentation"]["size"] == list(expected.shape)
+        assert (tmp_path / "out" / f"{stem}_{record['line']}_overlay.png").is_file()
+
+
+def test_output_naming_a_folder_writes_inside_it(model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    random_image(32, 32).save(tmp_path / "pic.png")
+    (tmp_path / "existing").mkdir()
+    assert main(["pic.png", "red", "--model", str(model_dir), "--output", "new/"]) == 0
+    assert main(["pic.png", "red", "--model", str(model_dir), "--output", "existing"]) == 0
+    assert main(["pic.png", "red", "--model", str(model_dir), "--output", "prefix"]) == 0
+    assert main(["pic.png", "red", "--model", str(model_dir)]) == 0
+    for name in ("new/pic", "existing/pic", "prefix", "pic"):
+        assert (tmp_path / f"{name}_mask.png").is_file() and (tmp_path / f"{name}_overlay.png").is_file()
+    assert not (tmp_path / "new_mask.png").exists() and not (tmp_path / "existing_mask.png").exists()
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "foo", "meta"])
+def test_unusable_device_is_one_error_line(tmp_path, capsys, device):
+    random_image(8, 8).save(tmp_path / "ok.png")
+    assert main([str(tmp_path / "ok.png"), "red", "--device", device]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --device {device}") and "\n" not in err
+    assert not list(tmp_path.glob("*_mask.png"))
+
+
+def test_auto_device_and_dtype():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+
+
+def test_auto_dtype_is_bfloat16_on_a_gpu_that_has_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float32
+
+
+def test_dtype_option_loads_the_model_in_that_dtype(model_dir, tmp_path, forwards):
+    _, loaded = forwards
+    random_image(40, 40).save(tmp_path / "a.png")
+    code = main([str(tmp_path / "a.png"), "red", "--model", str(model_dir), "--dtype", "bfloat16",
+                 "--device", "cpu", "--output", str(tmp_path / "a")])
+    assert code == 0
+    model, _ = loaded[0]
+    assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+    assert read_mask(tmp_path / "a_mask.png").shape == (40, 40)
+
+
+def test_help_and_argument_errors_answer_without_importing_torch(tmp_path):
+    probe = (
+        "import sys, selfie_segment\n"
+        "try:\n    selfie_segment.main(sys.argv[1:])\n"
+        "except SystemExit as exit:\n"
+        "    print(exit.code, sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n"
+    )
+    for argv, code in [(["--help"], 0), ([], 2), (["a.png"], 2), (["--batch", "x.jsonl", "a.png"], 2)]:
+        result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=tmp_path)
+        assert result.stdout.strip().splitlines()[-1] == f"{code} []", (argv, result.stdout, result.stderr)
+        if code:
+            assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    help_text = subprocess.run([sys.executable, "-c", probe, "--help"], capture_output=True, text=True).stdout
+    assert "--batch" in help_text and "--json" in help_text and "--device" in help_text
 
 
 @pytest.mark.parametrize(
@@ -49,18 +218,34 @@ def test_overlay_tints_only_the_mask():
     [
         (lambda d: None, ["missing.png", "red circle"], "image not found"),
         (lambda d: (d / "bad.png").write_bytes(b"not an image"), ["bad.png", "red circle"], "cannot read image"),
-        (lambda d: random_image(8, 8).save(d / "ok.png"), ["ok.png", "   "], "the prompt is empty"),
+        (lambda d: None, ["ok.png", "red", "   "], "is empty"),
         (lambda d: (d / "empty_model").mkdir(), ["ok.png", "red", "--model", "empty_model"], "not a model folder"),
+        (lambda d: (d / "j").mkdir(), ["ok.png", "red", "--json", "j"], "is a folder"),
+        (lambda d: None, ["--batch", "none.jsonl"], "batch file not found"),
+        (lambda d: (d / "e.jsonl").write_text("\n\n"), ["--batch", "e.jsonl"], "holds no usable line"),
+        (lambda d: None, ["ok.png", "red", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (lambda d: None, ["ok.png"], "arguments are required"),
     ],
 )
-def test_bad_input_exits_non_zero_with_one_line(tmp_path, setup, args, message):
+def test_bad_input_exits_non_zero_with_one_line(tmp_path, monkeypatch, capsys, setup, args, message):
+    monkeypatch.chdir(tmp_path)
     random_image(8, 8).save(tmp_path / "ok.png")
     setup(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "modeling_selfie.cli", *args], cwd=tmp_path,
+    try:
+        code = main(args)
+    except SystemExit as exit:  # argument errors leave through argparse
+        code = exit.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*_mask.png"))
+
+
+def test_module_entry_point_reports_bad_input_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "modeling_selfie.cli", "missing.png", "red circle"], cwd=tmp_path,
                             capture_output=True, text=True)
     assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert not list(tmp_path.glob("*_mask.png"))
+    assert result.stderr == "error: image not found: missing.png\n"
 
 
 def test_the_shipped_model_is_in_the_package():

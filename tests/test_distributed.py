@@ -10,8 +10,10 @@ import hashlib
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +220,94 @@ def test_fsdp2_sharded_head_matches_unsharded(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The training command under torchrun and accelerate launch (CPU processes, gloo)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def squares_data(root: Path, count: int = 16) -> Path:
+    """`count` referring records in the custom format (hand-drawn PNG image and mask each) and a recipe."""
+    from PIL import Image
+
+    (root / "data" / "images").mkdir(parents=True)
+    records = []
+    for i in range(count):
+        sample = toy_sample(4 * i)  # a red square at one of three heights
+        sample["image"].save(root / "data" / "images" / f"{i}.png")
+        Image.fromarray(sample["masks"][0] * 255).save(root / "data" / "images" / f"{i}_mask.png")
+        records.append({"image": f"images/{i}.png", "expressions": ["the red square"], "mask": f"images/{i}_mask.png"})
+    (root / "data" / "refs.jsonl").write_text("\n".join(json.dumps(record) for record in records))
+    recipe = {
+        "name": "squares",
+        "datasets": [{"name": "custom_referring", "annotations": "refs.jsonl", "rate": 1}],
+        "training": {"lora_rank": 4, "lora_alpha": 8, "learning_rate": 1e-3, "per_device_train_batch_size": 2},
+    }
+    (root / "recipe.json").write_text(json.dumps(recipe))
+    return root
+
+
+def training_command(launcher: str, root: Path, *flags: str) -> list[str]:
+    """`python -m modeling_selfie.training` on 2 CPU processes under torchrun or accelerate launch + ddp.yaml."""
+    if launcher == "torchrun":
+        prefix = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                  f"--master_port={free_port()}"]  # fmt: skip
+    else:
+        prefix = ["-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "ddp.yaml"), "--num_processes",
+                  "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]  # fmt: skip
+    script = ["-m", "modeling_selfie.training", "--model", "selfie-tiny", "--recipe", str(root / "recipe.json"),
+              "--data-root", str(root / "data"), "--output-dir", str(root / "run"), "--save-steps", "2",
+              "--logging-steps", "1", "--report-to", "none", "--disable-tqdm", "true"]  # fmt: skip
+    return [sys.executable, *prefix, *script, *flags]
+
+
+LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_two_cpu_processes_train_data_parallel_and_resume_after_a_kill(tmp_path):
+    """torchrun with no device flag trains 2 gloo processes; killed after a checkpoint, `accelerate launch` with
+    ddp.yaml and `--resume-from-checkpoint last` continues from it; only rank 0 prints and writes the results."""
+    from modeling_selfie.training import last_complete_checkpoint
+
+    root = squares_data(tmp_path)
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(training_command("torchrun", root, "--max-steps", "1000"), cwd=REPO, env=LAUNCH_ENV,
+                             stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        for _ in range(1200):  # up to 120 s for the first checkpoint
+            if first.poll() is not None or last_complete_checkpoint(root / "run"):
+                break
+            time.sleep(0.1)
+    finally:  # torchrun passes the signal on to its workers (which run in sessions of their own) and waits for them
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+        log.close()
+    checkpoint = last_complete_checkpoint(root / "run")
+    assert checkpoint, (tmp_path / "first.log").read_text()[-3000:]
+    assert not (root / "run" / "final").exists()
+    settings = json.loads((root / "run" / "settings.json").read_text())["settings"]
+    assert settings["world_size"]["value"] == 2 and settings["use_cpu"] == {"value": True, "from": "derived: no GPU"}
+
+    done = int(checkpoint.rsplit("-", 1)[1])
+    second = subprocess.run(
+        training_command("accelerate", root, "--max-steps", str(done + 2), "--resume-from-checkpoint", "last"),
+        cwd=REPO, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert out.count(f"resuming from {checkpoint}") == 1 and out.count("SELFIE training settings (2 process(es))") == 1
+    assert out.count("wrote ") == 1
+    state = json.loads((root / "run" / "trainer_state.json").read_text())
+    assert state["global_step"] == done + 2
+    assert state["epoch"] == pytest.approx((done + 2) / 4)  # 16 samples, 2 processes x 2 per step: 4 steps an epoch
+    logged = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert logged[-2:] == [done + 1, done + 2]
+    final = root / "run" / "final"
+    assert {"model.safetensors", "README.md", "settings.json", "settings.md"} <= {p.name for p in final.iterdir()}
+    from modeling_selfie import SelfieForSegmentation
+
+    assert not any("lora" in n for n, _ in SelfieForSegmentation.from_pretrained(final).named_parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Launch configs
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -238,8 +328,9 @@ def accelerate_launch_env(config: str) -> dict[str, str]:
 
 
 def test_ddp_launch_config():
+    """Precision is left to the training arguments (bf16 where the GPU has it), so CPU processes run in fp32."""
     env = accelerate_launch_env("ddp.yaml")
-    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16" and "ACCELERATE_USE_FSDP" not in env
+    assert env["ACCELERATE_MIXED_PRECISION"] == "no" and "ACCELERATE_USE_FSDP" not in env
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -253,6 +344,40 @@ def test_deepspeed_launch_configs(stage, monkeypatch):
     assert "optimizer" not in ds_config and "scheduler" not in ds_config  # the Trainer's AdamW and schedule
     if stage == 3:
         assert ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_configs_pass_the_installed_deepspeed_schema(stage):
+    """zero{2,3}.json with the "auto" values filled as the Trainer fills them (transformers' HfTrainerDeepSpeedConfig,
+    for the shipped recipes' batch 5 x accumulation 8) are valid DeepSpeed configs; a misspelt key is not."""
+    pytest.importorskip(
+        "deepspeed", reason="deepspeed is an optional dependency (pip install deepspeed); its schema is checked where "
+        "it is installed"
+    )
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
+
+    from modeling_selfie.presets import tiny_model_and_processor
+
+    model = tiny_model_and_processor(WORDS)[0]  # before the config: a live ZeRO-3 config makes models partition
+    args = TrainingArguments(output_dir="unused", per_device_train_batch_size=5, gradient_accumulation_steps=8,
+                             use_cpu=True)  # fmt: skip
+    try:
+        filled = HfTrainerDeepSpeedConfig(str(LAUNCH / f"zero{stage}.json"))
+        filled.trainer_config_process(args)
+        filled.trainer_config_finalize(args, model, num_training_steps=100)
+    finally:
+        unset_hf_deepspeed_config()
+    assert "auto" not in json.dumps(filled.config)
+    config = DeepSpeedConfig(filled.config)
+    assert (config.zero_optimization_stage, config.train_batch_size) == (stage, 40)
+    assert config.gradient_accumulation_steps == 8
+    misspelt = json.loads(json.dumps(filled.config))
+    misspelt["zero_optimization"]["overlap_com"] = misspelt["zero_optimization"].pop("overlap_comm")
+    with pytest.raises(pydantic.ValidationError, match="overlap_com"):
+        DeepSpeedConfig(misspelt)
 
 
 def test_fsdp_launch_config_wraps_model_layers():

@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modeling_selfie import SelfieForSegmentation
+from transformers import AutoTokenizer
+
+from modeling_selfie import SelfieForSegmentation, SelfieProcessor
 
 from .internvl_artifacts import LAYOUTS, load_state, write_internvl3_hf_folder
 
@@ -50,7 +52,28 @@ def test_without_seg_the_logits_equal_internvl(tmp_path, layout):
         got = model(input_ids=input_ids).logits
     vocab = plain.config.text_config.vocab_size
     assert torch.allclose(got[..., :vocab], expected, atol=1e-5)
-    assert model.config.seg_token_id == vocab  # [SEG] appended as the last row
+
+
+def test_seg_gets_the_id_the_folders_tokenizer_gives_it(tmp_path):
+    """The Hub's tokenizer may hold tokens past the model's rows (here `<video>`): [SEG] takes the tokenizer's next
+    id, the rows in between are added, and the processor of the same folder agrees."""
+    plain = write_internvl3_hf_folder(tmp_path, layout="hub")
+    tokenizer_length = len(AutoTokenizer.from_pretrained(tmp_path))
+    vocab = plain.config.text_config.vocab_size
+    assert tokenizer_length == vocab + 1
+    model = SelfieForSegmentation.from_pretrained(tmp_path)
+    assert model.config.seg_token_id == tokenizer_length == SelfieProcessor.from_pretrained(tmp_path).seg_token_id
+    rows = model.get_input_embeddings().weight
+    assert rows.shape[0] == model.lm_head.weight.shape[0] == tokenizer_length + 1
+    assert torch.allclose(rows[vocab:], plain.get_input_embeddings().weight.mean(0).expand(2, -1))
+
+
+def test_without_a_tokenizer_seg_is_appended(tmp_path):
+    plain = write_internvl3_hf_folder(tmp_path, layout="hub")
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / file).unlink()
+    model = SelfieForSegmentation.from_pretrained(tmp_path)
+    assert model.config.seg_token_id == plain.config.text_config.vocab_size
 
 
 def test_save_then_load_is_exact(tmp_path):

@@ -1,6 +1,8 @@
 """Training utilities on the tiny model (CPU, fp32): collation, the trainer's logging, LoRA, activation
 checkpointing, resuming and merging."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,9 +14,13 @@ from modeling_selfie.presets import tiny_model_and_processor
 from modeling_selfie.training import (
     SelfieDataCollator,
     SelfieTrainer,
+    SelfieTrainingArguments,
     _unsharded_copy,
     apply_lora,
+    main,
     merge_and_save,
+    resolve_settings,
+    vision_parameter_names,
 )
 
 WORDS = ("segment", "the", "red", "blue", "green", "square", "and", "describe", "image", "colours")
@@ -308,48 +314,271 @@ def test_merge_and_save_matches_peft_model(lora_run, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_training_entry_point(tmp_path):
-    """`python -m modeling_selfie.training` on a one-dataset recipe: a random selfie-tiny with LoRA trains two steps
-    and the merged checkpoint loads."""
-    import json
-
-    from modeling_selfie.training import main
-
-    data_root = tmp_path / "data"
-    (data_root / "vqav2" / "images").mkdir(parents=True)
+def vqa_data_root(root) -> str:
+    """A data root with a four-record VQAv2 jsonl (the layout `vqav2` reads)."""
+    (root / "vqav2" / "images").mkdir(parents=True)
     records = []
     for i, colour in enumerate(["red", "green", "blue", "red"]):
-        Image.new("RGB", (56, 56), COLOURS[colour]).save(data_root / "vqav2" / "images" / f"{i}.png")
+        Image.new("RGB", (56, 56), COLOURS[colour]).save(root / "vqav2" / "images" / f"{i}.png")
         records.append({"image": f"vqav2/images/{i}.png", "question": "describe the image", "answer": colour})
-    (data_root / "vqav2" / "vqav2_train.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    recipe = tmp_path / "recipe.json"
-    recipe.write_text(json.dumps({"datasets": [{"name": "vqav2", "split": "train"}], "sample_rates": {"vqa": 1}}))
+    (root / "vqav2" / "vqav2_train.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    return str(root)
 
-    main(
-        [
-            "--model",
-            "selfie-tiny",
-            "--recipe",
-            str(recipe),
-            "--data-root",
-            str(data_root),
-            "--output-dir",
-            str(tmp_path / "run"),
-            "--max-steps",
-            "2",
-            "--per-device-train-batch-size",
-            "2",
-            "--lora-rank",
-            "4",
-            "--save-strategy",
-            "no",
-            "--report-to",
-            "none",
-            "--disable-tqdm",
-            "true",
-            "--use-cpu",
-        ]
-    )
-    merged = SelfieForSegmentation.from_pretrained(tmp_path / "run" / "final")
+
+def write_recipe(path, training: dict | None = None, **top) -> str:
+    recipe = {"datasets": [{"name": "vqav2", "split": "train"}], "sample_rates": {"vqa": 1}, **top}
+    if training is not None:
+        recipe["training"] = training
+    path.write_text(json.dumps(recipe))
+    return str(path)
+
+
+QUIET = ["--save-strategy", "no", "--report-to", "none", "--disable-tqdm", "true"]
+
+
+@pytest.mark.parametrize(
+    "recipe, rates",
+    [("self1e", {"semantic": 1, "referring": 1, "reasoning": 1, "vqa": 1}),
+     ("self1e-seg", {"semantic": 6, "referring": 20, "reasoning": 6, "vqa": 1})],
+)
+def test_shipped_recipes_are_the_authors_command_lines(recipe, rates):
+    """Batch 5 x accumulation 8, lr and vision lr 1e-4, LoRA 128/256 on LLM and vision, 1 epoch, max length 512,
+    gradient checkpointing, AdamW + cosine; SELF1E samples every dataset once, SELF1E-SEG by the paper's Tab. 8."""
+    run = resolve_settings(["--model", "m", "--recipe", recipe, "--data-root", "d", "--output-dir", "o"])
+    args, script = run.training, run.script
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (5, 8)
+    assert (args.learning_rate, args.vision_learning_rate, args.num_train_epochs) == (1e-4, 1e-4, 1)
+    assert (args.optim, args.lr_scheduler_type) == ("adamw_torch", "cosine")
+    assert args.gradient_checkpointing is True and script.model_max_length == 512
+    assert (script.lora_rank, script.lora_alpha) == (128, 256)
+    assert (script.vision_lora_rank, script.vision_lora_alpha) == (128, 256)
+    assert run.recipe["sample_rates"] == rates and run.recipe["seed"] == 0
+    for key in ("per_device_train_batch_size", "learning_rate", "vision_learning_rate", "lora_rank",
+                "vision_lora_rank", "model_max_length", "gradient_checkpointing", "sample_rates"):
+        assert run.sources[key] == "recipe", key
+
+
+def test_flags_override_only_the_keys_given(tmp_path):
+    recipe = write_recipe(tmp_path / "r.json", {"learning_rate": 3e-4, "lora_rank": 16, "lora_alpha": 32, "seed": 7})
+    run = resolve_settings(["--model", "m", "--recipe", recipe, "--data-root", "d", "--output-dir", "o",
+                            "--lora-rank", "4", "--seed", "0", "--sample-rates", "vqa=3"])
+    assert (run.script.lora_rank, run.sources["lora_rank"]) == (4, "flag")
+    assert (run.training.seed, run.sources["seed"]) == (0, "flag")  # a flag equal to the default still wins
+    assert (run.script.lora_alpha, run.sources["lora_alpha"]) == (32, "recipe")
+    assert (run.training.learning_rate, run.sources["learning_rate"]) == (3e-4, "recipe")
+    assert (run.training.num_train_epochs, run.sources["num_train_epochs"]) == (3, "default")
+    assert run.recipe["sample_rates"] == {"vqa": 3} and run.sources["sample_rates"] == "flag"
+    table = run.table()
+    assert "| lora_rank " in table and "| flag " in table and table.count("\n") == len(run.rows()) + 1
+
+
+def test_unknown_recipe_keys_are_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="'lora_rnak'"):
+        resolve_settings(["--model", "m", "--recipe", write_recipe(tmp_path / "a.json", {"lora_rnak": 4}),
+                          "--data-root", "d"])
+    with pytest.raises(ValueError, match="'output_dir'.*per-run"):
+        resolve_settings(["--model", "m", "--recipe", write_recipe(tmp_path / "b.json", {"output_dir": "x"}),
+                          "--data-root", "d"])
+    bad_top = write_recipe(tmp_path / "c.json", {}, epochs=2)
+    assert main(["--model", "m", "--recipe", bad_top, "--data-root", "d", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "'epochs'" in err[0]
+
+
+def test_processor_of_another_model_is_an_error_before_training(tmp_path, capsys):
+    model, processor = tiny_model_and_processor(WORDS)
+    model.save_pretrained(tmp_path / "model")
+    processor.image_seq_length = 16  # a processor made for 4x4 tokens per tile; the model has 2x2
+    processor.save_pretrained(tmp_path / "processor")
+    status = main(["--model", str(tmp_path / "model"), "--processor", str(tmp_path / "processor"), "--recipe",
+                   write_recipe(tmp_path / "r.json"), "--data-root", vqa_data_root(tmp_path / "data"),
+                   "--output-dir", str(tmp_path / "run"), *QUIET])
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: The processor does not match the model (image tokens per tile: processor 16")
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_help_is_short_and_help_all_lists_trainer_options(capsys):
+    assert main(["--help"]) == 0
+    short = capsys.readouterr().out
+    assert len(short.splitlines()) < 70
+    for text in ("--recipe", "--data-root", "--lora-rank", "--vision-lora-rank", "--push-to-hub", "Example",
+                 "--help-all", "InternVL3"):
+        assert text in short, text
+    assert main(["--help-all"]) == 0
+    assert "--adam_beta2" in capsys.readouterr().out
+
+
+def test_vision_learning_rate_is_its_own_param_group(tmp_path):
+    model, processor = lora_model(vision_lora=True)
+    args = SelfieTrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, vision_learning_rate=2e-4,
+                                   lr_scheduler_type="cosine", report_to="none", remove_unused_columns=False,
+                                   use_cpu=True, weight_decay=0.1)
+    trainer = SelfieTrainer(model=model, args=args, train_dataset=TRAIN, processing_class=processor)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    vision = {id(p) for name, p in model.named_parameters() if name in vision_parameter_names(model)}
+    assert vision and all("lora_" in name for name in vision_parameter_names(model))
+    groups = [(group["lr"], {id(p) for p in group["params"]}) for group in trainer.optimizer.param_groups]
+    assert {lr for lr, ids in groups if ids & vision} == {2e-4}
+    assert all(not ids & vision for lr, ids in groups if lr == 1e-3)
+    assert set().union(*(ids for _, ids in groups)) == {id(p) for p in model.parameters() if p.requires_grad}
+    for _ in range(4):
+        trainer.optimizer.step()  # no gradients: nothing moves
+        trainer.lr_scheduler.step()
+    rates = {group["lr"] / group["initial_lr"] for group in trainer.optimizer.param_groups}
+    assert len({round(r, 9) for r in rates}) == 1 and 0 < rates.pop() < 1  # one cosine for every group
+
+
+def test_collator_shortens_samples_over_max_length():
+    _, processor = tiny_model_and_processor(WORDS, seed=0)
+    sample = square_sample(0)
+    three = {**sample, "conversation": sample["conversation"] * 3, "masks": np.concatenate([sample["masks"]] * 3)}
+    full = SelfieDataCollator(processor)([three])
+    one = SelfieDataCollator(processor)([sample])
+    limit = int(one["attention_mask"].sum()) + 2  # the first exchange fits, the second does not
+    batch = SelfieDataCollator(processor, max_length=limit)([three, sample])
+    assert int(full["attention_mask"].sum()) > limit >= int(batch["attention_mask"].sum(1).max())
+    assert [m.shape[0] for m in batch["mask_labels"]] == [1, 1]
+    assert torch.equal(batch["input_ids"][0, : one["input_ids"].shape[1]], one["input_ids"][0])
+    with pytest.raises(ValueError, match="batch sample 0 .*first exchange.*model_max_length 5"):
+        SelfieDataCollator(processor, max_length=5)([sample])
+
+
+def test_training_entry_point_applies_the_recipe(tmp_path, monkeypatch):
+    """`python -m modeling_selfie.training` on a one-dataset recipe: every training-block key reaches the model,
+    the optimizer, the collator and the Trainer; the settings table is saved; the merged checkpoint loads."""
+    trainers = []
+    original_train = SelfieTrainer.train
+
+    def recording_train(self, *args, **kwargs):
+        trainers.append((self, [name for name, _ in self.model.named_parameters() if "lora_A" in name]))
+        return original_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(SelfieTrainer, "train", recording_train)
+    training = {
+        "lora_rank": 4, "lora_alpha": 12, "lora_dropout": 0.0, "lora_target_modules": ["q_proj", "v_proj"],
+        "vision_lora_rank": 2, "vision_lora_alpha": 6, "vision_lora_target_modules": ["fc1"],
+        "learning_rate": 1e-3, "vision_learning_rate": 5e-4, "lr_scheduler_type": "cosine", "warmup_steps": 1,
+        "max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+        "gradient_checkpointing": True, "model_max_length": 300, "seed": 3,
+    }  # fmt: skip
+    recipe = write_recipe(tmp_path / "recipe.json", training, seed=5)
+    run_dir = tmp_path / "run"
+    status = main(["--model", "selfie-tiny", "--recipe", recipe, "--data-root", vqa_data_root(tmp_path / "data"),
+                   "--output-dir", str(run_dir), "--lora-alpha", "8", *QUIET])
+    assert status == 0
+    ((trainer, names),) = trainers  # the model is merged in place afterwards
+    config = trainer.model.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 8, 0.0)  # alpha: the flag wins
+    assert set(config.rank_pattern.values()) == {2} and set(config.alpha_pattern.values()) == {6}
+    assert {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name in names} == {"q_proj", "v_proj", "fc1"}
+    assert {group["initial_lr"] for group in trainer.optimizer.param_groups} == {1e-3, 5e-4}
+    assert (trainer.args.lr_scheduler_type, trainer.args.warmup_steps, trainer.args.seed) == ("cosine", 1, 3)
+    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (2, 2)
+    assert trainer.args.gradient_checkpointing and trainer.data_collator.max_length == 300
+    assert trainer.train_dataset.seed == 5 and trainer.state.global_step == 2
+
+    settings = json.loads((run_dir / "settings.json").read_text())["settings"]
+    assert settings["lora_alpha"] == {"value": 8, "from": "flag"}
+    assert settings["vision_lora_rank"] == {"value": 2, "from": "recipe"}
+    assert settings["num_train_epochs"]["from"] == "default"
+    assert "| vision_learning_rate" in (run_dir / "settings.md").read_text()
+    final = run_dir / "final"
+    merged = SelfieForSegmentation.from_pretrained(final)
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    assert SelfieProcessor.from_pretrained(tmp_path / "run" / "final").seg_token_id == merged.config.seg_token_id
+    assert SelfieProcessor.from_pretrained(final).seg_token_id == merged.config.seg_token_id
+    assert json.loads((final / "settings.json").read_text())["settings"] == settings
+    assert "\"max_steps\": 2" in (final / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """HfApi with the network calls replaced: each upload_folder copies the folder to tmp_path/uploads/<n>."""
+    import shutil
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+
+    uploads = []
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def fake_upload_folder(self, repo_id, folder_path, **kwargs):
+        target = tmp_path / "uploads" / str(len(uploads))
+        shutil.copytree(folder_path, target)
+        uploads.append((repo_id, target))
+        return f"https://hub.invalid/{repo_id}/commit/{len(uploads)}"
+
+    monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
+    return uploads
+
+
+def test_push_to_hub_flag_uploads_the_merged_model_with_card(tmp_path, fake_hub, capsys):
+    """`--push-to-hub` uploads once, at the end: the merged model with its remote code, the processor and a card
+    with base_model, datasets, the recipe, the settings and the evaluation losses; no adapter, no checkpoint."""
+    recipe = write_recipe(tmp_path / "recipe.json", {"lora_rank": 4, "lora_alpha": 8, "max_steps": 2,
+                                                     "per_device_train_batch_size": 2}, name="colours")
+    data_root = vqa_data_root(tmp_path / "data")
+    status = main(["--model", "selfie-tiny", "--recipe", recipe, "--data-root", data_root, "--eval-recipe", recipe,
+                   "--output-dir", str(tmp_path / "run"), "--push-to-hub", "--hub-model-id", "team/selfie-colours",
+                   "--base-model", "OpenGVLab/InternVL3-2B-hf", "--eval-strategy", "steps", "--eval-steps", "2",
+                   "--save-strategy", "steps", "--save-steps", "1", "--report-to", "none", "--disable-tqdm", "true"])
+    assert status == 0
+    assert len(fake_hub) == 1 and fake_hub[0][0] == "team/selfie-colours"  # checkpoints were not pushed
+    assert "pushed https://hub.invalid/team/selfie-colours/commit/1" in capsys.readouterr().out
+    uploaded = fake_hub[0][1]
+    files = {p.name for p in uploaded.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "modeling_selfie.py", "configuration_selfie.py",
+            "processing_selfie.py", "tokenizer.json"} <= files
+    assert not files & {"adapter_config.json", "adapter_model.safetensors", "training_args.bin"}
+    card = (uploaded / "README.md").read_text()
+    assert "base_model: OpenGVLab/InternVL3-2B-hf" in card and "datasets:\n- vqav2" in card
+    assert '"name": "colours"' in card and "| lora_rank " in card and "| colours/eval |" in card and "eval_loss" in card
+    merged = SelfieForSegmentation.from_pretrained(uploaded)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    local = SelfieForSegmentation.from_pretrained(tmp_path / "run" / "final")  # the pushed model is final/'s
+    for (name, a), (_, b) in zip(sorted(merged.state_dict().items()), sorted(local.state_dict().items()), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_push_to_hub_training_argument_pushes_the_same_files(tmp_path, fake_hub):
+    """`TrainingArguments(push_to_hub=True)`: checkpoints are not pushed; `save_model()` (which the Trainer makes
+    push) and `push_to_hub()` upload the merged model, loadable with and without this package."""
+    import subprocess
+    import sys
+
+    from .test_hub import REMOTE_CHECK
+
+    model, processor = lora_model()
+    args = training_args(tmp_path / "run", push_to_hub=True, hub_model_id="team/selfie-squares",
+                         save_strategy="steps", save_steps=2, max_steps=4)
+    trainer = SelfieTrainer(model=model, args=args, train_dataset=TRAIN, processing_class=processor)
+    trainer.train()
+    assert fake_hub == [] and (tmp_path / "run" / "checkpoint-2").is_dir()
+    trainer.save_model(str(tmp_path / "saved"))
+    url = trainer.push_to_hub(base_model="OpenGVLab/InternVL3-2B-hf", datasets=["squares"])
+    assert url.endswith("/commit/2") and [repo for repo, _ in fake_hub] == ["team/selfie-squares"] * 2
+    first, second = (folder for _, folder in fake_hub)
+    assert {p.name for p in first.iterdir()} == {p.name for p in second.iterdir()}
+    assert "adapter_config.json" not in {p.name for p in second.iterdir()}
+    assert "base_model: OpenGVLab/InternVL3-2B-hf" in (second / "README.md").read_text()
+
+    image = HELD_OUT[0]["image"]
+    image.save(tmp_path / "image.png")
+    (tmp_path / "check.py").write_text(REMOTE_CHECK)
+    remote = subprocess.run([sys.executable, str(tmp_path / "check.py"), str(second), str(tmp_path / "image.png")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    logits = torch.tensor(json.loads(remote.stdout.strip().splitlines()[-1])["logits"])
+    loaded = SelfieForSegmentation.from_pretrained(second).eval()
+    with torch.no_grad():
+        ours = loaded(**processor(images=[image], queries=["red circle"])).pred_masks[0].flatten()
+    torch.testing.assert_close(logits, ours, atol=1e-5, rtol=1e-5)

@@ -10,6 +10,8 @@ Layout under `data_root` (LISA's / SELF1E's `dataset/` folder):
     vlpart/paco/annotations/paco_lvis_v1_{split}.json, coco/                     paco_lvis
     llava_dataset/llava_instruct_150k.json, coco/train2017/                      llava_instruct (split "train")
     vqav2/vqav2_{split}.jsonl, image paths relative to data_root                 vqav2
+    your own data (formats in modeling_selfie/data/custom.py), default {split}.jsonl / {split}.json
+        (give "annotations": "path/relative/to/data_root" in the recipe entry)   custom_referring, custom_semantic
 
 Keyword arguments of [`build_dataset`] go to the loader and override these locations (e.g. `image_dir=...`).
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .common import SelfieDataset
+from .custom import CustomReferringDataset, CustomSemanticDataset
 from .mixing import MixedDataset
 from .reasonseg import ReasonSegDataset
 from .refer import ReferringDataset
@@ -71,10 +74,18 @@ DATASETS = {
         "vqav2",
         lambda root, split: {"jsonl_path": root / "vqav2" / f"vqav2_{split}.jsonl", "image_root": root},
     ),
+    "custom_referring": DatasetEntry(
+        CustomReferringDataset, "custom", lambda root, split: {"root": root, "annotations": f"{split}.jsonl"}
+    ),
+    "custom_semantic": DatasetEntry(
+        CustomSemanticDataset, "custom", lambda root, split: {"root": root, "annotations": f"{split}.json"}
+    ),
 }
+# Families of `check_main` (`processing/check_custom.py` has its own command line: custom data has no fixed layout).
 CHECK_FAMILIES = {
     family: tuple(name for name, entry in DATASETS.items() if entry.family == family)
     for family in dict.fromkeys(entry.family for entry in DATASETS.values())
+    if family != "custom"
 }
 
 
@@ -116,19 +127,26 @@ def build_mixture(
     recipe: dict | str | Path, data_root: str | Path, *, train: bool = True, shuffle: bool = True
 ) -> MixedDataset:
     """The training mixture of a recipe: every dataset of `recipe["datasets"]` (entries `{"name", "split", ...}`,
-    the other keys going to [`build_dataset`]) repeated by the rate of its task in `recipe["sample_rates"]`,
-    seeded by `recipe["seed"]` (default 0)."""
+    the other keys going to [`build_dataset`]) repeated by its entry's `rate` or else by the rate of its task in
+    `recipe["sample_rates"]`, seeded by `recipe["seed"]` (default 0)."""
     recipe = load_recipe(recipe)
-    for key in ("datasets", "sample_rates"):
-        if key not in recipe:
-            raise ValueError(f"Recipe {recipe.get('name', '<unnamed>')!r} lacks the key {key!r}.")
+    if "datasets" not in recipe:
+        raise ValueError(f"Recipe {recipe.get('name', '<unnamed>')!r} lacks the key 'datasets'.")
+    rates = recipe.get("sample_rates", {})
     seed = recipe.get("seed", 0)
-    datasets = []
+    datasets, repeats = [], []
     for entry in recipe["datasets"]:
         options = {"seed": seed, **entry}
-        name, split = options.pop("name"), options.pop("split", "train")
-        datasets.append(build_dataset(name, split, data_root, train=train, **options))
-    return MixedDataset.from_task_rates(datasets, recipe["sample_rates"], seed=seed, shuffle=shuffle)
+        name, split, rate = options.pop("name"), options.pop("split", "train"), options.pop("rate", None)
+        dataset = build_dataset(name, split, data_root, train=train, **options)
+        if rate is None and dataset.task not in rates:
+            raise ValueError(
+                f"{name} has task {dataset.task!r}, which has no rate in sample_rates {rates}: add one or give the "
+                "entry a 'rate'."
+            )
+        datasets.append(dataset)
+        repeats.append(rates[dataset.task] if rate is None else rate)
+    return MixedDataset(datasets, repeats, seed=seed, shuffle=shuffle)
 
 
 def check_dataset(name: str, split: str, data_root: str | Path, list_all: bool = False, **overrides) -> list[str]:
