@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import build_models, forward_fns, make_inputs, measure_pair, time_once  # noqa: E402
 
 from modeling_selfie import SegmentationLayout  # noqa: E402
+from modeling_selfie.compat import enable_activation_checkpointing  # noqa: E402
 from modeling_selfie.io_utils import atomic_output_file  # noqa: E402
 from modeling_selfie.presets import variance_preserving_init_  # noqa: E402
 from modeling_selfie.processing_selfie import post_process_masks  # noqa: E402
@@ -392,10 +393,7 @@ def part_lora_step(suite: Suite, rows: list, notes: list) -> None:
     model, _ = build_models(preset, device, cfg.dtype, "sdpa")
     del _
     model = apply_lora(model, rank=rank, alpha=2 * rank, dropout=0.05, vision_lora=True)
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model, use_reentrant=False)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)

@@ -7,6 +7,8 @@ or renames something is handled by what it actually offers. Supported: transform
 
 import inspect
 
+import torch
+
 # transformers' top-level `AutoImageProcessor` is a placeholder that demands torchvision in some releases (5.17);
 # the class in its own module works with the PIL backends everywhere.
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
@@ -39,4 +41,34 @@ def output_cache(outputs):
     return getattr(outputs, CACHE_KWARG, None)
 
 
-__all__ = ["AutoImageProcessor", "CACHE_KWARG", "cache_kwargs", "create_causal_mask", "output_cache", "pop_cache"]
+def enable_activation_checkpointing(model, use_reentrant: bool = False) -> None:
+    """Turn on activation (gradient) checkpointing: `activation_checkpointing_enable` where the release has it
+    (5.24), else `gradient_checkpointing_enable`."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
+def use_plain_cpu_device(args) -> None:
+    """Give CPU processes of a `TrainingArguments` the device "cpu" instead of an indexed "cpu:N" (the same memory).
+
+    With several processes, transformers 5.17 loads a resumed optimizer state onto `args.device`, and `torch.load`
+    cannot restore tensors onto "cpu:N" (later releases load onto "cpu"). `args.device` is the cached
+    `_setup_devices` property in every supported release.
+    """
+    device = args.device
+    if device.type == "cpu" and device.index is not None:
+        args.__dict__["_setup_devices"] = torch.device("cpu")
+
+
+__all__ = [
+    "AutoImageProcessor",
+    "CACHE_KWARG",
+    "cache_kwargs",
+    "create_causal_mask",
+    "enable_activation_checkpointing",
+    "output_cache",
+    "pop_cache",
+    "use_plain_cpu_device",
+]

@@ -80,6 +80,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from .data.registry import load_recipe
+from .compat import use_plain_cpu_device
 from .data.sample import check_sample
 from .io_utils import atomic_output_dir, atomic_output_file
 from .modeling_selfie import SelfieForSegmentation
@@ -190,18 +191,6 @@ class SelfieTrainingArguments(TrainingArguments):
     )
 
 
-def _use_plain_cpu_device(args: TrainingArguments) -> None:
-    """Give CPU processes the device "cpu" instead of an indexed "cpu:N" (the same memory).
-
-    Version difference: with several processes, transformers 5.17 loads a resumed optimizer state onto `args.device`,
-    and `torch.load` cannot restore tensors onto "cpu:N" (later releases load onto "cpu"). `args.device` is the cached
-    `_setup_devices` property in every supported release.
-    """
-    device = args.device
-    if device.type == "cpu" and device.index is not None:
-        args.__dict__["_setup_devices"] = torch.device("cpu")
-
-
 def vision_parameter_names(model: torch.nn.Module) -> set[str]:
     """Names of the trainable parameters inside the vision tower (its LoRA, or its weights when fully trained)."""
     return {name for name, p in model.named_parameters() if p.requires_grad and ".vision_tower." in f".{name}"}
@@ -254,7 +243,7 @@ class SelfieTrainer(Trainer):
             args.ddp_find_unused_parameters = True
         if args.push_to_hub:
             args.hub_strategy = "end"
-        _use_plain_cpu_device(args)
+        use_plain_cpu_device(args)
         if data_collator is None and isinstance(processing_class, SelfieProcessor):
             data_collator = SelfieDataCollator(processing_class)
         super().__init__(
