@@ -28,6 +28,7 @@ failed run never replaces a good model).
 import argparse
 import json
 import random
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -328,6 +329,17 @@ script right after training.
 """
 
 
+CARD_SECTIONS = ("How it was made", "Held-out results")  # the "## " sections `model_card` writes
+
+
+def kept_sections(card: str) -> str:
+    """The "## " sections of an existing model card that `model_card` does not write (e.g. a "Chat" paragraph added
+    by hand), to carry over when the card is rewritten; "" when there are none."""
+    sections = re.split(r"^(?=## )", card, flags=re.MULTILINE)[1:]
+    kept = [section for section in sections if not section[3:].startswith(CARD_SECTIONS)]
+    return "".join("\n" + section.strip() + "\n" for section in kept)
+
+
 def drop_remote_code(folder: Path) -> None:
     """The shipped model lives inside the package, which registers its classes: remove the remote-code copies of
     the module files (and the `auto_map` entries pointing at them) that `save_pretrained` writes."""
@@ -463,7 +475,9 @@ def main(argv=None):
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         drop_remote_code(staging)
-        (staging / "README.md").write_text(model_card(results, baseline, ceiling, args, steps, minutes))
+        old_card = args.output / "README.md"
+        kept = kept_sections(old_card.read_text()) if old_card.exists() else ""
+        (staging / "README.md").write_text(model_card(results, baseline, ceiling, args, steps, minutes) + kept)
         evaluation = {**results, "colour_match_baseline": baseline, "grid_ceiling": ceiling}
         (staging / "eval_results.json").write_text(json.dumps(evaluation, indent=1) + "\n")
     print(f"wrote {args.output} ({steps} steps, {minutes:.1f} min, overall cIoU {results['overall']['cIoU']:.3f})")

@@ -59,6 +59,9 @@ def test_a_grid_the_tile_cannot_hold_is_refused(script, tmp_path):
 
 def test_a_short_run_writes_a_loadable_model_with_its_card(script, tmp_path):
     output = tmp_path / "model"
+    output.mkdir()
+    chat = "## Chat\n\nWritten by hand: `model.chat(...)` answers in words.\n"
+    (output / "README.md").write_text(f"# old card\n\n## How it was made\n\nold numbers\n\n{chat}")
     run(script, "--output", str(output), "--run-dir", str(tmp_path / "run"), "--downsample-ratio", "0.25")
     model = SelfieForSegmentation.from_pretrained(output)
     processor = SelfieProcessor.from_pretrained(output)
@@ -73,6 +76,7 @@ def test_a_short_run_writes_a_loadable_model_with_its_card(script, tmp_path):
     assert f"| overall | 8 | {results['overall']['cIoU']:.3f} | {results['overall']['gIoU']:.3f} " in card
     assert f"| {baseline['cIoU']:.3f} | {ceiling['cIoU']:.3f} / {ceiling['gIoU']:.3f} |" in card
     assert "--warmup-kinds colour_shape=2,multi_target=1" in card and "--downsample-ratio 0.25" in card
+    assert card.endswith(chat) and "old numbers" not in card  # a hand-written section survives the rewrite
     assert 0.9 < ceiling["cIoU"] < 1 and ceiling["count"] == 8  # the ground truth itself, at the mask grid's size
 
     test = RefShapesDataset("test", size=8, seed=0)
