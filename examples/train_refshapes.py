@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -66,6 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "modeling_selfie" / "pretrained" / "selfie-refshapes"
 DEFAULT_RUN_DIR = ROOT / "outputs" / "train_refshapes"  # checkpoints and the learning curve (git-ignored)
 TILE = 112
+TEST_SEED = 0  # the test split every run is scored on, whatever its --seed
 
 
 def prompt_words() -> list[str]:
@@ -161,7 +163,7 @@ class LearningCurve(TrainerCallback):
             return
         results = evaluate_by_kind(model, self.processor, self.dataset)
         model.train()
-        entry = {"step": state.global_step, "minutes": round(self.clock.seconds / 60, 2)}
+        entry = {"step": state.global_step, "minutes": round(self.clock.seconds / 60, 4)}
         entry.update({key: round(value["cIoU"], 4) for key, value in results.items() if isinstance(value, dict)})
         entry["no_target_empty_rate"] = round(results["no_target_empty_rate"], 4)
         lines = self.path.read_text().splitlines() if self.path.exists() else []
@@ -260,8 +262,35 @@ def mask_grid_ceiling(model, processor, dataset) -> dict:
     return results_by_kind(metrics)
 
 
-def model_card(results: dict, baseline: dict, ceiling: dict, args, steps: int, minutes: float) -> str:
-    warmup_kinds = ",".join(f"{kind}={weight:g}" for kind, weight in args.warmup_kinds.items() if weight)
+def format_kind_weights(weights: dict) -> str:
+    """The inverse of `parse_kind_weights`: `"colour_shape=2,multi_target=1"`."""
+    return ",".join(f"{kind}={weight:g}" for kind, weight in weights.items() if weight)
+
+
+def command_line(args) -> str:
+    """The command that repeats this run's training (the run settings, no paths)."""
+    warmup_kinds = format_kind_weights(args.warmup_kinds)
+    return (
+        f"python examples/train_refshapes.py --max-steps {args.max_steps} --batch-size {args.batch_size} "
+        f"--seed {args.seed} --learning-rate {args.learning_rate} --warmup-steps {args.warmup_steps} "
+        f"--warmup-kinds {warmup_kinds} --warmup-fraction {args.warmup_fraction} --max-turns {args.max_turns} "
+        f"--patch-size {args.patch_size} --downsample-ratio {args.downsample_ratio:g} "
+        f"--vision-layers {args.vision_layers} --llm-layers {args.llm_layers} --threads {args.threads}"
+        + (" --init-from MODEL_OF_THE_STAGE_BEFORE" if args.init_from else "")
+    )
+
+
+def model_card(results: dict, baseline: dict, ceiling: dict, args, stages: list[dict]) -> str:
+    """The model card; `stages` are the training runs that made the model, each `{"command", "steps", "minutes"}`,
+    each after the first starting from the weights of the one before (`--init-from`)."""
+    steps, minutes = sum(stage["steps"] for stage in stages), sum(stage["minutes"] for stage in stages)
+    commands = "\n".join(stage["command"] for stage in stages)
+    staged = (
+        f" in {len(stages)} stages of {' + '.join(str(stage['steps']) for stage in stages)} steps, each starting from "
+        "the weights of the one before (a fresh optimizer and learning-rate schedule each)"
+        if len(stages) > 1 else ""
+    )
+    warmup_kinds = format_kind_weights(args.warmup_kinds)
     rows = [
         "| expressions | count | cIoU | gIoU | colour-match baseline cIoU | grid ceiling cIoU / gIoU |",
         "|---|---|---|---|---|---|",
@@ -298,12 +327,12 @@ the whole pipeline working out of the box; it knows nothing but shapes.
 ## How it was made
 
 ```
-python examples/train_refshapes.py --max-steps {args.max_steps} --batch-size {args.batch_size} --seed {args.seed} --learning-rate {args.learning_rate} --warmup-kinds {warmup_kinds} --warmup-fraction {args.warmup_fraction} --max-turns {args.max_turns} --patch-size {args.patch_size} --downsample-ratio {args.downsample_ratio:g} --vision-layers {args.vision_layers} --llm-layers {args.llm_layers} --threads {args.threads}
+{commands}
 ```
 
 `SelfieTrainer`, AdamW (lr {args.learning_rate}, warmup {args.warmup_steps} steps, cosine), batch {args.batch_size},
-{steps} steps in {minutes:.1f} minutes of training on {args.threads or torch.get_num_threads()} CPU thread(s), fp32
-(resumed runs sum the minutes of every invocation). Training images are generated on the fly, each asked up to
+{steps} steps{staged} in {minutes:.1f} minutes of training on {args.threads or torch.get_num_threads()} CPU
+thread(s), fp32 (resumed runs sum the minutes of every invocation). Training images are generated on the fly, each asked up to
 {args.max_turns} expressions, one `[SEG]` turn each (as SELF1E's RefCOCO samples hold several sentences of an
 image). The pixel shuffle keeps a 1/{round(1 / args.downsample_ratio)} of each ViT side for the LLM, and RFA
 unshuffles each ViT patch back into {round(1 / args.downsample_ratio)}x{round(1 / args.downsample_ratio)} mask
@@ -312,7 +341,7 @@ scratch (text CE + 0.5 BCE + 2 DICE, each with the auxiliary low-resolution term
 0.5 DICE), dual-pathway attention. Curriculum: the first {100 * args.warmup_fraction:.0f}% of the images have
 {warmup_kinds} expressions only, the rest the full mix.
 
-## Held-out results (RefShapes test split, {results['overall']['count']} expressions, seed {args.seed})
+## Held-out results (RefShapes test split, {results['overall']['count']} expressions, seed {TEST_SEED})
 
 {chr(10).join(rows)}
 
@@ -354,7 +383,7 @@ def drop_remote_code(folder: Path) -> None:
 
 RUN_SETTINGS = (  # what defines a training run: a resumed run keeps the values it was started with
     "max_steps", "batch_size", "learning_rate", "warmup_steps", "warmup_kinds", "warmup_fraction", "max_turns",
-    "seed", "patch_size", "downsample_ratio", "vision_layers", "llm_layers",
+    "seed", "patch_size", "downsample_ratio", "vision_layers", "llm_layers", "init_from",
 )  # fmt: skip
 
 
@@ -372,6 +401,7 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
         parser.error(f"--resume: no checkpoint in {run_dir}")
     saved = json.loads((run_dir / "run_settings.json").read_text())
     saved["warmup_kinds"] = parse_kind_weights(saved["warmup_kinds"])
+    saved["init_from"] = Path(saved["init_from"]) if saved["init_from"] else None
     for name in RUN_SETTINGS:
         given = getattr(args, name)
         if given != parser.get_default(name) and given != saved[name]:
@@ -380,9 +410,20 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
     return checkpoint
 
 
+def init_from(model, folder: Path, parser) -> list[dict]:
+    """Load the weights of a model folder written by this script into `model`; returns its training stages."""
+    try:
+        model.load_state_dict(load_file(folder / "model.safetensors"))
+        stages = json.loads((folder / "eval_results.json").read_text())["training"]
+    except (OSError, KeyError, RuntimeError) as error:
+        parser.error(f"--init-from {folder}: not a model of this script with the same design ({error})".split("\n")[0])
+    return stages
+
+
 def save_settings(args, run_dir: Path) -> None:
     settings = {name: getattr(args, name) for name in RUN_SETTINGS}
-    settings["warmup_kinds"] = ",".join(f"{k}={w:g}" for k, w in args.warmup_kinds.items() if w)
+    settings["warmup_kinds"] = format_kind_weights(args.warmup_kinds)
+    settings["init_from"] = str(args.init_from) if args.init_from else None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_settings.json").write_text(json.dumps(settings, indent=1) + "\n")
 
@@ -393,6 +434,8 @@ def main(argv=None):
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
                         help="checkpoints, run settings and learning curve (keep it out of git)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from the weights of a model this script wrote (same design), not from scratch")
     parser.add_argument("--max-steps", type=int, default=1800, help="length of the learning-rate schedule")
     parser.add_argument("--minutes", type=float, default=20.0,
                         help="time budget of this invocation's training loop; a checkpoint is saved when it ends")
@@ -413,7 +456,7 @@ def main(argv=None):
     parser.add_argument("--vision-layers", type=int, default=4)
     parser.add_argument("--llm-layers", type=int, default=4)
     parser.add_argument("--eval-size", type=int, default=700)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the training data stream")
     parser.add_argument("--overwrite", action="store_true", default=True)
     args = parser.parse_args(argv)
     if TILE % args.patch_size or (TILE // args.patch_size * args.downsample_ratio) % 1:
@@ -428,6 +471,9 @@ def main(argv=None):
         args.seed, args.patch_size, args.downsample_ratio, args.vision_layers, args.llm_layers
     )
     args.param_count = sum(p.numel() for p in model.parameters())
+    stages = []
+    if args.init_from:
+        stages = init_from(model, args.init_from, parser)
     train = curriculum_dataset(
         args.max_steps * args.batch_size, args.warmup_fraction, args.warmup_kinds, args.seed, args.max_turns
     )
@@ -454,7 +500,7 @@ def main(argv=None):
     clock = TrainingClock(TrainingClock.saved_seconds(checkpoint) if checkpoint else 0.0)
     callbacks = [TimeBudget(args.minutes), clock]
     if args.curve_every:
-        curve_set = RefShapesDataset("test", size=args.curve_size, seed=args.seed)
+        curve_set = RefShapesDataset("test", size=args.curve_size, seed=TEST_SEED)
         callbacks.append(LearningCurve(args.run_dir / "curve.jsonl", args.curve_every, curve_set, processor, clock))
     trainer = SelfieTrainer(
         model=model, args=training_args, train_dataset=train, data_collator=SelfieDataCollator(processor),
@@ -462,11 +508,12 @@ def main(argv=None):
     )
     trainer.train(resume_from_checkpoint=checkpoint)
     minutes, steps = clock.seconds / 60, trainer.state.global_step
+    stages.append({"command": command_line(args), "steps": steps, "minutes": round(minutes, 2)})
     if steps < args.max_steps:
         print(f"stopped at step {steps} of {args.max_steps} ({minutes:.1f} min of training so far); continue with "
               f"--resume --run-dir {args.run_dir}. Scoring and writing {args.output} as it is now.")
 
-    test = RefShapesDataset("test", size=args.eval_size, seed=args.seed)
+    test = RefShapesDataset("test", size=args.eval_size, seed=TEST_SEED)
     results = evaluate_by_kind(model.eval(), processor, test)
     baseline = colour_match_baseline(test)
     ceiling = mask_grid_ceiling(model, processor, test)
@@ -477,8 +524,8 @@ def main(argv=None):
         drop_remote_code(staging)
         old_card = args.output / "README.md"
         kept = kept_sections(old_card.read_text()) if old_card.exists() else ""
-        (staging / "README.md").write_text(model_card(results, baseline, ceiling, args, steps, minutes) + kept)
-        evaluation = {**results, "colour_match_baseline": baseline, "grid_ceiling": ceiling}
+        (staging / "README.md").write_text(model_card(results, baseline, ceiling, args, stages) + kept)
+        evaluation = {**results, "colour_match_baseline": baseline, "grid_ceiling": ceiling, "training": stages}
         (staging / "eval_results.json").write_text(json.dumps(evaluation, indent=1) + "\n")
     print(f"wrote {args.output} ({steps} steps, {minutes:.1f} min, overall cIoU {results['overall']['cIoU']:.3f})")
 

@@ -132,3 +132,19 @@ def test_resuming_refuses_what_would_mix_runs(script, interrupted_run, tmp_path)
         script.main(["--run-dir", str(run_dir)])
     with pytest.raises(SystemExit):  # a run setting other than the run's own
         script.main(["--resume", "--run-dir", str(run_dir), "--patch-size", "7"])
+
+
+def test_a_run_can_start_from_the_weights_of_an_earlier_one(script, interrupted_run, tmp_path):
+    _, earlier = interrupted_run
+    output = tmp_path / "model"
+    run(script, "--init-from", str(earlier), "--learning-rate", "0", "--max-steps", "1", "--output", str(output),
+        "--run-dir", str(tmp_path / "run"))  # fmt: skip
+    before, after = load_file(earlier / "model.safetensors"), load_file(output / "model.safetensors")
+    for name, tensor in before.items():
+        torch.testing.assert_close(after[name], tensor, rtol=0, atol=0, msg=name)  # lr 0: the weights it started from
+    stages = json.loads((output / "eval_results.json").read_text())["training"]
+    assert [stage["steps"] for stage in stages] == [2, 1]
+    card = (output / "README.md").read_text()
+    assert "3 steps in 2 stages of 2 + 1 steps" in card and "--init-from MODEL_OF_THE_STAGE_BEFORE" in card
+    with pytest.raises(SystemExit):  # weights of another design
+        script.main(["--init-from", str(earlier), "--downsample-ratio", "0.25", "--run-dir", str(tmp_path / "other")])
