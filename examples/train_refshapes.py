@@ -436,8 +436,8 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from the weights of a model this script wrote (same design), not from scratch")
-    parser.add_argument("--max-steps", type=int, default=1800, help="length of the learning-rate schedule")
-    parser.add_argument("--minutes", type=float, default=20.0,
+    parser.add_argument("--max-steps", type=int, default=3400, help="length of the learning-rate schedule")
+    parser.add_argument("--minutes", type=float, default=90.0,
                         help="time budget of this invocation's training loop; a checkpoint is saved when it ends")
     parser.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps")
     parser.add_argument("--curve-every", type=int, default=0, help="score --curve-size test items every N steps")
@@ -448,10 +448,10 @@ def main(argv=None):
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--warmup-kinds", type=parse_kind_weights, default="colour_shape=2,multi_target=1",
                         help="expression kinds of the first samples, KIND=WEIGHT,...")
-    parser.add_argument("--warmup-fraction", type=float, default=0.35, help="share of samples from --warmup-kinds")
+    parser.add_argument("--warmup-fraction", type=float, default=0.2, help="share of samples from --warmup-kinds")
     parser.add_argument("--max-turns", type=int, default=6, help="expressions ([SEG] turns) per training image")
     parser.add_argument("--patch-size", type=int, default=14, help="ViT patch side in pixels")
-    parser.add_argument("--downsample-ratio", type=float, default=0.5,
+    parser.add_argument("--downsample-ratio", type=float, default=0.25,
                         help="pixel shuffle: the LLM sees this fraction of each ViT grid side")
     parser.add_argument("--vision-layers", type=int, default=4)
     parser.add_argument("--llm-layers", type=int, default=4)

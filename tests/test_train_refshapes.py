@@ -147,4 +147,4 @@ def test_a_run_can_start_from_the_weights_of_an_earlier_one(script, interrupted_
     card = (output / "README.md").read_text()
     assert "3 steps in 2 stages of 2 + 1 steps" in card and "--init-from MODEL_OF_THE_STAGE_BEFORE" in card
     with pytest.raises(SystemExit):  # weights of another design
-        script.main(["--init-from", str(earlier), "--downsample-ratio", "0.25", "--run-dir", str(tmp_path / "other")])
+        script.main(["--init-from", str(earlier), "--downsample-ratio", "0.5", "--run-dir", str(tmp_path / "other")])
