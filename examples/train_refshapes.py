@@ -287,10 +287,9 @@ def model_card(results: dict, baseline: dict, ceiling: dict, args, stages: list[
     commands = "\n".join(stage["command"] for stage in stages)
     staged = (
         f" in {len(stages)} stages of {' + '.join(str(stage['steps']) for stage in stages)} steps, each starting from "
-        "the weights of the one before (a fresh optimizer and learning-rate schedule each)"
+        "the weights of the one before (with a fresh optimizer and schedule)"
         if len(stages) > 1 else ""
     )
-    warmup_kinds = format_kind_weights(args.warmup_kinds)
     rows = [
         "| expressions | count | cIoU | gIoU | colour-match baseline cIoU | grid ceiling cIoU / gIoU |",
         "|---|---|---|---|---|---|",
@@ -330,23 +329,23 @@ the whole pipeline working out of the box; it knows nothing but shapes.
 {commands}
 ```
 
-`SelfieTrainer`, AdamW (lr {args.learning_rate}, warmup {args.warmup_steps} steps, cosine), batch {args.batch_size},
-{steps} steps{staged} in {minutes:.1f} minutes of training on {args.threads or torch.get_num_threads()} CPU
-thread(s), fp32 (resumed runs sum the minutes of every invocation). Training images are generated on the fly, each asked up to
-{args.max_turns} expressions, one `[SEG]` turn each (as SELF1E's RefCOCO samples hold several sentences of an
-image). The pixel shuffle keeps a 1/{round(1 / args.downsample_ratio)} of each ViT side for the LLM, and RFA
-unshuffles each ViT patch back into {round(1 / args.downsample_ratio)}x{round(1 / args.downsample_ratio)} mask
-cells: {cells}x{cells} mask cells per {TILE} px tile. The SELFIE loss with DICE-heavy weights for training from
-scratch (text CE + 0.5 BCE + 2 DICE, each with the auxiliary low-resolution term; the released model uses 2 BCE +
-0.5 DICE), dual-pathway attention. Curriculum: the first {100 * args.warmup_fraction:.0f}% of the images have
-{warmup_kinds} expressions only, the rest the full mix.
+`SelfieTrainer`, AdamW (warmup, then cosine decay), batch {args.batch_size}, fp32: {steps} steps{staged}, in
+{minutes:.1f} minutes of training on {args.threads or torch.get_num_threads()} CPU thread(s) (a resumed run sums
+the minutes of every invocation). Training images are generated on the fly, each asked up to {args.max_turns}
+expressions, one `[SEG]` turn each (as SELF1E's RefCOCO samples hold several sentences of an image). The pixel
+shuffle keeps 1/{round(1 / args.downsample_ratio)} of each ViT side for the LLM, and RFA unshuffles each ViT patch
+back into {round(1 / args.downsample_ratio)}x{round(1 / args.downsample_ratio)} mask cells: {cells}x{cells} mask
+cells per {TILE} px tile. The SELFIE loss with DICE-heavy weights for training from scratch (text CE + 0.5 BCE + 2
+DICE, each with the auxiliary low-resolution term; the released model uses 2 BCE + 0.5 DICE), dual-pathway
+attention. Curriculum: a run with `--warmup-fraction F` gives the first F of its images only `--warmup-kinds`
+expressions, the rest the full mix.
 
 ## Held-out results (RefShapes test split, {results['overall']['count']} expressions, seed {TEST_SEED})
 
 {chr(10).join(rows)}
 
-No-target expressions answered with an empty mask: {100 * results['no_target_empty_rate']:.1f}%; of those whose
-named colour is in the scene ({results['no_target_colour_present_count']}):
+No-target expressions answered with an empty mask: {100 * results['no_target_empty_rate']:.1f}%; of the
+{results['no_target_colour_present_count']} whose named colour is in the scene:
 {100 * results['no_target_colour_present_empty_rate']:.1f}%.
 
 cIoU is total intersection over total union; gIoU the mean per-expression IoU (an empty target with an empty
