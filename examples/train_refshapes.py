@@ -50,7 +50,7 @@ from modeling_selfie.data.refshapes import (
     vocabulary,
 )
 from modeling_selfie.evaluation import ReferringMetrics
-from modeling_selfie.io_utils import atomic_output_dir
+from modeling_selfie.io_utils import atomic_output_dir, atomic_output_file
 from modeling_selfie.presets import variance_preserving_init_
 from modeling_selfie.processing_selfie import (
     ANSWERS,
@@ -168,7 +168,8 @@ class LearningCurve(TrainerCallback):
         entry["no_target_empty_rate"] = round(results["no_target_empty_rate"], 4)
         lines = self.path.read_text().splitlines() if self.path.exists() else []
         kept = [line for line in lines if json.loads(line)["step"] < state.global_step]
-        self.path.write_text("".join(line + "\n" for line in [*kept, json.dumps(entry)]))
+        with atomic_output_file(self.path) as staging:
+            staging.write_text("".join(line + "\n" for line in [*kept, json.dumps(entry)]))
         print(f"curve: {json.dumps(entry)}", flush=True)
 
 
