@@ -53,7 +53,7 @@ def build(seed: int, switches: dict) -> tuple[SelfieForSegmentation, SelfieProce
     tokenizer = build_word_level_tokenizer([*words.split(), *vocabulary()])
     processor = SelfieProcessor(
         image_processor=SelfieImageProcessor(size={"height": TILE, "width": TILE}, max_patches=1),
-        tokenizer=tokenizer, image_seq_length=(TILE // 28) ** 2, system_message="",
+        tokenizer=tokenizer, image_seq_length=(TILE // 28) ** 2, system_message="", prompt_style="internvl",
     )
     config = SelfieConfig(
         vision_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,

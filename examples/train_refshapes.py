@@ -1,44 +1,56 @@
 """Train the small SELFIE model shipped with the package, from scratch, on RefShapes, on a CPU.
 
-    python examples/train_refshapes.py                          # writes modeling_selfie/pretrained/selfie-refshapes
-    python examples/train_refshapes.py --minutes 5 --output /tmp/quick --eval-size 200
+    python examples/train_refshapes.py --threads 1 --output outputs/models/demo   # checkpoints: outputs/train_refshapes
+    python examples/train_refshapes.py --threads 1 --output outputs/models/demo --resume   # continue it later
 
 The model is InternVL-shaped but small (a 4-layer ViT on 112 px tiles, a 4-layer Qwen2 LLM, up to 2 tiles per
 image so that wide and tall images are tiled), with a word-level tokenizer over the RefShapes vocabulary and the
-paper's prompt templates. Training uses `SelfieTrainer` with the SELFIE loss (text CE + BCE + DICE + auxiliary
-low-resolution term); the learning-rate schedule spans `--max-steps`, and a time budget (`--minutes`) stops it early
-if the machine is slower. The first `--warmup-fraction` of the samples hold only the expressions that name colours
-and forms (`--warmup-kinds`): trained from scratch on the whole mix, the model stays on a plateau where it segments
-every shape and ignores the phrase; on these it learns to read the phrase first. Each training image is asked up to
-`--max-turns` expressions, one `[SEG]` turn each (as SELF1E's RefCOCO samples hold several sentences of an image):
-masks that differ on one image teach the phrase, and the extra turns cost only their text tokens. Afterwards it
-measures cIoU / gIoU per expression kind on the RefShapes test split, the rate of correct empty masks on no-target
-expressions and the ceiling of the model's mask grid, and writes the model, processor and a model card with those
-numbers (atomically: a failed run never replaces a good model).
+paper's prompt templates. `--patch-size` and `--downsample-ratio` set the mask grid: RFA unshuffles each ViT patch
+into `1 / downsample_ratio` cells a side, so 14 px patches with a 1/4 pixel shuffle give 32x32 mask cells per tile
+(and 2x2 LLM tokens per tile) at the cost of 14 px patches with InternVL's 1/2 (16x16 cells).
+
+Training uses `SelfieTrainer` with the SELFIE loss (text CE + BCE + DICE + auxiliary low-resolution term); the
+learning-rate schedule spans `--max-steps`. `--minutes` is the time budget of one invocation: when it runs out, a
+checkpoint is saved in `--run-dir` (with the run's settings and the training time so far), and `--resume` continues
+from there in a later invocation, exactly as if never stopped. `--curve-every N` scores the model on the first
+`--curve-size` test expressions every N steps and appends the result to `RUN_DIR/curve.jsonl` (cIoU against training
+minutes). The first `--warmup-fraction` of the samples hold only the expressions that name colours and forms
+(`--warmup-kinds`): trained from scratch on the whole mix, the model stays on a plateau where it segments every shape
+and ignores the phrase; on these it learns to read the phrase first. Each training image is asked up to
+`--max-turns` expressions, one `[SEG]` turn each (as SELF1E's RefCOCO samples hold several sentences of an image).
+
+Afterwards it measures cIoU / gIoU per expression kind on the RefShapes test split next to the colour-match baseline
+(every shape of the named colour) and the ceiling of the model's mask grid, and the rate of empty masks on no-target
+expressions, and writes the model, processor and a model card with those numbers to `--output` (atomically: a
+failed run never replaces a good model).
 """
 
 import argparse
 import json
 import random
-import shutil
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_selfie import SelfieConfig, SelfieForSegmentation, SelfieImageProcessor, SelfieProcessor
 from modeling_selfie.data.refshapes import (
+    COLOURS,
     EXPRESSION_KINDS,
     RefShapesDataset,
     curriculum_dataset,
     parse_kind_weights,
+    split_words,
     vocabulary,
 )
 from modeling_selfie.evaluation import ReferringMetrics
-from modeling_selfie.io_utils import atomic_output_dir
+from modeling_selfie.io_utils import atomic_output_dir, atomic_output_file
 from modeling_selfie.presets import variance_preserving_init_
 from modeling_selfie.processing_selfie import (
     ANSWERS,
@@ -51,8 +63,11 @@ from modeling_selfie.processing_selfie import (
 from modeling_selfie.tokenization import build_word_level_tokenizer
 from modeling_selfie.training import SelfieDataCollator, SelfieTrainer
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "modeling_selfie" / "pretrained" / "selfie-refshapes"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = ROOT / "modeling_selfie" / "pretrained" / "selfie-refshapes"
+DEFAULT_RUN_DIR = ROOT / "outputs" / "train_refshapes"  # checkpoints and the learning curve (git-ignored)
 TILE = 112
+TEST_SEED = 0  # the test split every run is scored on, whatever its --seed
 
 
 def prompt_words() -> list[str]:
@@ -62,22 +77,29 @@ def prompt_words() -> list[str]:
     return text.split()
 
 
-def build_model_and_processor(seed: int) -> tuple[SelfieForSegmentation, SelfieProcessor]:
+def build_model_and_processor(
+    seed: int, patch_size: int = 14, downsample_ratio: float = 0.5, vision_layers: int = 4, llm_layers: int = 4
+) -> tuple[SelfieForSegmentation, SelfieProcessor]:
+    """The demo model, randomly initialised, and its processor. A tile has `TILE // patch_size` ViT patches a side;
+    the pixel shuffle gives the LLM `downsample_ratio` of that per side, and RFA unshuffles each ViT patch into
+    `1 / downsample_ratio` cells a side, so the mask grid has `TILE // patch_size / downsample_ratio` cells a side."""
     tokenizer = build_word_level_tokenizer([*prompt_words(), *vocabulary()])
     image_processor = SelfieImageProcessor(size={"height": TILE, "width": TILE}, max_patches=2)
     processor = SelfieProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=(TILE // 14 // 2) ** 2,
-        system_message="",
+        image_processor=image_processor, tokenizer=tokenizer,
+        image_seq_length=round(TILE // patch_size * downsample_ratio) ** 2, system_message="", prompt_style="internvl",
     )
     config = SelfieConfig(
         vision_config=dict(
-            hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-            image_size=[TILE, TILE], patch_size=[14, 14], attention_bias=True, use_mean_pooling=True,
+            hidden_size=128, num_hidden_layers=vision_layers, num_attention_heads=4, intermediate_size=512,
+            image_size=[TILE, TILE], patch_size=[patch_size, patch_size], attention_bias=True, use_mean_pooling=True,
         ),
         text_config=dict(
-            model_type="qwen2", hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=768, vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False,
+            model_type="qwen2", hidden_size=256, num_hidden_layers=llm_layers, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=768, vocab_size=len(tokenizer), max_position_embeddings=1024,
+            tie_word_embeddings=False,
         ),
+        downsample_ratio=downsample_ratio,
         image_token_id=processor.image_token_id,
         seg_token_id=processor.seg_token_id,
         image_seq_length=processor.image_seq_length,
@@ -92,14 +114,63 @@ def build_model_and_processor(seed: int) -> tuple[SelfieForSegmentation, SelfieP
 
 
 class TimeBudget(TrainerCallback):
-    """Stop training once `minutes` have passed."""
+    """Stop training (and save a checkpoint to resume from) once `minutes` of this invocation have passed."""
 
     def __init__(self, minutes: float):
         self.deadline = time.monotonic() + 60 * minutes
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() > self.deadline:
+        if time.monotonic() > self.deadline and state.global_step < state.max_steps:
             control.should_training_stop = True
+            control.should_save = True
+
+
+class TrainingClock(TrainerCallback):
+    """Seconds spent in training steps, summed over every invocation of a resumed run: each checkpoint gets a
+    `clock.json` with the sum so far, from which `main` restarts the clock."""
+
+    FILE = "clock.json"
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = seconds
+        self._mark = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._mark = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds += time.monotonic() - self._mark
+
+    @classmethod
+    def saved_seconds(cls, checkpoint: str) -> float:
+        return json.loads((Path(checkpoint) / cls.FILE).read_text())["seconds"]
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        (checkpoint / self.FILE).write_text(json.dumps({"seconds": self.seconds}) + "\n")
+
+
+class LearningCurve(TrainerCallback):
+    """Every `every` steps (and at the last step), score the model on `dataset` and append
+    `{"step", "minutes", "overall", kind: cIoU...}` to the JSON-lines file `path`; entries of steps at or after the
+    current one (left by an interrupted run that was resumed from an earlier checkpoint) are dropped."""
+
+    def __init__(self, path: Path, every: int, dataset, processor, clock: TrainingClock):
+        self.path, self.every, self.dataset, self.processor, self.clock = path, every, dataset, processor, clock
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every and state.global_step != state.max_steps:
+            return
+        results = evaluate_by_kind(model, self.processor, self.dataset)
+        model.train()
+        entry = {"step": state.global_step, "minutes": round(self.clock.seconds / 60, 4)}
+        entry.update({key: round(value["cIoU"], 4) for key, value in results.items() if isinstance(value, dict)})
+        entry["no_target_empty_rate"] = round(results["no_target_empty_rate"], 4)
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        kept = [line for line in lines if json.loads(line)["step"] < state.global_step]
+        with atomic_output_file(self.path) as staging:
+            staging.write_text("".join(line + "\n" for line in [*kept, json.dumps(entry)]))
+        print(f"curve: {json.dumps(entry)}", flush=True)
 
 
 def results_by_kind(metrics: dict) -> dict:
@@ -107,12 +178,25 @@ def results_by_kind(metrics: dict) -> dict:
     return {key: metrics[key].compute() for key in ["overall", *[k for k in EXPRESSION_KINDS if k in metrics]]}
 
 
+def named_colour_present(dataset, index: int) -> bool:
+    """Whether the scene of item `index` holds a shape of the colour its expression names."""
+    example = dataset.example(index)
+    colour = colour_named(example.expression.text)
+    return any(shape.colour == colour for shape in example.scene.shapes)
+
+
+def colour_named(text: str) -> str | None:
+    """The first colour word of an expression, or `None`."""
+    return next((word for word in split_words(text) if word in COLOURS), None)
+
+
 @torch.inference_mode()
 def evaluate_by_kind(model, processor, dataset, batch_size: int = 32) -> dict:
-    """cIoU / gIoU overall and per expression kind; correct-empty rate on no-target expressions."""
+    """cIoU / gIoU overall and per expression kind; the rate of empty masks on no-target expressions, overall and
+    on those whose named colour is in the scene (where colour alone cannot tell that nothing is meant)."""
     model.eval()
     metrics = defaultdict(ReferringMetrics)
-    empty_correct = empty_total = 0
+    empty = defaultdict(list)  # "all" / "colour_present" -> [answered empty?]
     for start in range(0, len(dataset), batch_size):
         samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         images = [s["image"] for s in samples]
@@ -129,11 +213,32 @@ def evaluate_by_kind(model, processor, dataset, batch_size: int = 32) -> dict:
             for key in ("overall", samples[i]["expression_kind"]):
                 metrics[key].update(mask, target)
             if samples[i]["expression_kind"] == "no_target":
-                empty_total += 1
-                empty_correct += int(not mask.any())
+                empty["all"].append(not mask.any())
+                if named_colour_present(dataset, start + i):
+                    empty["colour_present"].append(not mask.any())
     results = results_by_kind(metrics)
-    results["no_target_empty_rate"] = empty_correct / max(empty_total, 1)
+    results["no_target_empty_rate"] = float(np.mean(empty["all"])) if empty["all"] else 0.0
+    results["no_target_colour_present_empty_rate"] = (
+        float(np.mean(empty["colour_present"])) if empty["colour_present"] else 0.0
+    )
+    results["no_target_colour_present_count"] = len(empty["colour_present"])
     return results
+
+
+def colour_match_baseline(dataset) -> dict:
+    """cIoU / gIoU overall and per kind of the colour-match baseline, scored as `evaluate_by_kind` scores the
+    model: the union of every shape of the colour the expression names (its first colour word), or of every shape
+    when it names none. What reading the colour word alone achieves."""
+    metrics = defaultdict(ReferringMetrics)
+    for i in range(len(dataset)):
+        example = dataset.example(i)
+        colour = colour_named(example.expression.text)
+        chosen = [k for k, shape in enumerate(example.scene.shapes) if colour in (None, shape.colour)]
+        guess = torch.from_numpy(example.scene.masks[chosen].any(0))
+        target = torch.from_numpy(example.target_mask().astype(bool))
+        for key in ("overall", example.expression.kind):
+            metrics[key].update(guess, target)
+    return results_by_kind(metrics)
 
 
 @torch.inference_mode()
@@ -158,16 +263,47 @@ def mask_grid_ceiling(model, processor, dataset) -> dict:
     return results_by_kind(metrics)
 
 
-def model_card(results: dict, ceiling: dict, args, steps: int, minutes: float, train_samples: int) -> str:
-    warmup_kinds = ",".join(f"{kind}={weight:g}" for kind, weight in args.warmup_kinds.items() if weight)
-    rows = ["| expressions | count | cIoU | gIoU | grid ceiling cIoU / gIoU |", "|---|---|---|---|---|"]
+def format_kind_weights(weights: dict) -> str:
+    """The inverse of `parse_kind_weights`: `"colour_shape=2,multi_target=1"`."""
+    return ",".join(f"{kind}={weight:g}" for kind, weight in weights.items() if weight)
+
+
+def command_line(args) -> str:
+    """The command that repeats this run's training (the run settings, no paths)."""
+    warmup_kinds = format_kind_weights(args.warmup_kinds)
+    return (
+        f"python examples/train_refshapes.py --max-steps {args.max_steps} --batch-size {args.batch_size} "
+        f"--seed {args.seed} --learning-rate {args.learning_rate} --warmup-steps {args.warmup_steps} "
+        f"--warmup-kinds {warmup_kinds} --warmup-fraction {args.warmup_fraction} --max-turns {args.max_turns} "
+        f"--patch-size {args.patch_size} --downsample-ratio {args.downsample_ratio:g} "
+        f"--vision-layers {args.vision_layers} --llm-layers {args.llm_layers} --threads {args.threads}"
+        + (" --init-from MODEL_OF_THE_STAGE_BEFORE" if args.init_from else "")
+    )
+
+
+def model_card(results: dict, baseline: dict, ceiling: dict, args, stages: list[dict]) -> str:
+    """The model card; `stages` are the training runs that made the model, each `{"command", "steps", "minutes"}`,
+    each after the first starting from the weights of the one before (`--init-from`)."""
+    steps, minutes = sum(stage["steps"] for stage in stages), sum(stage["minutes"] for stage in stages)
+    commands = "\n".join(stage["command"] for stage in stages)
+    staged = (
+        f" in {len(stages)} stages of {' + '.join(str(stage['steps']) for stage in stages)} steps, each starting from "
+        "the weights of the one before (with a fresh optimizer and schedule)"
+        if len(stages) > 1 else ""
+    )
+    rows = [
+        "| expressions | count | cIoU | gIoU | colour-match baseline cIoU | grid ceiling cIoU / gIoU |",
+        "|---|---|---|---|---|---|",
+    ]
     for key, values in results.items():
         if isinstance(values, dict):
             best = ceiling[key]
             rows.append(
                 f"| {key} | {values['count']} | {values['cIoU']:.3f} | {values['gIoU']:.3f} "
-                f"| {best['cIoU']:.3f} / {best['gIoU']:.3f} |"
+                f"| {baseline[key]['cIoU']:.3f} | {best['cIoU']:.3f} / {best['gIoU']:.3f} |"
             )
+    cells = TILE // args.patch_size * round(1 / args.downsample_ratio)
+    tokens = round(TILE // args.patch_size * args.downsample_ratio) ** 2
     return f"""---
 library_name: transformers
 pipeline_tag: image-segmentation
@@ -181,7 +317,8 @@ tags:
 
 # selfie-refshapes
 
-A small SELFIE model (InternVL-shaped: 4-layer ViT on {TILE} px tiles, up to 2 tiles per image, 4-layer Qwen2 LLM,
+A small SELFIE model (InternVL-shaped: {args.vision_layers}-layer ViT with {args.patch_size} px patches on {TILE} px
+tiles, up to 2 tiles per image, {tokens} LLM tokens per tile, {args.llm_layers}-layer Qwen2 LLM,
 {args.param_count / 1e6:.1f} M parameters) trained **from scratch on CPU** on RefShapes, the package's synthetic
 referring-segmentation set (coloured shapes; expressions by colour and shape, position, size, relation, several
 targets, no target, and reasoning-style questions). It is the default model of `selfie-segment` and exists to show
@@ -190,28 +327,46 @@ the whole pipeline working out of the box; it knows nothing but shapes.
 ## How it was made
 
 ```
-python examples/train_refshapes.py --max-steps {args.max_steps} --batch-size {args.batch_size} --minutes {args.minutes} --seed {args.seed} --threads {args.threads} --learning-rate {args.learning_rate} --warmup-kinds {warmup_kinds} --warmup-fraction {args.warmup_fraction} --max-turns {args.max_turns}
+{commands}
 ```
 
-`SelfieTrainer`, AdamW (lr {args.learning_rate}, warmup {args.warmup_steps} steps, cosine), batch {args.batch_size},
-{steps} steps in {minutes:.1f} minutes, fp32. {train_samples} training images, generated on the fly, each asked up to
-{args.max_turns} expressions, one `[SEG]` turn each (as SELF1E's RefCOCO samples hold several sentences of an image).
-The SELFIE loss with DICE-heavy weights for training from scratch (text CE + 0.5 BCE + 2 DICE, each with the
-auxiliary low-resolution term; the released model uses 2 BCE + 0.5 DICE), dual-pathway attention. Curriculum: the
-first {100 * args.warmup_fraction:.0f}% of the images have {warmup_kinds} expressions only, the rest the full mix.
-Without it (or with lr 2e-3) the model stays on a plateau where it segments every shape whatever the phrase.
+`SelfieTrainer`, AdamW (warmup, then cosine decay), batch {args.batch_size}, fp32: {steps} steps{staged}, in
+{minutes:.1f} minutes of training on {args.threads or torch.get_num_threads()} CPU thread(s) (a resumed run sums
+the minutes of every invocation). Training images are generated on the fly, each asked up to {args.max_turns}
+expressions, one `[SEG]` turn each (as SELF1E's RefCOCO samples hold several sentences of an image). The pixel
+shuffle keeps 1/{round(1 / args.downsample_ratio)} of each ViT side for the LLM, and RFA unshuffles each ViT patch
+back into {round(1 / args.downsample_ratio)}x{round(1 / args.downsample_ratio)} mask cells: {cells}x{cells} mask
+cells per {TILE} px tile. The SELFIE loss with DICE-heavy weights for training from scratch (text CE + 0.5 BCE + 2
+DICE, each with the auxiliary low-resolution term; the released model uses 2 BCE + 0.5 DICE), dual-pathway
+attention. Curriculum: a run with `--warmup-fraction F` gives the first F of its images only `--warmup-kinds`
+expressions, the rest the full mix.
 
-## Held-out results (RefShapes test split, {results['overall']['count']} expressions, seed {args.seed})
+## Held-out results (RefShapes test split, {results['overall']['count']} expressions, seed {TEST_SEED})
 
 {chr(10).join(rows)}
 
-No-target expressions answered with an empty mask: {100 * results['no_target_empty_rate']:.1f}%.
+No-target expressions answered with an empty mask: {100 * results['no_target_empty_rate']:.1f}%; of the
+{results['no_target_colour_present_count']} whose named colour is in the scene:
+{100 * results['no_target_colour_present_empty_rate']:.1f}%.
 
 cIoU is total intersection over total union; gIoU the mean per-expression IoU (an empty target with an empty
-prediction counts 1). The grid ceiling is the score of the ground truth itself, averaged over the cells of the
-model's mask grid (4x the LLM token grid of each {TILE} px tile) and upsampled as the model's logits are: about the
-best a model of this resolution can do. Numbers are measured by the training script right after training.
+prediction counts 1). The colour-match baseline answers every expression with all shapes of the colour it names
+(its first colour word), or all shapes when it names none: what reading the colour word alone achieves. The grid
+ceiling is the score of the ground truth itself, averaged over the cells of the model's mask grid and upsampled as
+the model's logits are: about the best a model of this resolution can do. Numbers are measured by the training
+script right after training.
 """
+
+
+CARD_SECTIONS = ("How it was made", "Held-out results")  # the "## " sections `model_card` writes
+
+
+def kept_sections(card: str) -> str:
+    """The "## " sections of an existing model card that `model_card` does not write (e.g. a "Chat" paragraph added
+    by hand), to carry over when the card is rewritten; "" when there are none."""
+    sections = re.split(r"^(?=## )", card, flags=re.MULTILINE)[1:]
+    kept = [section for section in sections if not section[3:].startswith(CARD_SECTIONS)]
+    return "".join("\n" + section.strip() + "\n" for section in kept)
 
 
 def drop_remote_code(folder: Path) -> None:
@@ -226,36 +381,105 @@ def drop_remote_code(folder: Path) -> None:
         (folder / name).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
+RUN_SETTINGS = (  # what defines a training run: a resumed run keeps the values it was started with
+    "max_steps", "batch_size", "learning_rate", "warmup_steps", "warmup_kinds", "warmup_fraction", "max_turns",
+    "seed", "patch_size", "downsample_ratio", "vision_layers", "llm_layers", "init_from",
+)  # fmt: skip
+
+
+def resume_settings(args, parser, run_dir: Path) -> str | None:
+    """The checkpoint to resume from (`None` for a fresh run), after taking the run's saved settings into `args`.
+
+    Exits with an error when `--resume` finds no checkpoint, when a fresh run would mix its checkpoints with an
+    earlier run's, or when the command line sets a run setting to another value than the run was started with."""
+    checkpoint = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    if not args.resume:
+        if checkpoint is not None:
+            parser.error(f"{run_dir} holds checkpoints of an earlier run: pass --resume or another --run-dir")
+        return None
+    if checkpoint is None:
+        parser.error(f"--resume: no checkpoint in {run_dir}")
+    saved = json.loads((run_dir / "run_settings.json").read_text())
+    saved["warmup_kinds"] = parse_kind_weights(saved["warmup_kinds"])
+    saved["init_from"] = Path(saved["init_from"]) if saved["init_from"] else None
+    for name in RUN_SETTINGS:
+        given = getattr(args, name)
+        if given != parser.get_default(name) and given != saved[name]:
+            parser.error(f"--resume: --{name.replace('_', '-')} {given} differs from the run's {saved[name]}")
+        setattr(args, name, saved[name])
+    return checkpoint
+
+
+def init_from(model, folder: Path, parser) -> list[dict]:
+    """Load the weights of a model folder written by this script into `model`; returns its training stages."""
+    try:
+        model.load_state_dict(load_file(folder / "model.safetensors"))
+        stages = json.loads((folder / "eval_results.json").read_text())["training"]
+    except (OSError, KeyError, RuntimeError) as error:
+        parser.error(f"--init-from {folder}: not a model of this script with the same design ({error})".split("\n")[0])
+    return stages
+
+
+def save_settings(args, run_dir: Path) -> None:
+    settings = {name: getattr(args, name) for name in RUN_SETTINGS}
+    settings["warmup_kinds"] = format_kind_weights(args.warmup_kinds)
+    settings["init_from"] = str(args.init_from) if args.init_from else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run_settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--max-steps", type=int, default=1800)
-    parser.add_argument("--minutes", type=float, default=20.0, help="time budget of the training loop")
+    parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
+                        help="checkpoints, run settings and learning curve (keep it out of git)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from the weights of a model this script wrote (same design), not from scratch")
+    parser.add_argument("--max-steps", type=int, default=3400, help="length of the learning-rate schedule")
+    parser.add_argument("--minutes", type=float, default=90.0,
+                        help="time budget of this invocation's training loop; a checkpoint is saved when it ends")
+    parser.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps")
+    parser.add_argument("--curve-every", type=int, default=0, help="score --curve-size test items every N steps")
+    parser.add_argument("--curve-size", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="2e-3 keeps the model on the plateau")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--warmup-kinds", type=parse_kind_weights, default="colour_shape=2,multi_target=1",
                         help="expression kinds of the first samples, KIND=WEIGHT,...")
-    parser.add_argument("--warmup-fraction", type=float, default=0.35, help="share of samples from --warmup-kinds")
+    parser.add_argument("--warmup-fraction", type=float, default=0.2, help="share of samples from --warmup-kinds")
     parser.add_argument("--max-turns", type=int, default=6, help="expressions ([SEG] turns) per training image")
+    parser.add_argument("--patch-size", type=int, default=14, help="ViT patch side in pixels")
+    parser.add_argument("--downsample-ratio", type=float, default=0.25,
+                        help="pixel shuffle: the LLM sees this fraction of each ViT grid side")
+    parser.add_argument("--vision-layers", type=int, default=4)
+    parser.add_argument("--llm-layers", type=int, default=4)
     parser.add_argument("--eval-size", type=int, default=700)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the training data stream")
     parser.add_argument("--overwrite", action="store_true", default=True)
     args = parser.parse_args(argv)
+    if TILE % args.patch_size or (TILE // args.patch_size * args.downsample_ratio) % 1:
+        parser.error(f"--patch-size must divide {TILE} and --downsample-ratio the patch grid ({TILE} px tiles)")
+    checkpoint = resume_settings(args, parser, args.run_dir)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    model, processor = build_model_and_processor(args.seed)
+    model, processor = build_model_and_processor(
+        args.seed, args.patch_size, args.downsample_ratio, args.vision_layers, args.llm_layers
+    )
     args.param_count = sum(p.numel() for p in model.parameters())
+    stages = []
+    if args.init_from:
+        stages = init_from(model, args.init_from, parser)
     train = curriculum_dataset(
         args.max_steps * args.batch_size, args.warmup_fraction, args.warmup_kinds, args.seed, args.max_turns
     )
-    scratch = args.output.parent / f".{args.output.name}.run"
+    save_settings(args, args.run_dir)
     training_args = TrainingArguments(
-        output_dir=str(scratch),
+        output_dir=str(args.run_dir),
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -263,7 +487,9 @@ def main(argv=None):
         lr_scheduler_type="cosine",
         weight_decay=0.01,
         logging_steps=50,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=2,
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=1,
@@ -271,26 +497,36 @@ def main(argv=None):
         seed=args.seed,
         use_cpu=not torch.cuda.is_available(),
     )
+    clock = TrainingClock(TrainingClock.saved_seconds(checkpoint) if checkpoint else 0.0)
+    callbacks = [TimeBudget(args.minutes), clock]
+    if args.curve_every:
+        curve_set = RefShapesDataset("test", size=args.curve_size, seed=TEST_SEED)
+        callbacks.append(LearningCurve(args.run_dir / "curve.jsonl", args.curve_every, curve_set, processor, clock))
     trainer = SelfieTrainer(
         model=model, args=training_args, train_dataset=train, data_collator=SelfieDataCollator(processor),
-        callbacks=[TimeBudget(args.minutes)],
+        callbacks=callbacks,
     )
-    began = time.monotonic()
-    trainer.train()
-    minutes = (time.monotonic() - began) / 60
-    steps = trainer.state.global_step
-    shutil.rmtree(scratch, ignore_errors=True)  # the Trainer's working folder (no checkpoints are saved)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    minutes, steps = clock.seconds / 60, trainer.state.global_step
+    stages.append({"command": command_line(args), "steps": steps, "minutes": round(minutes, 2)})
+    if steps < args.max_steps:
+        print(f"stopped at step {steps} of {args.max_steps} ({minutes:.1f} min of training so far); continue with "
+              f"--resume --run-dir {args.run_dir}. Scoring and writing {args.output} as it is now.")
 
-    test = RefShapesDataset("test", size=args.eval_size, seed=args.seed)
+    test = RefShapesDataset("test", size=args.eval_size, seed=TEST_SEED)
     results = evaluate_by_kind(model.eval(), processor, test)
+    baseline = colour_match_baseline(test)
     ceiling = mask_grid_ceiling(model, processor, test)
-    print(json.dumps({"results": results, "grid_ceiling": ceiling}, indent=1))
+    print(json.dumps({"results": results, "colour_match_baseline": baseline, "grid_ceiling": ceiling}, indent=1))
     with atomic_output_dir(args.output, overwrite=args.overwrite) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         drop_remote_code(staging)
-        (staging / "README.md").write_text(model_card(results, ceiling, args, steps, minutes, steps * args.batch_size))
-        (staging / "eval_results.json").write_text(json.dumps({**results, "grid_ceiling": ceiling}, indent=1) + "\n")
+        old_card = args.output / "README.md"
+        kept = kept_sections(old_card.read_text()) if old_card.exists() else ""
+        (staging / "README.md").write_text(model_card(results, baseline, ceiling, args, stages) + kept)
+        evaluation = {**results, "colour_match_baseline": baseline, "grid_ceiling": ceiling, "training": stages}
+        (staging / "eval_results.json").write_text(json.dumps(evaluation, indent=1) + "\n")
     print(f"wrote {args.output} ({steps} steps, {minutes:.1f} min, overall cIoU {results['overall']['cIoU']:.3f})")
 
 

@@ -252,4 +252,4 @@ def test_the_shipped_model_is_in_the_package():
     folder = default_model_dir()
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
     assert (folder / "README.md").read_text().count("cIoU") >= 1
-    assert sum(f.stat().st_size for f in folder.iterdir()) < 20 * 2**20
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 40 * 2**20  # issue 13: under 40 MB

@@ -16,14 +16,15 @@ def test_grid_holds_one_overlay_per_prompt(tmp_path):
     spec = importlib.util.spec_from_file_location("render_demo_grid", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    prompts = ["red circle", "blue star", "orange circle"]
+    prompts = ["red circle", "blue star", "green cross"]
     output = tmp_path / "grid.png"
     module.main(["--prompts", *prompts, "--columns", "2", "--output", str(output)])
 
     grid = np.asarray(Image.open(output).convert("RGB"))
     model, processor = load_model()
     image = read_image(ROOT / "examples" / "assets" / "shapes.png")
-    cells = [render_overlay(image, model.segment(processor, image, p)[0].numpy(), p) for p in prompts]
+    masks = [model.segment(processor, image, p)[0].numpy() for p in prompts]
+    cells = [render_overlay(image, mask, module.caption(p, mask)) for p, mask in zip(prompts, masks)]
     width, height = cells[0].size
     assert grid.shape == (2 * height, 2 * width, 3)  # 3 cells in 2 columns: 2 rows, the last cell blank
     for i, cell in enumerate(cells):

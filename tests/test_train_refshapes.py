@@ -1,16 +1,22 @@
-"""examples/train_refshapes.py, the script that makes the shipped demo model: a two-step run writes a loadable model
-folder with a model card carrying measured numbers and the command that made it."""
+"""examples/train_refshapes.py, the script that makes the shipped demo model: a short run writes a loadable model
+folder with a model card carrying measured numbers (next to a colour-match baseline and the mask grid's ceiling)
+and the command that made it; an interrupted run resumes from its own checkpoint to the same weights."""
 
 import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from modeling_selfie import SelfieForSegmentation, SelfieProcessor
+from modeling_selfie.data.refshapes import COLOURS, RefShapesDataset
+from modeling_selfie.evaluation import ReferringMetrics
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_refshapes.py"
+TINY_RUN = ["--max-steps", "2", "--warmup-steps", "1", "--eval-size", "8", "--threads", "1", "--batch-size", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -21,30 +27,124 @@ def script():
     return module
 
 
+def run(script, *argv):
+    threads = torch.get_num_threads()
+    try:
+        script.main([*TINY_RUN, *argv])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def colour_pixels(image, colour: str | None) -> np.ndarray:
+    """Pixels painted in the colour's exact RGB value (any shape colour for `None`): RefShapes paints every shape in
+    one exact colour on a pale background."""
+    pixels = np.asarray(image)
+    colours = [COLOURS[colour]] if colour else list(COLOURS.values())
+    return np.any([(pixels == rgb).all(-1) for rgb in colours], axis=0)
+
+
+def named_colour(query: str) -> str | None:
+    return next((word for word in query.replace("?", " ").split() if word in COLOURS), None)
+
+
 def test_unknown_warmup_kind_is_refused(script):
     with pytest.raises(SystemExit):
         script.main(["--warmup-kinds", "colour=1"])
 
 
+def test_a_grid_the_tile_cannot_hold_is_refused(script, tmp_path):
+    with pytest.raises(SystemExit):
+        script.main(["--patch-size", "13", "--run-dir", str(tmp_path)])
+
+
 def test_a_short_run_writes_a_loadable_model_with_its_card(script, tmp_path):
-    threads = torch.get_num_threads()
     output = tmp_path / "model"
-    try:
-        script.main(
-            ["--max-steps", "2", "--warmup-steps", "1", "--eval-size", "8", "--output", str(output), "--threads", "1"]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    output.mkdir()
+    chat = "## Chat\n\nWritten by hand: `model.chat(...)` answers in words.\n"
+    (output / "README.md").write_text(f"# old card\n\n## How it was made\n\nold numbers\n\n{chat}")
+    run(script, "--output", str(output), "--run-dir", str(tmp_path / "run"), "--downsample-ratio", "0.25")
     model = SelfieForSegmentation.from_pretrained(output)
     processor = SelfieProcessor.from_pretrained(output)
     assert processor.seg_token_id == model.config.seg_token_id
+    assert model.config.downsample_ratio == 0.25 and processor.image_seq_length == 4  # 8x8 patches -> 2x2 tokens
+    image = np.zeros((112, 112, 3), np.uint8)
+    assert model(**processor(images=[image], queries=["red circle"])).pred_masks[0].shape == (1, 32, 32)
     results = json.loads((output / "eval_results.json").read_text())
     assert results["overall"]["count"] == 8
     card = (output / "README.md").read_text()
-    assert f"| overall | 8 | {results['overall']['cIoU']:.3f} |" in card
-    assert "--warmup-kinds colour_shape=2,multi_target=1" in card and "--max-turns 6" in card
-    ceiling = results["grid_ceiling"]["overall"]
-    assert 0.6 < ceiling["cIoU"] < 1 and ceiling["count"] == 8  # the ground truth itself, at the mask grid's size
-    assert f"| {ceiling['cIoU']:.3f} / {ceiling['gIoU']:.3f} |" in card
+    baseline, ceiling = results["colour_match_baseline"]["overall"], results["grid_ceiling"]["overall"]
+    assert f"| overall | 8 | {results['overall']['cIoU']:.3f} | {results['overall']['gIoU']:.3f} " in card
+    assert f"| {baseline['cIoU']:.3f} | {ceiling['cIoU']:.3f} / {ceiling['gIoU']:.3f} |" in card
+    assert "--warmup-kinds colour_shape=2,multi_target=1" in card and "--downsample-ratio 0.25" in card
+    assert card.endswith(chat) and "old numbers" not in card  # a hand-written section survives the rewrite
+    assert 0.9 < ceiling["cIoU"] < 1 and ceiling["count"] == 8  # the ground truth itself, at the mask grid's size
+
+    test = RefShapesDataset("test", size=8, seed=0)
+    no_target = [test[i] for i in range(8) if test[i]["expression_kind"] == "no_target"]
+    present = [s for s in no_target if colour_pixels(s["image"], named_colour(s["query"])).any()]
+    assert results["no_target_colour_present_count"] == len(present)
     assert not (output / "modeling_selfie.py").exists()  # the package's own classes load it
     assert not list(tmp_path.glob(".*"))  # no staging folder left behind
+
+
+def test_colour_match_baseline_takes_the_pixels_of_the_named_colour(script):
+    test = RefShapesDataset("test", size=40, seed=0)
+    expected = ReferringMetrics()
+    for i in range(len(test)):
+        sample = test[i]
+        expected.update(torch.from_numpy(colour_pixels(sample["image"], named_colour(sample["query"]))),
+                        torch.from_numpy(sample["masks"][0].astype(bool)))  # fmt: skip
+    baseline = script.colour_match_baseline(test)
+    assert baseline["overall"]["cIoU"] == pytest.approx(expected.compute()["cIoU"])
+    assert baseline["overall"]["count"] == 40 and baseline["colour_shape"]["count"] > 0
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(script, tmp_path_factory):
+    """A two-step run stopped by its time budget after the first step, then resumed: (run dir, output)."""
+    folder = tmp_path_factory.mktemp("resumed")
+    settings = ["--run-dir", str(folder / "run"), "--output", str(folder / "model"), "--curve-every", "1"]
+    run(script, *settings, "--curve-size", "4", "--minutes", "0")
+    assert (folder / "run" / "checkpoint-1").is_dir()
+    run(script, *settings, "--curve-size", "4", "--resume")
+    return folder / "run", folder / "model"
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(script, interrupted_run, tmp_path):
+    run_dir, resumed = interrupted_run
+    run(script, "--run-dir", str(tmp_path / "run"), "--output", str(tmp_path / "model"))
+    straight = load_file(tmp_path / "model" / "model.safetensors")
+    again = load_file(resumed / "model.safetensors")
+    assert straight.keys() == again.keys()
+    for name, tensor in straight.items():
+        torch.testing.assert_close(again[name], tensor, rtol=0, atol=0, msg=name)
+    curve = [json.loads(line) for line in (run_dir / "curve.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in curve] == [1, 2]
+    assert 0 < curve[0]["minutes"] < curve[1]["minutes"]  # the clock goes on from the checkpoint's
+    assert "2 steps" in (resumed / "README.md").read_text()
+
+
+def test_resuming_refuses_what_would_mix_runs(script, interrupted_run, tmp_path):
+    run_dir, _ = interrupted_run
+    with pytest.raises(SystemExit):  # nothing to resume
+        script.main(["--resume", "--run-dir", str(tmp_path / "empty")])
+    with pytest.raises(SystemExit):  # a fresh run into a folder holding another run's checkpoints
+        script.main(["--run-dir", str(run_dir)])
+    with pytest.raises(SystemExit):  # a run setting other than the run's own
+        script.main(["--resume", "--run-dir", str(run_dir), "--patch-size", "7"])
+
+
+def test_a_run_can_start_from_the_weights_of_an_earlier_one(script, interrupted_run, tmp_path):
+    _, earlier = interrupted_run
+    output = tmp_path / "model"
+    run(script, "--init-from", str(earlier), "--learning-rate", "0", "--max-steps", "1", "--output", str(output),
+        "--run-dir", str(tmp_path / "run"))  # fmt: skip
+    before, after = load_file(earlier / "model.safetensors"), load_file(output / "model.safetensors")
+    for name, tensor in before.items():
+        torch.testing.assert_close(after[name], tensor, rtol=0, atol=0, msg=name)  # lr 0: the weights it started from
+    stages = json.loads((output / "eval_results.json").read_text())["training"]
+    assert [stage["steps"] for stage in stages] == [2, 1]
+    card = (output / "README.md").read_text()
+    assert "3 steps in 2 stages of 2 + 1 steps" in card and "--init-from MODEL_OF_THE_STAGE_BEFORE" in card
+    with pytest.raises(SystemExit):  # weights of another design
+        script.main(["--init-from", str(earlier), "--downsample-ratio", "0.5", "--run-dir", str(tmp_path / "other")])
