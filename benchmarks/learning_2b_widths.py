@@ -15,52 +15,28 @@ pretrained: this checks the head and the training wiring at full width, not what
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from modeling_selfie import SelfieForSegmentation
 from modeling_selfie.presets import preset_config
-from modeling_selfie.processing_selfie import SelfieImageProcessor, SelfieProcessor, segmentation_answer
-from modeling_selfie.processing_selfie import segmentation_question
+from modeling_selfie.processing_selfie import SelfieImageProcessor, SelfieProcessor
 from modeling_selfie.tokenization import build_word_level_tokenizer
 from modeling_selfie.training import SelfieDataCollator, apply_lora, vision_parameter_names
 
-COLOURS = {"red": (230, 40, 40), "green": (40, 210, 40), "blue": (40, 40, 230), "yellow": (230, 220, 40)}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: the task lives with its test
+from tests.test_learning import COLOURS, TwoSquares  # noqa: E402
+
 TILE, CELL = 224, 56
 
 
 def two_squares(index: int, seed: int) -> dict:
-    """A grey 224 px image with two squares (1 or 2 cells of 56 px) of different colours; the query names one."""
-    rng = np.random.default_rng((seed, index))
-    pixels = np.full((TILE, TILE, 3), 128, np.uint8)
-    colours = rng.choice(list(COLOURS), size=2, replace=False)
-    taken = np.zeros((TILE // CELL, TILE // CELL), bool)
-    masks = []
-    for colour in colours:
-        while True:
-            cells = int(rng.integers(1, 3))
-            row, col = rng.integers(0, TILE // CELL - cells + 1, 2)
-            if not taken[row : row + cells, col : col + cells].any():
-                break
-        taken[row : row + cells, col : col + cells] = True
-        mask = np.zeros((TILE, TILE), np.uint8)
-        mask[row * CELL : (row + cells) * CELL, col * CELL : (col + cells) * CELL] = 1
-        pixels[mask.astype(bool)] = COLOURS[colour]
-        masks.append(mask)
-    target = int(rng.integers(0, 2))
-    return {
-        "image": Image.fromarray(pixels),
-        "conversation": [
-            {"role": "user", "content": segmentation_question(f"{colours[target]} square")},
-            {"role": "assistant", "content": segmentation_answer()},
-        ],
-        "masks": masks[target][None],
-        "task": "referring",
-        "source": "two_squares",
-    }
+    """A grey 224 px image with two squares (1 or 2 cells of 56 px) of different colours; the query names one (the
+    task of `tests/test_learning.py`, at this benchmark's tile size)."""
+    return TwoSquares(index + 1, seed, side=TILE, cell=CELL)[index]
 
 
 def build(vision_layers: int, llm_layers: int, seed: int) -> tuple[SelfieForSegmentation, SelfieProcessor]:

@@ -21,27 +21,27 @@ class TwoSquares(torch.utils.data.Dataset):
     Each sample also carries `objects`: the union of both squares, the trivial baseline's answer.
     """
 
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed = size, seed
+    def __init__(self, size: int, seed: int, side: int = SIDE, cell: int = CELL):
+        self.size, self.seed, self.side, self.cell = size, seed, side, cell
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng((self.seed, index))
-        pixels = np.full((SIDE, SIDE, 3), 128, np.uint8)
+        pixels = np.full((self.side, self.side, 3), 128, np.uint8)
         colours = rng.choice(list(COLOURS), size=2, replace=False)
-        taken = np.zeros((SIDE // CELL, SIDE // CELL), bool)
+        taken = np.zeros((self.side // self.cell, self.side // self.cell), bool)
         masks = []
         for colour in colours:
             while True:  # place the square on free cells
                 cells = int(rng.integers(1, 3))
-                row, col = rng.integers(0, SIDE // CELL - cells + 1, 2)
+                row, col = rng.integers(0, self.side // self.cell - cells + 1, 2)
                 if not taken[row : row + cells, col : col + cells].any():
                     break
             taken[row : row + cells, col : col + cells] = True
-            mask = np.zeros((SIDE, SIDE), np.uint8)
-            mask[row * CELL : (row + cells) * CELL, col * CELL : (col + cells) * CELL] = 1
+            mask = np.zeros((self.side, self.side), np.uint8)
+            mask[row * self.cell : (row + cells) * self.cell, col * self.cell : (col + cells) * self.cell] = 1
             pixels[mask.astype(bool)] = COLOURS[colour]
             masks.append(mask)
         target = int(rng.integers(0, 2))

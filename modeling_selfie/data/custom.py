@@ -49,6 +49,13 @@ from .semantic import LabelMapDataset
 CHECK_SCRIPT = "processing/check_custom.py"
 
 
+def _locations(annotations, root, image_root, source) -> tuple[Path, Path, str]:
+    """(annotation file, image folder, source name) of a custom dataset: the file relative to `root` when given,
+    images relative to the file's folder unless `image_root` is given, the source named after the file."""
+    annotations = _resolve(annotations, Path(root) if root is not None else None)
+    return annotations, Path(image_root) if image_root is not None else annotations.parent, source or annotations.stem
+
+
 def _resolve(path: str | Path, base: Path | None) -> Path:
     """`path` itself if absolute, else relative to `base` (when given)."""
     path = Path(path)
@@ -162,9 +169,7 @@ class CustomReferringDataset(SelfieDataset):
         seed: int = 0,
         max_samples: int | None = None,
     ):
-        self.annotations = _resolve(annotations, Path(root) if root is not None else None)
-        self.image_root = Path(image_root) if image_root is not None else self.annotations.parent
-        self.source = source or self.annotations.stem
+        self.annotations, self.image_root, self.source = _locations(annotations, root, image_root, source)
         self.max_turns = max_turns
         records = read_records(self.annotations)
         if not isinstance(records, list) or not records:
@@ -269,9 +274,7 @@ class CustomSemanticDataset(LabelMapDataset):
         seed: int = 0,
         max_samples: int | None = None,
     ):
-        self.annotations = _resolve(annotations, Path(root) if root is not None else None)
-        self.image_root = Path(image_root) if image_root is not None else self.annotations.parent
-        self.source = source or self.annotations.stem
+        self.annotations, self.image_root, self.source = _locations(annotations, root, image_root, source)
         data = read_json(self.annotations, CHECK_SCRIPT)
         where = str(self.annotations)
         if not isinstance(data, dict) or not isinstance(data.get("samples"), list) or not data["samples"]:
