@@ -12,7 +12,7 @@ The model is transformers' InternVL plus three small things, each in one named p
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
