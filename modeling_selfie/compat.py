@@ -20,7 +20,7 @@ CACHE_KWARG = "cache" if "cache" in inspect.signature(_create_causal_mask).param
 
 def create_causal_mask(*, cache=None, **kwargs):
     """`transformers.masking_utils.create_causal_mask` with the cache passed under whichever name it takes."""
-    return _create_causal_mask(**{CACHE_KWARG: cache}, **kwargs)
+    return _create_causal_mask(**cache_kwargs(cache), **kwargs)
 
 
 def pop_cache(kwargs: dict):
@@ -34,11 +34,6 @@ def pop_cache(kwargs: dict):
 def cache_kwargs(cache) -> dict:
     """`{name: cache}` for calling a transformers module of this release."""
     return {CACHE_KWARG: cache}
-
-
-def output_cache(outputs):
-    """The cache field of a transformers model output, whichever name it has."""
-    return getattr(outputs, CACHE_KWARG, None)
 
 
 def enable_activation_checkpointing(model, use_reentrant: bool = False) -> None:
@@ -68,7 +63,6 @@ __all__ = [
     "cache_kwargs",
     "create_causal_mask",
     "enable_activation_checkpointing",
-    "output_cache",
     "pop_cache",
     "use_plain_cpu_device",
 ]

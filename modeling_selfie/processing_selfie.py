@@ -19,9 +19,6 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 
 SEG_TOKEN = "[SEG]"
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
-INTERNVL_SYSTEM_MESSAGE = (
-    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
-)
 SELF1E_SYSTEM_MESSAGE = "You are an helpful assistant."  # (sic) the released SELF1E's system turn
 # How the first user turn starts and whether phrases are normalised (the authors' evaluation writes "<image>\n "
 # and lowercases RefCOCO phrases; InternVL's chat format writes "<image>\n").
@@ -228,9 +225,9 @@ class SelfieProcessor(InternVLProcessor):
         """A SELFIE processor for a plain InternVL3 folder (the `-hf` layout or the original `internvl_chat` one).
 
         Keeps the folder's tokenizer (adding `[SEG]`, at the id `SelfieForSegmentation.from_pretrained` gives it on
-        the same folder: `seg_token_id_in`), tile size, normalisation
-        and image tokens per tile; tiles as SELFIE does (`SelfieImageProcessor`: one tile by default, no thumbnail,
-        `tile_grid`). `kwargs` may set `system_message`, `prompt_style`, `image_seq_length`.
+        the same folder: `seg_token_id_in`), tile size, normalisation and image tokens per tile; tiles as SELFIE does
+        (`SelfieImageProcessor`: one tile by default, no thumbnail, `tile_grid`). `kwargs` may set `system_message`,
+        `prompt_style`, `image_seq_length`.
         """
         from transformers import AutoTokenizer, PretrainedConfig
         from transformers.image_processing_base import ImageProcessingMixin
@@ -253,8 +250,7 @@ class SelfieProcessor(InternVLProcessor):
             image_mean=image_dict.get("image_mean", IMAGENET_DEFAULT_MEAN),
             image_std=image_dict.get("image_std", IMAGENET_DEFAULT_STD),
         )
-        processor = cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
-        return processor
+        return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
 
     def check_model(self, config) -> None:
         """Raise a `ValueError` if this processor and a model (its `SelfieConfig`) disagree on the `[SEG]` or image
