@@ -118,15 +118,9 @@ def segment_with_scores(model, processor, images, prompts: list[str], query_kind
 
     Returns:
         One `(mask, score)` per prompt: bool numpy `[H, W]` at its image's size, and `sigmoid(presence_logit)`
-        (the mask is empty exactly when it is below 0.5), read from the forward pass's `presence_logits`.
+        (the mask is empty exactly when it is below 0.5).
     """
-    caught = []
-    hook = model.register_forward_hook(lambda module, args, output: caught.append(output.presence_logits))
-    try:
-        masks = model.segment(processor, images, prompts, query_kind=query_kind)
-    finally:
-        hook.remove()
-    scores = [float(presence[0].float().sigmoid()) for presence in caught[-1]]
+    masks, scores = model.segment(processor, images, prompts, query_kind=query_kind, return_scores=True)
     return [(mask.cpu().numpy(), score) for mask, score in zip(masks, scores)]
 
 

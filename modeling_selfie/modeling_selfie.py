@@ -791,7 +791,8 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         mask_threshold: float = 0.0,
         presence_threshold: float = 0.5,
         return_logits: bool = False,
-    ) -> list[torch.Tensor]:
+        return_scores: bool = False,
+    ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[float]]:
         """Segment each image from its query in one teacher-forced forward pass (prompt + "[SEG].").
 
         Args:
@@ -803,8 +804,9 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
             mask_threshold: logit threshold of the returned masks.
             presence_threshold: masks whose presence score is lower come back empty.
             return_logits: return the mask logits (float) instead of bool masks.
+            return_scores: also return each mask's presence score, `sigmoid(presence_logit)`.
         Returns:
-            One `[height, width]` mask per query, at its image's own size.
+            One `[height, width]` mask per query, at its image's own size; with `return_scores`, `(masks, scores)`.
         """
         from .processing_selfie import image_size_of, post_process_masks
 
@@ -823,7 +825,10 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         masks = post_process_masks(
             out.pred_masks, sizes, mask_threshold, not return_logits, out.presence_logits, presence_threshold
         )
-        return [m[0] for m in masks]
+        masks = [m[0] for m in masks]
+        if return_scores:
+            return masks, [float(presence[0].float().sigmoid()) for presence in out.presence_logits]
+        return masks
 
     @torch.inference_mode()
     def chat(

@@ -137,3 +137,15 @@ def test_a_mismatched_processor_is_an_error_where_model_and_processor_meet(hf_fo
     for evaluate in (evaluate_referring, evaluate_open_vocab):
         with pytest.raises(ValueError, match="does not match the model"):
             evaluate(model, tiny_processor, [])
+
+
+def test_segment_returns_presence_scores_of_its_own_forward(tiny):
+    model, processor = tiny
+    image, queries = picture(), ["red circle", "blue square"]
+    masks, scores = model.segment(processor, image, queries, return_scores=True)
+    inputs = processor(images=[image, image], queries=queries)
+    with torch.no_grad():
+        presence = model(**inputs).presence_logits
+    assert scores == pytest.approx([float(p[0].sigmoid()) for p in presence], abs=1e-6)
+    assert [bool(m.any()) for m in masks] == [s >= 0.5 for s in scores]
+    assert all(torch.equal(a, b) for a, b in zip(masks, model.segment(processor, image, queries)))
