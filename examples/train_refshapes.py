@@ -42,6 +42,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from modeling_selfie import SelfieConfig, SelfieForSegmentation, SelfieImageProcessor, SelfieProcessor
 from modeling_selfie.data.refshapes import (
     COLOURS,
+    DEFAULT_KIND_WEIGHTS,
     EXPRESSION_KINDS,
     RefShapesDataset,
     curriculum_dataset,
@@ -78,11 +79,18 @@ def prompt_words() -> list[str]:
 
 
 def build_model_and_processor(
-    seed: int, patch_size: int = 14, downsample_ratio: float = 0.5, vision_layers: int = 4, llm_layers: int = 4
+    seed: int,
+    patch_size: int = 14,
+    downsample_ratio: float = 0.5,
+    vision_layers: int = 4,
+    llm_layers: int = 4,
+    vision_width: int = 128,
+    llm_width: int = 256,
 ) -> tuple[SelfieForSegmentation, SelfieProcessor]:
     """The demo model, randomly initialised, and its processor. A tile has `TILE // patch_size` ViT patches a side;
     the pixel shuffle gives the LLM `downsample_ratio` of that per side, and RFA unshuffles each ViT patch into
-    `1 / downsample_ratio` cells a side, so the mask grid has `TILE // patch_size / downsample_ratio` cells a side."""
+    `1 / downsample_ratio` cells a side, so the mask grid has `TILE // patch_size / downsample_ratio` cells a side.
+    The ViT has heads of width 32 and an MLP 4x its width; the LLM 4 heads (2 key-value heads) and an MLP 3x."""
     tokenizer = build_word_level_tokenizer([*prompt_words(), *vocabulary()])
     image_processor = SelfieImageProcessor(size={"height": TILE, "width": TILE}, max_patches=2)
     processor = SelfieProcessor(
@@ -91,12 +99,14 @@ def build_model_and_processor(
     )
     config = SelfieConfig(
         vision_config=dict(
-            hidden_size=128, num_hidden_layers=vision_layers, num_attention_heads=4, intermediate_size=512,
+            hidden_size=vision_width, num_hidden_layers=vision_layers, num_attention_heads=vision_width // 32,
+            intermediate_size=4 * vision_width,
             image_size=[TILE, TILE], patch_size=[patch_size, patch_size], attention_bias=True, use_mean_pooling=True,
         ),
         text_config=dict(
-            model_type="qwen2", hidden_size=256, num_hidden_layers=llm_layers, num_attention_heads=4,
-            num_key_value_heads=2, intermediate_size=768, vocab_size=len(tokenizer), max_position_embeddings=1024,
+            model_type="qwen2", hidden_size=llm_width, num_hidden_layers=llm_layers, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=3 * llm_width, vocab_size=len(tokenizer),
+            max_position_embeddings=1024,
             tie_word_embeddings=False,
         ),
         downsample_ratio=downsample_ratio,
@@ -270,13 +280,15 @@ def format_kind_weights(weights: dict) -> str:
 
 def command_line(args) -> str:
     """The command that repeats this run's training (the run settings, no paths)."""
-    warmup_kinds = format_kind_weights(args.warmup_kinds)
+    warmup_kinds, train_kinds = format_kind_weights(args.warmup_kinds), format_kind_weights(args.train_kinds)
     return (
         f"python examples/train_refshapes.py --max-steps {args.max_steps} --batch-size {args.batch_size} "
         f"--seed {args.seed} --learning-rate {args.learning_rate} --warmup-steps {args.warmup_steps} "
-        f"--warmup-kinds {warmup_kinds} --warmup-fraction {args.warmup_fraction} --max-turns {args.max_turns} "
+        f"--warmup-kinds {warmup_kinds} --warmup-fraction {args.warmup_fraction} --train-kinds {train_kinds} "
+        f"--max-turns {args.max_turns} "
         f"--patch-size {args.patch_size} --downsample-ratio {args.downsample_ratio:g} "
-        f"--vision-layers {args.vision_layers} --llm-layers {args.llm_layers} --threads {args.threads}"
+        f"--vision-layers {args.vision_layers} --llm-layers {args.llm_layers} --vision-width {args.vision_width} "
+        f"--llm-width {args.llm_width} --threads {args.threads}"
         + (" --init-from MODEL_OF_THE_STAGE_BEFORE" if args.init_from else "")
     )
 
@@ -317,8 +329,9 @@ tags:
 
 # selfie-refshapes
 
-A small SELFIE model (InternVL-shaped: {args.vision_layers}-layer ViT with {args.patch_size} px patches on {TILE} px
-tiles, up to 2 tiles per image, {tokens} LLM tokens per tile, {args.llm_layers}-layer Qwen2 LLM,
+A small SELFIE model (InternVL-shaped: {args.vision_layers}-layer ViT of width {args.vision_width} with
+{args.patch_size} px patches on {TILE} px tiles, up to 2 tiles per image, {tokens} LLM tokens per tile,
+{args.llm_layers}-layer Qwen2 LLM of width {args.llm_width},
 {args.param_count / 1e6:.1f} M parameters) trained **from scratch on CPU** on RefShapes, the package's synthetic
 referring-segmentation set (coloured shapes; expressions by colour and shape, position, size, relation, several
 targets, no target, and reasoning-style questions). It is the default model of `selfie-segment` and exists to show
@@ -358,7 +371,31 @@ script right after training.
 """
 
 
-CARD_SECTIONS = ("How it was made", "Held-out results")  # the "## " sections `model_card` writes
+def learning_curve_section(path: Path, size: int) -> str:
+    """A "## Learning curve" card section with the entries `LearningCurve` wrote to `path` (cIoU per kind on the
+    first `size` test expressions against training minutes), or "" when there is no such file."""
+    if not path.exists():
+        return ""
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    kinds = [key for key in ("overall", *EXPRESSION_KINDS) if key != "no_target" and key in entries[0]]
+    rows = [
+        "| step | minutes | " + " | ".join(kinds) + " | no-target empty |",
+        "|---" * (len(kinds) + 3) + "|",
+    ]
+    for entry in entries:
+        scores = " | ".join(f"{entry[kind]:.3f}" for kind in kinds)
+        empty = 100 * entry["no_target_empty_rate"]
+        rows.append(f"| {entry['step']} | {entry['minutes']:.1f} | {scores} | {empty:.0f}% |")
+    return f"""
+## Learning curve
+
+cIoU on the first {size} test expressions during training (`--curve-every`), against minutes of training:
+
+{chr(10).join(rows)}
+"""
+
+
+CARD_SECTIONS = ("How it was made", "Held-out results", "Learning curve")  # the "## " sections the script writes
 
 
 def kept_sections(card: str) -> str:
@@ -383,7 +420,8 @@ def drop_remote_code(folder: Path) -> None:
 
 RUN_SETTINGS = (  # what defines a training run: a resumed run keeps the values it was started with
     "max_steps", "batch_size", "learning_rate", "warmup_steps", "warmup_kinds", "warmup_fraction", "max_turns",
-    "seed", "patch_size", "downsample_ratio", "vision_layers", "llm_layers", "init_from",
+    "seed", "patch_size", "downsample_ratio", "vision_layers", "llm_layers", "vision_width", "llm_width", "init_from",
+    "train_kinds",
 )  # fmt: skip
 
 
@@ -400,7 +438,8 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
     if checkpoint is None:
         parser.error(f"--resume: no checkpoint in {run_dir}")
     saved = json.loads((run_dir / "run_settings.json").read_text())
-    saved["warmup_kinds"] = parse_kind_weights(saved["warmup_kinds"])
+    for name in ("warmup_kinds", "train_kinds"):
+        saved[name] = parse_kind_weights(saved[name])
     saved["init_from"] = Path(saved["init_from"]) if saved["init_from"] else None
     for name in RUN_SETTINGS:
         given = getattr(args, name)
@@ -422,7 +461,8 @@ def init_from(model, folder: Path, parser) -> list[dict]:
 
 def save_settings(args, run_dir: Path) -> None:
     settings = {name: getattr(args, name) for name in RUN_SETTINGS}
-    settings["warmup_kinds"] = format_kind_weights(args.warmup_kinds)
+    for name in ("warmup_kinds", "train_kinds"):
+        settings[name] = format_kind_weights(getattr(args, name))
     settings["init_from"] = str(args.init_from) if args.init_from else None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_settings.json").write_text(json.dumps(settings, indent=1) + "\n")
@@ -448,6 +488,8 @@ def main(argv=None):
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--warmup-kinds", type=parse_kind_weights, default="colour_shape=2,multi_target=1",
                         help="expression kinds of the first samples, KIND=WEIGHT,...")
+    parser.add_argument("--train-kinds", type=parse_kind_weights, default=format_kind_weights(DEFAULT_KIND_WEIGHTS),
+                        help="expression kinds after the warm-up, KIND=WEIGHT,...")
     parser.add_argument("--warmup-fraction", type=float, default=0.2, help="share of samples from --warmup-kinds")
     parser.add_argument("--max-turns", type=int, default=6, help="expressions ([SEG] turns) per training image")
     parser.add_argument("--patch-size", type=int, default=14, help="ViT patch side in pixels")
@@ -455,6 +497,8 @@ def main(argv=None):
                         help="pixel shuffle: the LLM sees this fraction of each ViT grid side")
     parser.add_argument("--vision-layers", type=int, default=4)
     parser.add_argument("--llm-layers", type=int, default=4)
+    parser.add_argument("--vision-width", type=int, default=192, help="ViT width (a multiple of 32)")
+    parser.add_argument("--llm-width", type=int, default=128, help="LLM width (a multiple of 4)")
     parser.add_argument("--eval-size", type=int, default=700)
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the training data stream")
     parser.add_argument("--overwrite", action="store_true", default=True)
@@ -468,14 +512,16 @@ def main(argv=None):
     random.seed(args.seed)
     np.random.seed(args.seed)
     model, processor = build_model_and_processor(
-        args.seed, args.patch_size, args.downsample_ratio, args.vision_layers, args.llm_layers
+        args.seed, args.patch_size, args.downsample_ratio, args.vision_layers, args.llm_layers, args.vision_width,
+        args.llm_width,
     )
     args.param_count = sum(p.numel() for p in model.parameters())
     stages = []
     if args.init_from:
         stages = init_from(model, args.init_from, parser)
     train = curriculum_dataset(
-        args.max_steps * args.batch_size, args.warmup_fraction, args.warmup_kinds, args.seed, args.max_turns
+        args.max_steps * args.batch_size, args.warmup_fraction, args.warmup_kinds, args.seed, args.max_turns,
+        args.train_kinds,
     )
     save_settings(args, args.run_dir)
     training_args = TrainingArguments(
@@ -524,7 +570,8 @@ def main(argv=None):
         drop_remote_code(staging)
         old_card = args.output / "README.md"
         kept = kept_sections(old_card.read_text()) if old_card.exists() else ""
-        (staging / "README.md").write_text(model_card(results, baseline, ceiling, args, stages) + kept)
+        curve = learning_curve_section(args.run_dir / "curve.jsonl", args.curve_size)
+        (staging / "README.md").write_text(model_card(results, baseline, ceiling, args, stages) + curve + kept)
         evaluation = {**results, "colour_match_baseline": baseline, "grid_ceiling": ceiling, "training": stages}
         (staging / "eval_results.json").write_text(json.dumps(evaluation, indent=1) + "\n")
     print(f"wrote {args.output} ({steps} steps, {minutes:.1f} min, overall cIoU {results['overall']['cIoU']:.3f})")

@@ -433,12 +433,10 @@ def seg_token_id_of_folder(pretrained_model_name_or_path, kwargs: dict, image_to
     has no tokenizer of its own (one that puts InternVL's image token at the model's `image_token_id`)."""
     from transformers import AutoTokenizer
 
-    from .processing_selfie import HUB_KWARGS, IMAGE_TOKEN_ROLES, seg_token_id_in
+    from .processing_selfie import IMAGE_TOKEN_ROLES, hub_kwargs, seg_token_id_in
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            pretrained_model_name_or_path, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-        )
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs(kwargs))
     except (OSError, ValueError, TypeError):
         return None
     if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN_ROLES["context_image_token"]) != image_token_id:

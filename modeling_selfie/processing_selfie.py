@@ -19,6 +19,12 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 
 SEG_TOKEN = "[SEG]"
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+
+
+def hub_kwargs(kwargs: dict, pop: bool = False) -> dict:
+    """The entries of `kwargs` that say where and how to fetch a Hub folder (`HUB_KWARGS`); removed from `kwargs`
+    with `pop`."""
+    return {key: kwargs.pop(key) if pop else kwargs[key] for key in HUB_KWARGS if key in kwargs}
 SELF1E_SYSTEM_MESSAGE = "You are an helpful assistant."  # (sic) the released SELF1E's system turn
 # How the first user turn starts and whether phrases are normalised (the authors' evaluation writes "<image>\n "
 # and lowercases RefCOCO phrases; InternVL's chat format writes "<image>\n").
@@ -214,8 +220,7 @@ class SelfieProcessor(InternVLProcessor):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "SelfieProcessor":
         """A saved SELFIE processor, or a new one from an InternVL3 folder (see [`SelfieProcessor.from_internvl`])."""
-        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-        processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **hub_kwargs)
+        processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **hub_kwargs(kwargs))
         if processor_dict.get("processor_class") == cls.__name__:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         return cls.from_internvl(pretrained_model_name_or_path, **kwargs)
@@ -232,14 +237,14 @@ class SelfieProcessor(InternVLProcessor):
         from transformers import AutoTokenizer, PretrainedConfig
         from transformers.image_processing_base import ImageProcessingMixin
 
-        hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        config, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+        fetch = hub_kwargs(kwargs, pop=True)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **fetch)
+        config, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **fetch)
         try:
-            image_dict, _ = ImageProcessingMixin.get_image_processor_dict(pretrained_model_name_or_path, **hub_kwargs)
+            image_dict, _ = ImageProcessingMixin.get_image_processor_dict(pretrained_model_name_or_path, **fetch)
         except OSError:
             image_dict = {}
-        processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **hub_kwargs)
+        processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **fetch)
         tile = internvl_tile_size(config, image_dict)
         kwargs.setdefault(
             "image_seq_length",

@@ -289,6 +289,14 @@ def test_curriculum_puts_the_warmup_kinds_first():
         curriculum_dataset(20, 1.5, weights)
 
 
+def test_curriculum_draws_the_rest_from_the_given_mix():
+    warmup, rest = parse_kind_weights("colour_shape"), parse_kind_weights("no_target")
+    data = curriculum_dataset(20, 0.25, warmup, kind_weights=rest)
+    kinds = [data[i]["expression_kind"] for i in range(20)]
+    assert kinds == ["colour_shape"] * 5 + ["no_target"] * 15
+    assert not any(data[i]["masks"].any() for i in range(5, 20))  # no target: empty masks
+
+
 def test_multi_turn_items_ask_several_expressions_of_one_scene():
     single = RefShapesDataset("validation", size=6, seed=3)
     multi = RefShapesDataset("validation", size=6, seed=3, max_turns=3)

@@ -32,3 +32,13 @@ def test_grid_holds_one_overlay_per_prompt(tmp_path):
         assert np.array_equal(grid[top : top + height, left : left + width], np.asarray(cell))
     assert (grid[height:, width:] == 255).all()
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # written atomically, no staging file left
+
+
+def test_the_example_image_is_the_scene_the_script_draws(tmp_path):
+    spec = importlib.util.spec_from_file_location("render_demo_grid", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    drawn = module.draw_example_image(tmp_path / "shapes.png")
+    shipped = np.asarray(Image.open(ROOT / "examples" / "assets" / "shapes.png").convert("RGB"))
+    assert np.array_equal(np.asarray(drawn), shipped) and drawn.size == module.EXAMPLE_SIZE
+    assert [p.name for p in tmp_path.iterdir()] == ["shapes.png"]

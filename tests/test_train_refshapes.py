@@ -62,11 +62,13 @@ def test_a_short_run_writes_a_loadable_model_with_its_card(script, tmp_path):
     output.mkdir()
     chat = "## Chat\n\nWritten by hand: `model.chat(...)` answers in words.\n"
     (output / "README.md").write_text(f"# old card\n\n## How it was made\n\nold numbers\n\n{chat}")
-    run(script, "--output", str(output), "--run-dir", str(tmp_path / "run"), "--downsample-ratio", "0.25")
+    run(script, "--output", str(output), "--run-dir", str(tmp_path / "run"), "--downsample-ratio", "0.25",
+        "--vision-width", "64", "--llm-width", "96", "--train-kinds", "position=1,no_target=2")
     model = SelfieForSegmentation.from_pretrained(output)
     processor = SelfieProcessor.from_pretrained(output)
     assert processor.seg_token_id == model.config.seg_token_id
     assert model.config.downsample_ratio == 0.25 and processor.image_seq_length == 4  # 8x8 patches -> 2x2 tokens
+    assert model.config.vision_config.hidden_size == 64 and model.config.text_config.hidden_size == 96
     image = np.zeros((112, 112, 3), np.uint8)
     assert model(**processor(images=[image], queries=["red circle"])).pred_masks[0].shape == (1, 32, 32)
     results = json.loads((output / "eval_results.json").read_text())
@@ -76,6 +78,7 @@ def test_a_short_run_writes_a_loadable_model_with_its_card(script, tmp_path):
     assert f"| overall | 8 | {results['overall']['cIoU']:.3f} | {results['overall']['gIoU']:.3f} " in card
     assert f"| {baseline['cIoU']:.3f} | {ceiling['cIoU']:.3f} / {ceiling['gIoU']:.3f} |" in card
     assert "--warmup-kinds colour_shape=2,multi_target=1" in card and "--downsample-ratio 0.25" in card
+    assert "--train-kinds position=1,no_target=2" in card and "--vision-width 64 --llm-width 96" in card
     assert card.endswith(chat) and "old numbers" not in card  # a hand-written section survives the rewrite
     assert 0.9 < ceiling["cIoU"] < 1 and ceiling["count"] == 8  # the ground truth itself, at the mask grid's size
 
@@ -121,7 +124,13 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(script, int
     curve = [json.loads(line) for line in (run_dir / "curve.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in curve] == [1, 2]
     assert 0 < curve[0]["minutes"] < curve[1]["minutes"]  # the clock goes on from the checkpoint's
-    assert "2 steps" in (resumed / "README.md").read_text()
+    card = (resumed / "README.md").read_text()
+    assert "2 steps" in card
+    table = card.split("## Learning curve")[1].splitlines()
+    rows = [line.split(" | ") for line in table if line.startswith("| ") and not line.startswith("| step")]
+    assert [row[:3] for row in rows] == [
+        ["| " + str(entry["step"]), f"{entry['minutes']:.1f}", f"{entry['overall']:.3f}"] for entry in curve
+    ]
 
 
 def test_resuming_refuses_what_would_mix_runs(script, interrupted_run, tmp_path):

@@ -766,10 +766,16 @@ def parse_kind_weights(text: str) -> dict[str, float]:
 
 
 def curriculum_dataset(
-    size: int, warmup_fraction: float, warmup_kinds: Mapping[str, float], seed: int = 0, max_turns: int = 1
+    size: int,
+    warmup_fraction: float,
+    warmup_kinds: Mapping[str, float],
+    seed: int = 0,
+    max_turns: int = 1,
+    kind_weights: Mapping[str, float] | None = None,
 ) -> torch.utils.data.ConcatDataset:
     """`size` training items of up to `max_turns` expressions: the first `warmup_fraction` of them of the
-    `warmup_kinds` only (their own seed stream), the rest of the full mix. Read it in order (e.g.
+    `warmup_kinds` only (their own seed stream), the rest of the full mix (`kind_weights`, by default
+    `DEFAULT_KIND_WEIGHTS`). Read it in order (e.g.
     `TrainingArguments(train_sampling_strategy="sequential")`).
 
     From scratch on the full mix a small model sits on a plateau where it segments every shape and ignores the
@@ -780,7 +786,7 @@ def curriculum_dataset(
     return torch.utils.data.ConcatDataset(
         [
             RefShapesDataset("train", size=first, seed=seed + 1000, kind_weights=warmup_kinds, max_turns=max_turns),
-            RefShapesDataset("train", size=size - first, seed=seed, max_turns=max_turns),
+            RefShapesDataset("train", size=size - first, seed=seed, kind_weights=kind_weights, max_turns=max_turns),
         ]
     )
 
