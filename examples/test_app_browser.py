@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
@@ -92,7 +93,8 @@ def test_page_segments_the_bundled_example(server, browser, tmp_path):
     browser.save_screenshot(str(tmp_path / "page.png"))
     if os.environ.get("DEMO_PAGE_SCREENSHOT"):
         browser.save_screenshot(os.environ["DEMO_PAGE_SCREENSHOT"])
-    assert width == 312  # the overlay keeps the example image's width (312 px), with the caption band below
+    example_width = Image.open(Path(__file__).parent / "assets" / "shapes.png").width
+    assert width == example_width  # the overlay keeps the example image's width, with the caption band below
     assert "px" in summary and "presence score" in summary
 
     prompt = browser.find_element(By.CSS_SELECTOR, "#prompt textarea")  # Enter in the box segments too

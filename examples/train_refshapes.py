@@ -409,8 +409,8 @@ def kept_sections(card: str) -> str:
 def drop_remote_code(folder: Path) -> None:
     """The shipped model lives inside the package, which registers its classes: remove the remote-code copies of
     the module files (and the `auto_map` entries pointing at them) that `save_pretrained` writes."""
-    for name in ("configuration_selfie.py", "modeling_selfie.py", "processing_selfie.py"):
-        (folder / name).unlink(missing_ok=True)
+    for module in folder.glob("*.py"):  # the model files and the package modules they import (compat.py)
+        module.unlink()
     for name in ("config.json", "processor_config.json", "tokenizer_config.json"):
         settings = json.loads((folder / name).read_text())
         settings.pop("auto_map", None)
