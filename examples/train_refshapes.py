@@ -285,8 +285,7 @@ def command_line(args) -> str:
         f"python examples/train_refshapes.py --max-steps {args.max_steps} --batch-size {args.batch_size} "
         f"--seed {args.seed} --learning-rate {args.learning_rate} --warmup-steps {args.warmup_steps} "
         f"--warmup-kinds {warmup_kinds} --warmup-fraction {args.warmup_fraction} --train-kinds {train_kinds} "
-        f"--max-turns {args.max_turns} "
-        f"--patch-size {args.patch_size} --downsample-ratio {args.downsample_ratio:g} "
+        f"--max-turns {args.max_turns} --patch-size {args.patch_size} --downsample-ratio {args.downsample_ratio:g} "
         f"--vision-layers {args.vision_layers} --llm-layers {args.llm_layers} --vision-width {args.vision_width} "
         f"--llm-width {args.llm_width} --threads {args.threads}"
         + (" --init-from MODEL_OF_THE_STAGE_BEFORE" if args.init_from else "")
@@ -423,6 +422,7 @@ RUN_SETTINGS = (  # what defines a training run: a resumed run keeps the values 
     "seed", "patch_size", "downsample_ratio", "vision_layers", "llm_layers", "vision_width", "llm_width", "init_from",
     "train_kinds",
 )  # fmt: skip
+KIND_SETTINGS = ("warmup_kinds", "train_kinds")  # run settings stored as "KIND=WEIGHT,..." text
 
 
 def resume_settings(args, parser, run_dir: Path) -> str | None:
@@ -438,7 +438,7 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
     if checkpoint is None:
         parser.error(f"--resume: no checkpoint in {run_dir}")
     saved = json.loads((run_dir / "run_settings.json").read_text())
-    for name in ("warmup_kinds", "train_kinds"):
+    for name in KIND_SETTINGS:
         saved[name] = parse_kind_weights(saved[name])
     saved["init_from"] = Path(saved["init_from"]) if saved["init_from"] else None
     for name in RUN_SETTINGS:
@@ -461,7 +461,7 @@ def init_from(model, folder: Path, parser) -> list[dict]:
 
 def save_settings(args, run_dir: Path) -> None:
     settings = {name: getattr(args, name) for name in RUN_SETTINGS}
-    for name in ("warmup_kinds", "train_kinds"):
+    for name in KIND_SETTINGS:
         settings[name] = format_kind_weights(getattr(args, name))
     settings["init_from"] = str(args.init_from) if args.init_from else None
     run_dir.mkdir(parents=True, exist_ok=True)

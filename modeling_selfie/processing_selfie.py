@@ -19,12 +19,6 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 
 SEG_TOKEN = "[SEG]"
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
-
-
-def hub_kwargs(kwargs: dict, pop: bool = False) -> dict:
-    """The entries of `kwargs` that say where and how to fetch a Hub folder (`HUB_KWARGS`); removed from `kwargs`
-    with `pop`."""
-    return {key: kwargs.pop(key) if pop else kwargs[key] for key in HUB_KWARGS if key in kwargs}
 SELF1E_SYSTEM_MESSAGE = "You are an helpful assistant."  # (sic) the released SELF1E's system turn
 # How the first user turn starts and whether phrases are normalised (the authors' evaluation writes "<image>\n "
 # and lowercases RefCOCO phrases; InternVL's chat format writes "<image>\n").
@@ -62,6 +56,12 @@ VALIDATION_QUESTIONS = {
     "instruction": "{text} Please output segmentation mask.",
 }
 VALIDATION_ANSWER = "[SEG]."
+
+
+def hub_kwargs(kwargs: dict, pop: bool = False) -> dict:
+    """The entries of `kwargs` that say where and how to fetch a Hub folder (`HUB_KWARGS`); removed from `kwargs`
+    with `pop`."""
+    return {key: kwargs.pop(key) if pop else kwargs[key] for key in HUB_KWARGS if key in kwargs}
 
 
 def segmentation_question(text: str, kind: str = "phrase", rng: random.Random | None = None) -> str:
