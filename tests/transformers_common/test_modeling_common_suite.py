@@ -1,0 +1,89 @@
+"""transformers' `ModelTesterMixin` and `ConfigTester` of the installed release on SELFIE, with inputs that hold a
+`[SEG]` per sample and inputs that do not, and on InternVL with the same tester (the control).
+
+`GenerationTesterMixin` is the stand-in of `fetch.py` (the release's generate tests are not in its source
+distribution); `tests/test_generation_paths.py` checks SELFIE's generation."""
+
+import unittest
+
+import torch
+from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLModel
+from transformers.testing_utils import torch_device
+from transformers_release_tests.generation.test_utils import GenerationTesterMixin
+from transformers_release_tests.test_configuration_common import ConfigTester
+from transformers_release_tests.test_modeling_common import ModelTesterMixin
+
+from modeling_selfie import SelfieConfig, SelfieForSegmentation, SelfieModel
+
+from .testers import InternVLTester, SelfieTester
+
+
+class VisionTextModelTest(ModelTesterMixin, GenerationTesterMixin):
+    """What transformers' InternVL test adds to the mixins: the config tester, and `inputs_embeds` tests that drop
+    `pixel_values` (image features cannot be merged into given embeddings)."""
+
+    config_class = None
+    test_resize_embeddings = True
+
+    def make_tester(self):
+        raise NotImplementedError
+
+    def setUp(self):
+        self.model_tester = self.make_tester()
+        self.config_tester = ConfigTester(self, config_class=self.config_class, has_text_modality=False)
+
+    def test_config(self):
+        self.config_tester.run_common_tests()
+
+    def test_inputs_embeds(self):
+        config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
+        for model_class in self.all_model_classes:
+            model = model_class(config).to(torch_device).eval()
+            inputs = self._prepare_for_class(inputs_dict, model_class)
+            input_ids = inputs.pop("input_ids")
+            del inputs["pixel_values"]
+            inputs["inputs_embeds"] = model.get_input_embeddings()(input_ids)
+            with torch.no_grad():
+                model(**inputs)
+
+    def test_inputs_embeds_matches_input_ids(self):
+        config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
+        for model_class in self.all_model_classes:
+            model = model_class(config).to(torch_device).eval()
+            inputs = self._prepare_for_class(inputs_dict, model_class)
+            input_ids = inputs.pop("input_ids")
+            del inputs["pixel_values"]
+            inputs_embeds = model.get_input_embeddings()(input_ids)
+            with torch.no_grad():
+                out_ids = model(input_ids=input_ids, **inputs)[0]
+                out_embeds = model(inputs_embeds=inputs_embeds, **inputs)[0]
+            torch.testing.assert_close(out_embeds, out_ids)
+
+
+class SelfieWithSegModelTest(VisionTextModelTest, unittest.TestCase):
+    """Every sample holds a `[SEG]`: the forward also predicts masks."""
+
+    all_model_classes = (SelfieForSegmentation, SelfieModel)
+    all_generative_model_classes = (SelfieForSegmentation,)
+    config_class = SelfieConfig
+
+    def make_tester(self):
+        return SelfieTester(self, with_seg=True)
+
+
+class SelfieWithoutSegModelTest(SelfieWithSegModelTest):
+    """No `[SEG]`: SELFIE is InternVL."""
+
+    def make_tester(self):
+        return SelfieTester(self, with_seg=False)
+
+
+class InternVLControlModelTest(VisionTextModelTest, unittest.TestCase):
+    """The control: transformers' own InternVL classes under the same files and tester."""
+
+    all_model_classes = (InternVLForConditionalGeneration, InternVLModel)
+    all_generative_model_classes = (InternVLForConditionalGeneration,)
+    config_class = InternVLConfig
+
+    def make_tester(self):
+        return InternVLTester(self)
