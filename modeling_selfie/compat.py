@@ -13,6 +13,7 @@ import torch
 # the class in its own module works with the PIL backends everywhere.
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 from transformers.masking_utils import create_causal_mask as _create_causal_mask
+from transformers.models.internvl.modeling_internvl import InternVLModelOutputWithPast
 
 # The name of the key-value cache argument: `past_key_values` until transformers 5.2x renamed it to `cache`.
 CACHE_KWARG = "cache" if "cache" in inspect.signature(_create_causal_mask).parameters else "past_key_values"
@@ -34,6 +35,16 @@ def pop_cache(kwargs: dict):
 def cache_kwargs(cache) -> dict:
     """`{name: cache}` for calling a transformers module of this release."""
     return {CACHE_KWARG: cache}
+
+
+def image_output_fields(vision_outputs) -> dict:
+    """The vision encoder's outputs as InternVL's model output of this release holds them: `image_outputs` (the
+    whole `BaseModelOutputWithPooling`, 5.2x) or `image_hidden_states` (its pooled, projected features, 5.17)."""
+    if vision_outputs is None:
+        return {}
+    if "image_outputs" in InternVLModelOutputWithPast.__dataclass_fields__:
+        return {"image_outputs": vision_outputs}
+    return {"image_hidden_states": vision_outputs.pooler_output}
 
 
 def enable_activation_checkpointing(model, use_reentrant: bool = False) -> None:
@@ -63,6 +74,7 @@ __all__ = [
     "cache_kwargs",
     "create_causal_mask",
     "enable_activation_checkpointing",
+    "image_output_fields",
     "pop_cache",
     "use_plain_cpu_device",
 ]

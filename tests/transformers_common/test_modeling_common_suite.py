@@ -8,6 +8,7 @@ import unittest
 
 import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, MODEL_MAPPING_NAMES
 from transformers.testing_utils import torch_device
 from transformers_release_tests.generation.test_utils import GenerationTesterMixin
 from transformers_release_tests.test_configuration_common import ConfigTester
@@ -16,6 +17,11 @@ from transformers_release_tests.test_modeling_common import ModelTesterMixin
 from modeling_selfie import SelfieConfig, SelfieForSegmentation, SelfieModel
 
 from .testers import InternVLTester, SelfieTester
+
+# The mixins find a model's task (labels for `test_training`, the base model for `test_base_model_prefix_...`) in
+# transformers' class-name tables, which list only in-tree models: SELFIE is entered as an in-tree model would be.
+MODEL_MAPPING_NAMES.setdefault("selfie", "SelfieModel")
+MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.setdefault("selfie", "SelfieForSegmentation")
 
 
 class VisionTextModelTest(ModelTesterMixin, GenerationTesterMixin):
@@ -66,13 +72,27 @@ class SelfieWithSegModelTest(VisionTextModelTest, unittest.TestCase):
     all_model_classes = (SelfieForSegmentation, SelfieModel)
     all_generative_model_classes = (SelfieForSegmentation,)
     config_class = SelfieConfig
+    # The mixin runs this only for models whose config file carries a copyright year >= 2023 (SELFIE's has none).
+    test_can_init_all_missing_weights_before_2023 = True
 
     def make_tester(self):
         return SelfieTester(self, with_seg=True)
 
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        """With labels, also one ground-truth mask per `[SEG]` (`mask_labels`), so the mask loss trains the head."""
+        inputs = super()._prepare_for_class(inputs_dict, model_class, return_labels)
+        if return_labels and model_class is SelfieForSegmentation and self.model_tester.with_seg:
+            generator = torch.Generator().manual_seed(0)
+            inputs["mask_labels"] = [
+                torch.randint(0, 2, (1, 16, 16), generator=generator).float() for _ in range(len(inputs["input_ids"]))
+            ]
+        return inputs
+
 
 class SelfieWithoutSegModelTest(SelfieWithSegModelTest):
     """No `[SEG]`: SELFIE is InternVL."""
+
+    test_all_params_have_gradient = False  # no [SEG], no mask: the segmentation head takes no part in the loss
 
     def make_tester(self):
         return SelfieTester(self, with_seg=False)
