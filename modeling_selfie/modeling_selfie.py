@@ -562,7 +562,7 @@ class SelfieModel(InternVLModel):
         if decoding or self.config.seg_token_id is None or self.config.seg_attention == "causal":
             return attention_mask
         prebuilt = attention_mask.get("full_attention") if isinstance(attention_mask, dict) else attention_mask
-        if prebuilt is not None and (not isinstance(prebuilt, torch.Tensor) or prebuilt.dim() != 4 and prebuilt.dim() != 2):
+        if prebuilt is not None and (not isinstance(prebuilt, torch.Tensor) or prebuilt.dim() not in (2, 4)):
             return attention_mask  # a flex block mask: its pattern cannot be extended here
         if token_masks is None:
             token_masks = self.token_masks(input_ids, inputs_embeds, attention_mask)
@@ -708,13 +708,15 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
         missing = [key for key in info["missing_keys"] if not key.startswith("seg_head.")]
         if missing:
             shown = ", ".join(sorted(missing)[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
-            message = f"{pretrained_model_name_or_path} lacks {len(missing)} weight(s) of the InternVL base model: {shown}."
+            message = (
+                f"{pretrained_model_name_or_path} lacks {len(missing)} weight(s) of the InternVL base model: {shown}"
+            )
             if not want_info and kwargs.get("state_dict") is None:
                 raise ValueError(
-                    f"{message} Only the SELFIE head may be missing from a checkpoint; is this an InternVL3 / SELFIE "
+                    f"{message}. Only the SELFIE head may be missing from a checkpoint; is this an InternVL3 / SELFIE "
                     "checkpoint? (With output_loading_info=True they are initialised at random and reported instead.)"
                 )
-            logger.warning(f"{message} They are initialised at random.")
+            logger.warning(f"{message}; they are initialised at random.")
         if any(key.startswith("seg_head.") for key in info["missing_keys"]):
             count = sum(p.numel() for p in model.seg_head.parameters())
             logger.warning(

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoProcessor, AutoTokenizer
+from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 import modeling_selfie  # noqa: F401  (registers the Auto classes)
 from modeling_selfie.convert import ConversionError, convert_checkpoint, main
@@ -59,7 +59,7 @@ def test_release_folder_converts_to_a_complete_folder_that_segments(tmp_path, ba
     result = run_cli("--input", release["folder"], "--output", out, "--base-tokenizer", bases["original"])
     assert result.returncode == 0, result.stderr
 
-    model = AutoModel.from_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
     image = random_image(90, 60)
     masks = model.segment(processor, image, ["Red Circle", "the square"])
@@ -316,7 +316,7 @@ def test_parity_fixture_with_meta_json_converts_to_the_model(tmp_path):
     """The older side file (meta.json: token ids, loss weights) still works, for a folder without any tokenizer; the
     output then holds the model only, in the input's float32."""
     out = convert_checkpoint(REFERENCE / "checkpoint", tmp_path / "hf")
-    model = AutoModel.from_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out)
     config = json.loads((out / "config.json").read_text())
     assert config["seg_token_id"] == 245 and config["image_token_id"] == 244 and config["dtype"] == "float32"
     assert model.config.bce_loss_weight == 2.0 and model.config.dice_loss_weight == 0.5
