@@ -161,7 +161,8 @@ class SelfieImageProcessor(GotOcr2ImageProcessorPil):
         size = images_kwargs.get("size") or self.size
         tile = size["height"] if isinstance(size, dict) else size.height
         min_patches = images_kwargs.get("min_patches", self.min_patches)
-        rows, cols = select_tile_grid(width, height, tile, min_patches, images_kwargs.get("max_patches", self.max_patches))
+        max_patches = images_kwargs.get("max_patches", self.max_patches)
+        rows, cols = select_tile_grid(width, height, tile, min_patches, max_patches)
         return rows * cols
 
     def _preprocess(

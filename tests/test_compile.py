@@ -90,7 +90,8 @@ def test_mask_construction_traces_as_one_graph_and_gives_the_same_masks():
 
     def head(input_ids, attention_mask, hidden_states, image_features, image_features_hq):
         token_masks = model.model.token_masks(input_ids, None, attention_mask)
-        return model.predict_masks(*token_masks, hidden_states, image_features, image_features_hq, layout, with_aux=True)
+        return model.predict_masks(*token_masks, hidden_states, image_features, image_features_hq, layout,
+                                   with_aux=True)
 
     def attention(input_ids, attention_mask, embeds):
         return model.model.seg_attention_mask(input_ids, embeds, attention_mask, None, None, has_seg=True)
