@@ -13,6 +13,7 @@ import torch
 # the class in its own module works with the PIL backends everywhere.
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 from transformers.masking_utils import create_causal_mask as _create_causal_mask
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.models.internvl.modeling_internvl import InternVLModelOutputWithPast
 
 # The name of the key-value cache argument: `past_key_values` until transformers 5.2x renamed it to `cache`.
@@ -22,6 +23,14 @@ CACHE_KWARG = "cache" if "cache" in inspect.signature(_create_causal_mask).param
 def create_causal_mask(*, cache=None, **kwargs):
     """`transformers.masking_utils.create_causal_mask` with the cache passed under whichever name it takes."""
     return _create_causal_mask(**cache_kwargs(cache), **kwargs)
+
+
+def deprecated_cache_name(forward):
+    """Where the cache argument is `cache`, a forward also takes the old name `past_key_values` with transformers'
+    deprecation warning (as InternVL's does); where it is still `past_key_values`, the forward is unchanged."""
+    if CACHE_KWARG == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+    return forward
 
 
 def pop_cache(kwargs: dict):
@@ -73,6 +82,7 @@ __all__ = [
     "CACHE_KWARG",
     "cache_kwargs",
     "create_causal_mask",
+    "deprecated_cache_name",
     "enable_activation_checkpointing",
     "image_output_fields",
     "pop_cache",

@@ -24,9 +24,11 @@ from transformers.models.internvl.modeling_internvl import (
     InternVLCausalLMOutputWithPast,
     InternVLModelOutputWithPast,
 )
-from transformers.utils import can_return_tuple, logging
+from transformers.cache_utils import Cache
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 
-from .compat import cache_kwargs, create_causal_mask, image_output_fields, pop_cache
+from .compat import cache_kwargs, create_causal_mask, deprecated_cache_name, image_output_fields, pop_cache
 from .configuration_selfie import SelfieConfig
 
 logger = logging.get_logger(__name__)
@@ -600,6 +602,7 @@ class SelfieModel(InternVLModel):
         return {"full_attention": mask}
 
     @can_return_tuple
+    @deprecated_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -607,8 +610,9 @@ class SelfieModel(InternVLModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
         seg_layout: SegmentationLayout | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SelfieModelOutputWithPast:
         r"""
         Same inputs as [`InternVLModel.forward`], plus the batch's [`SegmentationLayout`] when known (else whether a
@@ -623,7 +627,8 @@ class SelfieModel(InternVLModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
-        cache = pop_cache(kwargs)
+        legacy_cache = pop_cache(kwargs)  # `past_key_values` where this release still uses that name
+        cache = legacy_cache if cache is None else cache
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         # given embeddings: find the tokens before image features replace the image tokens' rows
@@ -961,6 +966,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
         return {"text": text, "masks": masks.cpu(), "scores": presence.sigmoid().cpu()}
 
     @can_return_tuple
+    @deprecated_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -972,8 +978,9 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
         labels: torch.LongTensor | None = None,
         mask_labels: list[torch.Tensor] | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         seg_layout: SegmentationLayout | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SelfieSegmentationOutput:
         r"""
         Args:
@@ -1005,6 +1012,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
+            cache=cache,
             seg_layout=seg_layout,
             **kwargs,
         )
