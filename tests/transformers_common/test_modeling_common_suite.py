@@ -78,6 +78,15 @@ class SelfieWithSegModelTest(VisionTextModelTest, unittest.TestCase):
     def make_tester(self):
         return SelfieTester(self, with_seg=True)
 
+    @unittest.skip("SELFIE has no entry in transformers' conversion_mapping: it reads InternVL's key layouts through "
+                   "from_pretrained(key_mapping=INTERNVL_KEY_MAPPING), which tests/test_loading_internvl.py checks")
+    def test_reverse_loading_mapping(self):
+        pass
+
+    @unittest.skip("SELFIE has no entry in transformers' conversion_mapping (see test_reverse_loading_mapping)")
+    def test_can_load_from_already_mapped_keys(self):
+        pass
+
     def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
         """With labels, also one ground-truth mask per `[SEG]` (`mask_labels`), so the mask loss trains the head."""
         inputs = super()._prepare_for_class(inputs_dict, model_class, return_labels)
