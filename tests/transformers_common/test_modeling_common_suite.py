@@ -41,28 +41,26 @@ class VisionTextModelTest(ModelTesterMixin, GenerationTesterMixin):
     def test_config(self):
         self.config_tester.run_common_tests()
 
-    def test_inputs_embeds(self):
+    def model_and_text_inputs(self, model_class):
+        """An eval model, its inputs without `pixel_values` and `input_ids`, and the `input_ids`."""
         config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
+        model = model_class(config).to(torch_device).eval()
+        inputs = self._prepare_for_class(inputs_dict, model_class)
+        del inputs["pixel_values"]
+        return model, inputs, inputs.pop("input_ids")
+
+    def test_inputs_embeds(self):
         for model_class in self.all_model_classes:
-            model = model_class(config).to(torch_device).eval()
-            inputs = self._prepare_for_class(inputs_dict, model_class)
-            input_ids = inputs.pop("input_ids")
-            del inputs["pixel_values"]
-            inputs["inputs_embeds"] = model.get_input_embeddings()(input_ids)
+            model, inputs, input_ids = self.model_and_text_inputs(model_class)
             with torch.no_grad():
-                model(**inputs)
+                model(inputs_embeds=model.get_input_embeddings()(input_ids), **inputs)
 
     def test_inputs_embeds_matches_input_ids(self):
-        config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
         for model_class in self.all_model_classes:
-            model = model_class(config).to(torch_device).eval()
-            inputs = self._prepare_for_class(inputs_dict, model_class)
-            input_ids = inputs.pop("input_ids")
-            del inputs["pixel_values"]
-            inputs_embeds = model.get_input_embeddings()(input_ids)
+            model, inputs, input_ids = self.model_and_text_inputs(model_class)
             with torch.no_grad():
                 out_ids = model(input_ids=input_ids, **inputs)[0]
-                out_embeds = model(inputs_embeds=inputs_embeds, **inputs)[0]
+                out_embeds = model(inputs_embeds=model.get_input_embeddings()(input_ids), **inputs)[0]
             torch.testing.assert_close(out_embeds, out_ids)
 
 
