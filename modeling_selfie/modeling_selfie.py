@@ -151,8 +151,10 @@ def add_to_dense_mask(
     mask: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """A dense `[B, 1, Q, K]` attention mask (bool, True = attend; or additive, 0 = attend) that also lets query q of
-    sample b attend to key k when `queries[b, q] & keys[b, k]` (`[B, Q]`, `[B, K]` bool). A bool mask comes back
-    additive in `dtype` (sdpa would convert it in every layer)."""
+    sample b attend to key k when `queries[b, q] & keys[b, k]` (`[B, Q]`, `[B, L]` bool; keys past L, the free slots
+    of a static cache, are not added). A bool mask comes back additive in `dtype` (sdpa would convert it in every
+    layer)."""
+    keys = F.pad(keys, (0, mask.shape[-1] - keys.shape[1]))
     added = queries[:, None, :, None] & keys[:, None, None, :]
     if mask.dtype == torch.bool:
         allowed = mask | added
@@ -560,8 +562,9 @@ class SelfieModel(InternVLModel):
         `attention_mask` unchanged when no sample segments, the mode is `"causal"`, or this is a cached decoding
         step (keys already computed).
         """
-        decoding = cache is not None and cache.get_seq_length() > 0
-        if decoding or self.config.seg_token_id is None or self.config.seg_attention == "causal":
+        if has_seg is False or self.config.seg_token_id is None or self.config.seg_attention == "causal":
+            return attention_mask
+        if cache is not None and cache.get_seq_length() > 0:  # decoding: the keys are already computed
             return attention_mask
         prebuilt = attention_mask.get("full_attention") if isinstance(attention_mask, dict) else attention_mask
         if prebuilt is not None and (not isinstance(prebuilt, torch.Tensor) or prebuilt.dim() not in (2, 4)):
@@ -582,7 +585,7 @@ class SelfieModel(InternVLModel):
             # keys of the cache past the inputs (a static cache's free slots) and padding keys stay masked
             valid_keys = (prebuilt if prebuilt.dtype == torch.bool else prebuilt == 0).any(-2)[:, 0]
             queries, keys = dual_pathway_pattern(image_mask, seg_mask, segmenting, self.config.seg_attention)
-            keys = F.pad(keys, (0, prebuilt.shape[-1] - keys.shape[1])) & valid_keys
+            keys = keys & valid_keys[:, : keys.shape[1]]
             return {"full_attention": add_to_dense_mask(prebuilt, queries, keys, inputs_embeds.dtype)}
         pattern = dual_pathway_pattern(image_mask, seg_mask, segmenting, self.config.seg_attention, attention_mask)
         mask_kwargs = dict(
@@ -651,6 +654,8 @@ class SelfieModel(InternVLModel):
                     selected = gather_ranges(selected, seg_layout.seg_tile_ranges())
                 image_features_hq = self.get_image_features_hq(selected[:, 1:, :])
 
+        if segmenting is None:  # no images in this forward (a decoding step, text only): no pattern to add
+            segmenting = False
         llm_attention_mask = self.seg_attention_mask(
             input_ids, inputs_embeds, attention_mask, cache, position_ids, has_seg=segmenting, token_masks=token_masks
         )

@@ -89,3 +89,30 @@ def test_chat_with_a_static_cache_answers_as_with_the_dynamic_one(tiny):
     static = model.chat(processor, image, messages, max_new_tokens=6, cache_implementation="static")
     assert static["text"] == dynamic["text"] and dynamic["text"]
     assert torch.equal(static["masks"], dynamic["masks"])
+
+
+def test_a_static_cache_forward_then_a_fullgraph_compiled_decoding_step(tiny, batches):
+    """A prefill into transformers' `StaticCache` gives the masks and logits of a forward without cache; the next
+    decoding step reads no device value (it compiles with `fullgraph=True`) and gives the eager step's logits."""
+    from transformers import StaticCache
+
+    from modeling_selfie.compat import cache_kwargs
+
+    model, _ = tiny
+    inputs = batches["with [SEG]"]
+    batch, length = inputs["input_ids"].shape
+    cache = StaticCache(config=model.config.get_text_config(), max_cache_len=length + 2)
+    step_inputs = dict(attention_mask=torch.cat([inputs["attention_mask"], torch.ones(batch, 1, dtype=torch.long)], 1),
+                       position_ids=inputs["attention_mask"].sum(1, keepdim=True), use_cache=True, logits_to_keep=1,
+                       **cache_kwargs(cache))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(**inputs)
+        prefill = model(**inputs, use_cache=True, **cache_kwargs(cache))
+        torch.testing.assert_close(prefill.logits, expected.logits)
+        for got, want in zip(prefill.pred_masks, expected.pred_masks):
+            torch.testing.assert_close(got, want)
+        next_ids = prefill.logits[:, -1:].argmax(-1)
+        compiled = torch.compile(model.forward, fullgraph=True, backend="eager")(input_ids=next_ids, **step_inputs)
+        eager = model(input_ids=next_ids, **step_inputs)  # rewrites the same cache slot with the same values
+    torch.testing.assert_close(compiled.logits, eager.logits)
