@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 # The outline takes the one of these that stands out most from the colours it runs along (the mask and the dimmed
-# picture around it): cyan around a red shape, yellow around a blue one, never magenta over red or pink.
-OUTLINE_COLOURS = ((0, 255, 255), (255, 255, 0), (255, 0, 255), (0, 255, 0), (255, 255, 255), (0, 0, 0))
+# picture around it). No magenta: over red, pink or purple it reads as one more shade of them.
+OUTLINE_COLOURS = ((0, 255, 255), (255, 255, 0), (0, 255, 0), (255, 255, 255), (0, 0, 0))
 BACKGROUND_SATURATION = 0.35  # how much colour the picture outside the mask keeps (0: grey)
 BACKGROUND_BRIGHTNESS = 0.6  # and how bright it stays
 COLOUR_SAMPLES = 20_000

@@ -115,7 +115,6 @@ def test_the_outline_colour_stands_out_from_the_shape_and_its_surroundings(colou
     picture = picture_of(Image.fromarray(pixels), mask)
     outline = tuple(int(v) for v in picture[28, 60])
     assert outline in overlay.OUTLINE_COLOURS
-    assert colour not in (RED, PINK) or outline != (255, 0, 255)  # never magenta around red or pink
     assert np.linalg.norm(np.subtract(outline, colour)) > 200  # far from the shape
     assert np.linalg.norm(np.subtract(outline, picture[5, 5])) > 100  # and from the dimmed picture around it
 
