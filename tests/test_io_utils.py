@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import pipeline
 
 from modeling_selfie.data.custom import CustomReferringDataset
 from modeling_selfie.io_utils import atomic_output_dir, atomic_output_file, read_image, rgb_image, shown_size
@@ -125,3 +126,21 @@ def test_datasets_read_images_as_shown(tmp_path):
     assert np.array_equal(np.asarray(gray["image"])[..., 0], gray8)
     assert photo["image"].size == (24, 40) and photo["masks"].shape == (1, 40, 24)
     assert np.abs(quadrant_colours(photo["image"]) - shown).max() < 12
+
+
+def test_the_pipeline_reads_files_and_pil_images_as_shown(tmp_path):
+    model, processor = tiny_model_and_processor(WORDS)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    segmenter = pipeline("referring-segmentation", model=str(tmp_path / "model"))
+    path16, gray8 = write_sixteen_bit_png(tmp_path / "gray16.png")
+    path, _ = write_rotated_jpeg(tmp_path / "photo.jpg")
+    stored = np.asarray(Image.open(path).convert("RGB"))
+    shown = {path16: Image.fromarray(gray8).convert("RGB"),
+             path: Image.fromarray(np.ascontiguousarray(np.rot90(stored, k=-1)))}
+    for file, image in shown.items():
+        expected = model.segment(processor, image, "red")[0]
+        for given in (str(file), Image.open(file)):
+            (result,) = segmenter(given, text=["red"])
+            assert result["mask"].size == image.size
+            assert (torch.from_numpy(np.array(result["mask"])) > 0).equal(expected), (file, type(given))
