@@ -57,7 +57,7 @@ class ReferringSegmentationPipeline(Pipeline):
         if isinstance(image, Image.Image):
             image = rgb_image(image)
         elif isinstance(image, (str, os.PathLike)) and os.path.isfile(image):
-            image = read_image(image)  # as shown: EXIF orientation, 16-bit scaled (transformers' loader does neither)
+            image = read_image(image)  # as shown; transformers' load_image clips 16-bit images at 255
         else:
             image = load_image(image)  # a URL or base64 text
         inputs = self.processor(images=[image] * len(labels), queries=labels, query_kind=query_kind)
