@@ -36,6 +36,18 @@ def image_problem(path: str | Path) -> str | None:
     return None if path.is_file() else f"image not found: {path}"
 
 
+def model_problem(name_or_path: str | Path) -> str | None:
+    """Why `name_or_path` cannot be a model when it names a local path (`None` when it can, or is a Hub id)."""
+    path = Path(name_or_path)
+    if path.exists() and not (path / "config.json").is_file():
+        return f"{path} is not a model folder (no config.json)"
+    return None
+
+
+def batch_problem(path: str | Path) -> str | None:
+    return None if Path(path).is_file() else f"batch file not found: {path}"
+
+
 def prompt_problem(prompt) -> str | None:
     """Why `prompt` cannot be segmented (`None` when it says something)."""
     if isinstance(prompt, str) and prompt.strip():
@@ -131,10 +143,8 @@ def check_inputs(args: argparse.Namespace) -> None:
     paths. Exits with one `error:` line at the first problem (the device is checked once torch is there)."""
     problems = [image_problem(args.image)] if args.image else []
     problems += [prompt_problem(prompt) for prompt in args.prompts]
-    if args.batch and not Path(args.batch).is_file():
-        problems.append(f"batch file not found: {args.batch}")
-    if args.model and Path(args.model).exists() and not (Path(args.model) / "config.json").is_file():
-        problems.append(f"{args.model} is not a model folder (no config.json)")
+    problems += [batch_problem(args.batch)] if args.batch else []
+    problems += [model_problem(args.model)] if args.model else []
     if args.json:
         problems.append(output_problem("--json", args.json, folder=False))
     if args.output and not args.no_images:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
-from selfie_segment import image_problem, names_a_folder, prompt_problem
+from selfie_segment import batch_problem, image_problem, model_problem, names_a_folder, prompt_problem
 from tqdm.auto import tqdm
 
 from . import io_utils
@@ -93,8 +93,8 @@ def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str 
     source = str(name_or_path or default_model_dir())
     if name_or_path is None and not (default_model_dir() / "config.json").exists():
         raise CLIError(f"the shipped model is missing from {default_model_dir()}; reinstall modeling-selfie")
-    if Path(source).exists() and not (Path(source) / "config.json").is_file():
-        raise CLIError(f"{source} is not a model folder (no config.json)")
+    if problem := model_problem(source):
+        raise CLIError(problem)
     try:
         model = AutoModel.from_pretrained(source, dtype=resolve_dtype(dtype, torch_device))
         processor = AutoProcessor.from_pretrained(source)
@@ -181,8 +181,8 @@ def read_batch_file(path: str | Path) -> tuple[list[Job], list[str]]:
     """The jobs of a JSON Lines file of `{"image", "prompt"}` objects (image paths relative to the file's folder),
     and one message per line that cannot be used (blank lines are skipped)."""
     path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"batch file not found: {path}")
+    if problem := batch_problem(path):
+        raise CLIError(problem)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
