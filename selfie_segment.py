@@ -140,11 +140,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """The checks that need no torch, made before it loads: the image, prompts, batch file, model folder and output
-    paths. Exits with one `error:` line at the first problem (the device is checked once torch is there)."""
+    paths, and `--device mps` off macOS. Exits with one `error:` line at the first problem (other devices are
+    checked once torch is there)."""
     problems = [image_problem(args.image)] if args.image else []
     problems += [prompt_problem(prompt) for prompt in args.prompts]
     problems += [batch_problem(args.batch)] if args.batch else []
     problems += [model_problem(args.model)] if args.model else []
+    if args.device.split(":")[0] == "mps" and sys.platform != "darwin":
+        problems.append(f"--device {args.device} cannot be used here: MPS is the GPU of Apple's macOS "
+                        "(try --device auto or cpu)")
     if args.json:
         problems.append(output_problem("--json", args.json, folder=False))
     if args.output and not args.no_images:
