@@ -8,15 +8,17 @@ Each question is asked as InternVL's own evaluation asks it: one user turn after
 chat format (the checkpoint's system message and template), with InternVL's suffix ("Answer the question using a
 single word or phrase."; VizWiz first says "When the provided information is insufficient, respond with
 'Unanswerable'."; MMBench lists the options and asks "Answer with the option's letter from the given choices
-directly."), answered by `model.chat` (causal attention, no `[SEG]` asked for) greedily with at least 1 and at
-most InternVL's number of new tokens (VQA sets and GQA 10, MME 20, POPE and MMBench 100).
+directly.", in Chinese for MMBench-CN), answered by `model.chat` (causal attention, no `[SEG]` asked for) greedily
+with at least 1 and at most InternVL's number of new tokens (VQA sets and GQA 10, MME 20, POPE and MMBench 100).
+Images are tiled as the processor saved it (one 448 px tile for the released SELF1E; InternVL's own evaluations
+tile dynamically, up to 6 tiles plus a thumbnail: `--max-tiles 6` comes close, without the thumbnail).
 
 `--data` is a JSON Lines file, one question per line; `image` is a path relative to the file's folder (or to
 `--image-root`). Keys per benchmark:
 
 | benchmark | keys |
 |---|---|
-| `vqav2`, `okvqa`, `textvqa`, `vizwiz` | `image`, `question`, `answers` (the human answers: strings or `{"answer": str}`) |
+| `vqav2`, `okvqa`, `textvqa`, `vizwiz` | `image`, `question`, `answers` (human answers: strings or `{"answer": str}`) |
 | `gqa` | `image`, `question`, `answer` |
 | `pope` | `image`, `question`, `answer` ("yes"/"no"), `category` (optional: adversarial, popular, random) |
 | `mme` | `image`, `question`, `answer` ("Yes"/"No"), `category` (the subtask: existence, count, ..., code_reasoning) |
@@ -29,6 +31,7 @@ and one record per question (prompt, prediction, ground truth, score); a bad lin
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -53,6 +56,8 @@ from .vqa_metrics import (
 
 VIZWIZ_PROMPT = "When the provided information is insufficient, respond with 'Unanswerable'. " + SHORT_ANSWER_PROMPT
 MMBENCH_PROMPT = "Answer with the option's letter from the given choices directly."
+MMBENCH_PROMPT_CN = "请直接回答选项字母。"  # MMBench-CN: asked in Chinese
+CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
 @dataclass(frozen=True)
@@ -85,10 +90,11 @@ def with_suffix(question: str, suffix: str) -> str:
 
 
 def mmbench_prompt(record: dict, options: dict[str, str]) -> str:
-    """MMBench as InternVL asks it: the hint, the question, one "X. option" line per option, the instruction."""
+    """MMBench as InternVL asks it: the hint, the question, one "X. option" line per option, the instruction (in
+    Chinese when the rest has Chinese characters)."""
     lines = [record["hint"]] if record.get("hint") else []
-    lines += [record["question"].strip(), *(f"{letter}. {text}" for letter, text in options.items()), MMBENCH_PROMPT]
-    return "\n".join(lines)
+    body = "\n".join([*lines, record["question"].strip(), *(f"{letter}. {text}" for letter, text in options.items())])
+    return f"{body}\n{MMBENCH_PROMPT_CN if CJK.search(body) else MMBENCH_PROMPT}"
 
 
 def human_answers(record: dict) -> list[str]:
@@ -212,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="write the metrics and one record per question as JSON here")
     parser.add_argument("--limit", type=int, help="evaluate the first N questions only")
     parser.add_argument("--max-tiles", type=int, help="most tiles per image (default: the processor's saved value)")
-    parser.add_argument("--device", default="auto", help="auto (default: the accelerator torch sees, else cpu), cpu, cuda")
+    parser.add_argument("--device", default="auto", help="auto (default: the accelerator torch sees, else cpu), cpu, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     return parser
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from modeling_selfie.evaluate_vqa import main
+from modeling_selfie.evaluate_vqa import main, mmbench_prompt
 from modeling_selfie.vqa_metrics import (
     binary_scores,
     circular_options,
@@ -103,6 +103,11 @@ def test_circular_options_rotate_the_texts_and_follow_the_answer():
         ({"A": "cow", "B": "cat", "C": "dog"}, "C"),
     ]
     assert circular_options({"A": "cat", "B": "dog"}, "A", circular=False) == [({"A": "cat", "B": "dog"}, "A")]
+
+
+def test_mmbench_cn_is_asked_in_chinese():
+    prompt = mmbench_prompt({"question": "哪种动物？"}, {"A": "猫", "B": "狗"})
+    assert prompt == "哪种动物？\nA. 猫\nB. 狗\n请直接回答选项字母。"
 
 
 def write_one_word_internvl(folder: Path, word: str) -> None:
@@ -253,7 +258,8 @@ def test_cli_mmbench_single_pass_and_circular(tmp_path, capsys):
     results = json.loads((tmp_path / "mmbench.json").read_text())
     first = results["items"][0]["rotations"]
     assert first[0]["prompt"] == (
-        "A farm.\nWhich animal?\nA. cat\nB. dog\nC. cow\nAnswer with the option's letter from the given choices directly."
+        "A farm.\nWhich animal?\nA. cat\nB. dog\nC. cow\n"
+        "Answer with the option's letter from the given choices directly."
     )
     assert [(r["letter"], r["correct"]) for r in first] == [("B", "B"), ("B", "A"), ("B", "C")]
     # the first question is right in its given order but not in every rotation; the second is wrong
