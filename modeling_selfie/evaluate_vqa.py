@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="write the metrics and one record per question as JSON here")
     parser.add_argument("--limit", type=int, help="evaluate the first N questions only")
     parser.add_argument("--max-tiles", type=int, help="most tiles per image (default: the processor's saved value)")
-    parser.add_argument("--device", default="auto", help="auto (default: the accelerator torch sees, else cpu), cpu, ...")
+    parser.add_argument("--device", default="auto", help="auto (default: the GPU torch sees, else cpu), cpu, cuda")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     return parser
 
