@@ -10,7 +10,8 @@ single word or phrase."; VizWiz first says "When the provided information is ins
 'Unanswerable'."; MMBench lists the options and asks "Answer with the option's letter from the given choices
 directly.", in Chinese for MMBench-CN), answered by `model.chat` (causal attention, no `[SEG]` asked for) greedily
 with at least 1 and at most InternVL's number of new tokens (VQA sets and GQA 10, MME 20, POPE and MMBench 100).
-Images are tiled as the processor saved it (one 448 px tile for the released SELF1E; InternVL's own evaluations
+A plain InternVL3 folder gets SELF1E's system turn unless `--system-message` gives InternVL3's own. Images are
+tiled as the processor saved it (one 448 px tile for the released SELF1E; InternVL's own evaluations
 tile dynamically, up to 6 tiles plus a thumbnail: `--max-tiles 6` comes close, without the thumbnail).
 
 `--data` is a JSON Lines file, one question per line; `image` is a path relative to the file's folder (or to
@@ -218,13 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="write the metrics and one record per question as JSON here")
     parser.add_argument("--limit", type=int, help="evaluate the first N questions only")
     parser.add_argument("--max-tiles", type=int, help="most tiles per image (default: the processor's saved value)")
+    parser.add_argument("--system-message", help="system turn of the chat (default: the processor's; '' for none)")
     parser.add_argument("--device", default="auto", help="auto (default: the GPU torch sees, else cpu), cpu, cuda")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     return parser
 
 
-def load_model(path: str, device: str, dtype: str, max_tiles: int | None):
-    """Model and processor from a SELFIE folder or a plain InternVL3 one (`[SEG]` added as for fine-tuning)."""
+def load_model(path: str, device: str, dtype: str, max_tiles: int | None, system_message: str | None = None):
+    """Model and processor from a SELFIE folder or a plain InternVL3 one (`[SEG]` added as for fine-tuning), the
+    processor set to `max_tiles` and `system_message` where given."""
     from .modeling_selfie import SelfieForSegmentation
     from .processing_selfie import SelfieProcessor
 
@@ -238,6 +241,8 @@ def load_model(path: str, device: str, dtype: str, max_tiles: int | None):
         raise CLIError(f"cannot load a model from {path}: {' '.join(str(error).split())}") from None
     if max_tiles is not None:
         processor.image_processor.max_patches = max_tiles
+    if system_message is not None:
+        processor.system_message = system_message
     return model.to(torch_device).eval(), processor
 
 
@@ -254,7 +259,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     for record in records:  # every image is checked before the model loads
         if not (image_root / record["image"]).is_file():
             raise CLIError(f"{data} line {record['line']}: image not found: {image_root / record['image']}")
-    model, processor = load_model(args.model, args.device, args.dtype, args.max_tiles)
+    model, processor = load_model(args.model, args.device, args.dtype, args.max_tiles, args.system_message)
     start = time.perf_counter()
     predict(model, processor, records, benchmark, image_root)
     metrics = SCORERS[benchmark.metric](records)
@@ -262,6 +267,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         "model": str(args.model),
         "benchmark": args.benchmark,
         "data": str(data),
+        "system_message": processor.system_message,
+        "max_tiles": processor.image_processor.max_patches,
         "count": len(records),
         "time_s": round(time.perf_counter() - start, 3),
         "metrics": metrics,

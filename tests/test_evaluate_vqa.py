@@ -173,6 +173,7 @@ def test_cli_vqav2_scores_the_models_answer_by_hand(tmp_path, yes_model, capsys)
     results = json.loads((tmp_path / "out.json").read_text())
     assert [item["prediction"] for item in results["items"]] == ["yes", "yes", "yes"]
     assert results["items"][0]["prompt"] == f"Is it a cat? {SHORT}"
+    assert results["system_message"] == "You are an helpful assistant."  # SELF1E's, given to a plain InternVL3 folder
     assert [item["score"] for item in results["items"]] == pytest.approx([0.6, 0.9, 0.0])
     assert results["metrics"] == pytest.approx({"accuracy": 0.5, "count": 3})
     assert out.startswith("vqav2: accuracy 0.5000 (count 3")
@@ -196,9 +197,11 @@ def test_cli_vizwiz_and_gqa_prompts_and_scores(tmp_path, yes_model, capsys):
     vizwiz = tmp_path / "vizwiz.jsonl"
     vizwiz.write_text(json.dumps({"image": "images/a.png", "question": "What is this?", "answers": ["unanswerable"]}))
     code, _, err = run(capsys, "--benchmark", "vizwiz", "--data", vizwiz, "--model", yes_model, "--output",
-                       tmp_path / "vizwiz.json")  # fmt: skip
+                       tmp_path / "vizwiz.json", "--system-message", "", "--max-tiles", 2)  # fmt: skip
     assert code == 0, err
-    item = json.loads((tmp_path / "vizwiz.json").read_text())["items"][0]
+    results = json.loads((tmp_path / "vizwiz.json").read_text())
+    assert (results["system_message"], results["max_tiles"]) == ("", 2)
+    item = results["items"][0]
     assert item["prompt"] == (
         "What is this? When the provided information is insufficient, respond with 'Unanswerable'. " + SHORT
     )
