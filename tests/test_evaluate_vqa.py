@@ -292,3 +292,19 @@ def test_cli_refuses_a_folder_without_a_model(tmp_path, capsys):
     data = write_data(tmp_path, [{"image": "images/a.png", "question": "q?", "answers": ["a"]}])
     code, _, err = run(capsys, "--benchmark", "textvqa", "--data", data, "--model", tmp_path)
     assert code == 2 and err.strip() == f"error: --model {tmp_path} is not a model folder (no config.json)"
+
+
+def test_cli_answers_with_a_saved_selfie_folder(tmp_path, capsys):
+    """The shipped demo model (a SELFIE folder, word-level vocabulary) answers every question with a segmentation
+    template, as its card says; here that answer is scored as any other."""
+    from modeling_selfie.cli import default_model_dir
+    from modeling_selfie.processing_selfie import ANSWERS
+
+    data = write_data(tmp_path, [{"image": "images/a.png", "question": "What colour is the star?", "answer": "red"}])
+    code, _, err = run(capsys, "--benchmark", "gqa", "--data", data, "--model", default_model_dir(), "--output",
+                       tmp_path / "gqa.json")  # fmt: skip
+    assert code == 0, err
+    results = json.loads((tmp_path / "gqa.json").read_text())
+    prediction = results["items"][0]["prediction"]
+    assert prediction.replace(" ", "") in {answer.replace(" ", "") for answer in ANSWERS}
+    assert results["metrics"] == {"accuracy": 0.0, "count": 1}
