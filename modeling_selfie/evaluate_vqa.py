@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), help="which benchmark --data holds")
     parser.add_argument("--data", required=True, help="JSON Lines file of questions (keys: see the module docstring)")
-    parser.add_argument("--model", required=True, help="folder of a SELFIE or plain InternVL3 checkpoint")
+    parser.add_argument("--model", required=True, help="SELFIE or plain InternVL3 checkpoint (folder or Hub id)")
     parser.add_argument("--image-root", help="folder the records' image paths are relative to (default: --data's)")
     parser.add_argument("--output", help="write the metrics and one record per question as JSON here")
     parser.add_argument("--limit", type=int, help="evaluate the first N questions only")
@@ -232,7 +232,7 @@ def load_model(path: str, device: str, dtype: str, max_tiles: int | None, system
     from .processing_selfie import SelfieProcessor
 
     torch_device = resolve_device(device)
-    if not (Path(path) / "config.json").is_file():
+    if Path(path).exists() and not (Path(path) / "config.json").is_file():
         raise CLIError(f"--model {path} is not a model folder (no config.json)")
     try:
         model = SelfieForSegmentation.from_pretrained(path, dtype=resolve_dtype(dtype, torch_device))
