@@ -15,6 +15,8 @@ processor and processor.
   original or `-hf`, or a tokenizer folder), or takes a tokenizer already in RELEASE_DIR, and checks the result
   against the checkpoint: embedding rows = tokenizer length. Tokens a `-hf` tokenizer holds beyond the original
   vocabulary (`<video>`) move after `[SEGT]`, so `[SEG]` keeps the authors' id.
+* LLMs: Qwen2 (InternVL3), Qwen3 (InternVL3.5) and Llama, whose original tensors already carry transformers' names;
+  any other `llm_config` (InternVL2 / InternVL2.5's InternLM2) is refused.
 * Without any tokenizer, the token ids may come from the older `meta.json` side file or `--seg-token-id` /
   `--image-token-id`; the output then holds the model only (no processor).
 
@@ -58,6 +60,10 @@ RUN_SETTINGS = (
     "architectures", "auto_map", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"
 )
 EMBEDDING_KEYS = ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
+# LLMs (llm_config.model_type) whose original tensors carry transformers' own names under `language_model.`:
+# Qwen2 (InternVL3), Qwen3 (InternVL3.5), Llama. InternLM2 (InternVL2 / InternVL2.5) packs q, k and v into one
+# `attention.wqkv` and is not mapped.
+SUPPORTED_LLMS = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 
 # Original name (regex) -> transformers name. The ViT's fused qkv is split separately.
 KEY_RULES = [
@@ -437,6 +443,13 @@ def check_original(original: dict, state: dict[str, torch.Tensor]) -> None:
         raise ConversionError(
             f"config.json has model_type={original.get('model_type')!r}; the original SELF1E layout has "
             "'internvl_chat'."
+        )
+    llm = original.get("llm_config") if isinstance(original.get("llm_config"), dict) else {}
+    if llm.get("model_type") not in SUPPORTED_LLMS:
+        supported = ", ".join(f"{name} ({architecture})" for name, architecture in SUPPORTED_LLMS.items())
+        raise ConversionError(
+            f"config.json's llm_config is model_type={llm.get('model_type')!r} {llm.get('architectures', [])}; the "
+            f"converter maps the LLMs {supported}."
         )
     if original.get("ps_version", "v2") != "v2":
         raise ConversionError(f"ps_version={original['ps_version']!r} is not supported (transformers' InternVL is v2).")

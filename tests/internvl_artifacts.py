@@ -4,8 +4,8 @@
   special tokens and InternVL's image tokens at their real relative positions, saved with a hand-written
   `tokenizer_config.json` as the Hub's InternVL3 folders hold it (with or without the `*_image_token` roles).
 * `write_internvl3_hf_folder`: a tiny InternVL3 written by transformers' own `InternVLForConditionalGeneration`
-  (model_type `internvl`; Qwen2, Qwen3 or Llama text model), its weights in one of the key layouts met in the wild, with the `-hf` repositories'
-  processor files (GotOcr2 image processor: 12 tiles + thumbnail).
+  (model_type `internvl`; Qwen2, Qwen3 or Llama text model), its weights in one of the key layouts met in the wild,
+  with the `-hf` repositories' processor files (GotOcr2 image processor: 12 tiles + thumbnail).
 * `write_original_internvl3_folder`: the original (`internvl_chat`) InternVL3 folder's processor-side files:
   config.json, CLIP-style preprocessor_config.json, tokenizer without image-token roles.
 """
