@@ -268,21 +268,32 @@ def internlm2_layout(llama_state: dict[str, torch.Tensor], kv_heads: int) -> dic
     return packed
 
 
-def swap_llm(state: dict[str, torch.Tensor], config: dict, llm: str, seed: int = 3) -> dict[str, torch.Tensor]:
-    """`state` with its LLM replaced by a random `llm` of the same sizes, and `config["llm_config"]` updated as that
-    release writes it: `"qwen3"` (InternVL3.5: own head_dim, q / k norms) or `"internlm2"` (InternVL2 / 2.5: a Llama
-    under InternLM2's original names and packed `wqkv`, remote-code config)."""
-    llm_config = config["llm_config"]
+def tiny_llm(llm_config: dict, llm: str, seed: int = 3):
+    """A random `Qwen3ForCausalLM` (`llm="qwen3"`) or `LlamaForCausalLM` (`"internlm2"`: InternLM2 is a Llama with
+    other names) with the sizes of `llm_config`; the same arguments give the same weights."""
     sizes = {key: llm_config[key] for key in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "vocab_size", "max_position_embeddings", "rms_norm_eps")}  # fmt: skip
+        "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling")}  # fmt: skip
     torch.manual_seed(seed)
     if llm == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(**sizes, head_dim=16, tie_word_embeddings=False))
+        return Qwen3ForCausalLM(Qwen3Config(**sizes, head_dim=16, tie_word_embeddings=False))
+    if llm == "internlm2":
+        return LlamaForCausalLM(LlamaConfig(**sizes, tie_word_embeddings=False))
+    raise ValueError(llm)
+
+
+def swap_llm(state: dict[str, torch.Tensor], config: dict, llm: str) -> dict[str, torch.Tensor]:
+    """`state` with its LLM replaced by `tiny_llm(config["llm_config"], llm)`, and `config["llm_config"]` updated
+    as that release writes it: `"qwen3"` (InternVL3.5: own head_dim, q / k norms) or `"internlm2"` (InternVL2 / 2.5:
+    the Llama under InternLM2's original names and packed `wqkv`, remote-code config)."""
+    llm_config = config["llm_config"]
+    if llm == "internlm2":
+        llm_config["rope_scaling"] = {"type": "dynamic", "factor": 2.0}  # InternLM2.5's
+    model = tiny_llm(llm_config, llm)
+    if llm == "qwen3":
         llm_config.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=16)
         tensors = model.state_dict()
-    elif llm == "internlm2":
-        model = LlamaForCausalLM(LlamaConfig(**sizes, tie_word_embeddings=False))
+    else:
         for field in QWEN2_ONLY_FIELDS:
             llm_config.pop(field, None)
         llm_config.update(
@@ -293,9 +304,7 @@ def swap_llm(state: dict[str, torch.Tensor], config: dict, llm: str, seed: int =
             attn_implementation="eager",
             bias=False,
         )  # fmt: skip
-        tensors = internlm2_layout(model.state_dict(), sizes["num_key_value_heads"])
-    else:
-        raise ValueError(llm)
+        tensors = internlm2_layout(model.state_dict(), llm_config["num_key_value_heads"])
     dtype = state["language_model.lm_head.weight"].dtype
     others = {key: tensor for key, tensor in state.items() if not key.startswith("language_model.")}
     return {**others, **{f"language_model.{key}": t.to(dtype).contiguous() for key, t in tensors.items()}}
