@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from modeling_selfie import SelfieForSegmentation, SelfieProcessor
-from modeling_selfie.presets import preset_config, variance_preserving_init_
+from modeling_selfie.presets import preset_config, tiny_model_and_processor, variance_preserving_init_
 from modeling_selfie.training import SelfieDataCollator, apply_lora
 
 from .helpers import random_image
@@ -198,3 +198,17 @@ def test_presets_of_other_bases_build_their_text_model_at_the_published_size(nam
     assert set(model._no_split_modules) == {"InternVLVisionLayer", DECODER_LAYERS[text_model]}
     total = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.seg_head.parameters())
     assert abs(total - size) <= 0.05e9, f"{name}: {total:,} parameters without the head"
+
+
+def test_sliding_window_layers_are_refused_when_segmenting():
+    """The dual-pathway mask is built for full attention: a text model with sliding-window layers (Qwen2's
+    `use_sliding_window`) says so instead of silently dropping its window; chat without [SEG] is unaffected."""
+    text_config = {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}
+    model, processor = tiny_model_and_processor(("red", "circle"), text_config=text_config)
+    assert model.config.text_config.layer_types == ["full_attention", "sliding_attention"]
+    image = random_image(80, 64)
+    with pytest.raises(ValueError, match=r"full-attention layers; this text model also has \['sliding_attention'\]"):
+        model.segment(processor, image, "red circle")
+    prompt = processor.render_conversation([{"role": "user", "content": "red circle"}], add_generation_prompt=True)
+    with torch.no_grad():
+        assert model(**processor(images=[image], text=[prompt])).pred_masks is None
