@@ -4,31 +4,21 @@ transformers' own `InternVLForConditionalGeneration.save_pretrained` (`tests/int
 presets of each base build the published sizes."""
 
 import json
-import os
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+
 from modeling_selfie import SelfieForSegmentation, SelfieProcessor
 from modeling_selfie.presets import preset_config, tiny_model_and_processor, variance_preserving_init_
 from modeling_selfie.training import SelfieDataCollator, apply_lora
 
 from .helpers import random_image
 from .internvl_artifacts import TEXT_MODELS, write_internvl3_hf_folder
-from .test_hub import REMOTE_CHECK
+from .test_distributed import toy_sample
+from .test_hub import assert_remote_code_segments_as
+from .test_training import one_thread  # noqa: F401  (autouse: one thread for the tiny models)
 
 DECODER_LAYERS = {"qwen2": "Qwen2DecoderLayer", "qwen3": "Qwen3DecoderLayer", "llama": "LlamaDecoderLayer"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -38,25 +28,6 @@ def checkpoints(tmp_path_factory):
     return {
         name: (root / name, write_internvl3_hf_folder(root / name, layout="saved", text_model=name))
         for name in TEXT_MODELS
-    }
-
-
-def block_sample(seed: int = 0) -> dict:
-    """A 56x56 image with a red 28 px block, its mask and a referring conversation."""
-    pixels = np.full((56, 56, 3), 100, np.uint8)
-    mask = np.zeros((1, 56, 56), np.uint8)
-    top = 14 * (seed % 3)
-    pixels[top : top + 28, 14:42] = (220, 30, 30)
-    mask[0, top : top + 28, 14:42] = 1
-    return {
-        "image": Image.fromarray(pixels),
-        "conversation": [
-            {"role": "user", "content": "segment the red block"},
-            {"role": "assistant", "content": "It is [SEG] ."},
-        ],
-        "masks": mask,
-        "task": "referring",
-        "source": "blocks",
     }
 
 
@@ -125,7 +96,7 @@ def test_one_lora_step_trains_the_text_models_adapters(checkpoints, text_model):
     model = SelfieForSegmentation.from_pretrained(folder)
     processor = SelfieProcessor.from_pretrained(folder)
     peft_model = apply_lora(model.train(), rank=4, alpha=8, dropout=0.0)
-    batch = SelfieDataCollator(processor, max_tiles=1)([block_sample(0), block_sample(1)])
+    batch = SelfieDataCollator(processor, max_tiles=1)([toy_sample(0), toy_sample(1)])
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     adapters = {n: p for n, p in peft_model.named_parameters() if "lora_B" in n and "language_model" in n}
     before = {n: p.detach().clone() for n, p in adapters.items()}
@@ -162,20 +133,7 @@ def test_saved_folder_loads_as_remote_code(checkpoints, text_model, tmp_path):
     processor = SelfieProcessor.from_pretrained(folder)
     model.save_pretrained(tmp_path / "ckpt")
     processor.save_pretrained(tmp_path / "ckpt")
-    image = random_image(80, 64)
-    image.save(tmp_path / "image.png")
-    (tmp_path / "check.py").write_text(REMOTE_CHECK)
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "check.py"), str(tmp_path / "ckpt"), str(tmp_path / "image.png")],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = json.loads(result.stdout.strip().splitlines()[-1])
-    assert remote["module"].startswith("transformers_modules.")
-    inputs = processor(images=[image], queries=["red circle"])
-    with torch.no_grad():
-        ours = model(**inputs).pred_masks[0].flatten()
-    torch.testing.assert_close(torch.tensor(remote["logits"]), ours, atol=1e-5, rtol=1e-5)
+    assert_remote_code_segments_as(model, processor, tmp_path / "ckpt", tmp_path)
 
 
 # InternVL3.5 / InternVL2.5 model cards: total parameters, to 0.1 B.
