@@ -157,8 +157,10 @@ def internlm2_as_llama(original: dict, state: dict[str, torch.Tensor]) -> tuple[
         return original, state
     if llm.get("bias"):
         raise ConversionError("llm_config sets bias=true: only InternLM2 without biases (InternVL2 / 2.5) is mapped.")
-    heads = llm["num_attention_heads"]
+    heads = llm.get("num_attention_heads")
     kv_heads = llm.get("num_key_value_heads") or heads
+    if not isinstance(heads, int) or not isinstance(kv_heads, int) or min(heads, kv_heads) < 1:
+        raise ConversionError(f"llm_config gives no usable head counts ({heads}, {kv_heads}) to split attention.wqkv.")
     converted = {}
     for key, tensor in state.items():
         packed = WQKV.match(key)
