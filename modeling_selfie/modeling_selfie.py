@@ -485,14 +485,16 @@ class SelfieModel(InternVLModel):
         cache,
         position_ids: torch.LongTensor | None,
         has_seg: bool | None = None,
-    ) -> dict | torch.Tensor | None:
+    ) -> torch.Tensor | None:
         """Attention mask for the LLM: the dual pathway in samples with `[SEG]` (full forwards only), else as given.
 
         `has_seg` says on the host whether any sample has a `[SEG]` (`SegmentationLayout.segmenting`); `None`
         reads it from `input_ids` (a host synchronisation on an accelerator).
 
-        Returns `{"full_attention": mask}` built by `create_causal_mask`, or `attention_mask` unchanged when no
-        sample segments, the mode is `"causal"`, or this is a cached decoding step (keys already computed).
+        Returns the 4D mask built by `create_causal_mask` (a `BlockMask` for flex attention), or `attention_mask`
+        unchanged when no sample segments, the mode is `"causal"`, or this is a cached decoding step (keys already
+        computed). A prepared 4D mask is what every text model InternVL carries takes: its `create_causal_mask` returns
+        it as is (Qwen2 / Qwen3 would also take a per-layer-type dict, Llama would not).
         """
         seg_mask = input_ids == self.config.seg_token_id
         decoding = cache is not None and cache.get_seq_length() > 0
@@ -508,6 +510,12 @@ class SelfieModel(InternVLModel):
         )
         if pattern is None or not (bool(segmenting.any()) if has_seg is None else has_seg):
             return attention_mask
+        layer_types = set(getattr(self.config.text_config, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            raise ValueError(
+                f"SELFIE's dual-pathway attention is built for full-attention layers; this text model also has "
+                f"{sorted(layer_types - {'full_attention'})} layers (turn off its sliding window)."
+            )
         implementation = self.config.text_config._attn_implementation
         if implementation == "flash_attention_2":
             raise ValueError(
@@ -534,7 +542,7 @@ class SelfieModel(InternVLModel):
                 mask = mask.masked_fill_(~allowed, float("-inf"))
             else:
                 mask = mask.masked_fill(added, 0.0)
-        return {"full_attention": mask}
+        return mask
 
     def forward(
         self,
@@ -597,12 +605,14 @@ class SelfieModel(InternVLModel):
 class SelfieForSegmentation(InternVLForConditionalGeneration):
     """InternVL3 that also returns one mask per `[SEG]` token, from one forward pass and no mask decoder.
 
-    Chat without `[SEG]` is exactly InternVL (same logits, `generate()` works).
+    Chat without `[SEG]` is exactly InternVL (same logits, `generate()` works). The text model is whichever InternVL
+    carries (Qwen2 for InternVL3, Qwen3 for InternVL3.5, Llama for InternVL2.5 as transformers converts it);
+    `_no_split_modules` (InternVL's vision layer) gains its decoder layer in `post_init`, as transformers gathers the
+    sub-models' ones.
     """
 
     config_class = SelfieConfig
     config: SelfieConfig
-    _no_split_modules = ["InternVLVisionLayer", "Qwen2DecoderLayer"]
 
     def __init__(self, config: SelfieConfig):
         super().__init__(config)

@@ -43,7 +43,7 @@ a checkpoint folder); with none there it starts from the beginning.
   `torchrun --nproc_per_node N TRAIN` (GPUs or CPU processes alike);
 * DeepSpeed ZeRO-2 / ZeRO-3: `accelerate launch --config_file configuration/launch/deepspeed_zero2.yaml TRAIN`
   (`deepspeed_zero3.yaml` for ZeRO-3), or `torchrun ... TRAIN --deepspeed configuration/launch/zero2.json`;
-* FSDP (FSDP2, one unit per `InternVLVisionLayer` and per `Qwen2DecoderLayer`):
+* FSDP (FSDP2, one unit per `InternVLVisionLayer` and per decoder layer of the text model):
   `accelerate launch --config_file configuration/launch/fsdp.yaml TRAIN`. FSDP checkpoints activations itself
   (`fsdp_activation_checkpointing` in the yaml): add `--gradient-checkpointing false` there (the shipped recipes
   turn it on).
@@ -448,7 +448,7 @@ def apply_lora(
     Args:
         model ([`SelfieForSegmentation`]): the model to wrap (modified in place).
         rank, alpha, dropout: LoRA rank r, scaling numerator (the update is scaled by `alpha / rank`) and dropout.
-        target_modules: names of the `Linear` layers to adapt inside each `Qwen2DecoderLayer`.
+        target_modules: names of the `Linear` layers to adapt inside each decoder layer of the text model.
         vision_lora: also adapt the `vision_target_modules` of each `InternVLVisionLayer`.
         modules_to_save: names (suffixes) of modules trained and saved in full.
         vision_rank, vision_alpha: rank and alpha of the vision tower's adapters (default: `rank`, `alpha`); the
