@@ -20,6 +20,7 @@ from modeling_selfie.data.open_vocab import (
 )
 from modeling_selfie.evaluation import (
     ReferringMetrics,
+    authors_collate,
     SemanticMetrics,
     build_benchmark,
     chunked_argmax,
@@ -417,26 +418,66 @@ def test_boundary_iou_rewards_exact_contours_and_punishes_shifted_ones():
 # --------------------------------------------------------------------------------------------- protocols
 
 
+def f32(value) -> np.float32:
+    return np.float32(value)
+
+
 def test_ciou_of_a_split_without_foreground_is_one_by_default_and_zero_as_the_authors_compute_it():
     empty = np.zeros((3, 3), bool)
     default, self1e = ReferringMetrics(), ReferringMetrics("self1e")
     for metrics in (default, self1e):
-        metrics.update(np.stack([empty, empty]), np.stack([empty, empty]))
+        metrics.update(np.stack([empty, empty]), np.stack([empty, empty]))  # one image, two expressions
     assert default.compute() == {"cIoU": 1.0, "gIoU": 1.0, "count": 2, "N-acc": 1.0}
-    assert self1e.compute() == {"cIoU": 0.0, "gIoU": 1.0, "count": 2, "N-acc": 1.0}  # 0 / (0 + 1e-10)
+    # theirs: cIoU 0 / (0 + 1e-10); gIoU (1 + 1) / (2 + 1e-5), in float32
+    assert self1e.compute() == {"cIoU": 0.0, "gIoU": float(f32(2) / f32(2.00001)), "count": 2, "N-acc": 1.0}
     self1e.update(mask((3, 3), (0, 0), (1, 1), (2, 2)), empty)  # a false positive: union 3, intersection 0
-    assert self1e.compute()["cIoU"] == 0.0 and self1e.compute()["gIoU"] == pytest.approx(2 / 3)
+    assert self1e.compute()["cIoU"] == 0.0 and self1e.compute()["gIoU"] == float(f32(2) / f32(3.00001))
 
 
-def test_self1e_ciou_adds_1e_10_to_the_union():
+def test_self1e_giou_of_three_empty_expressions_is_the_authors_0_9999967():
+    """The issue's figure: the all-empty split of three expressions scores gIoU 0.9999967 in the authors' code
+    (sum 3 over count + 1e-5), 1.0 under the default protocol."""
+    empty = np.zeros((3, 5, 4), bool)
+    for name, expected in (("default", 1.0), ("self1e", 0.9999967)):
+        metrics = ReferringMetrics(name)
+        for image in range(3):  # three images of one expression each
+            metrics.update(empty[image], empty[image])
+        assert round(metrics.compute()["gIoU"], 7) == expected
+
+
+def test_self1e_metrics_are_the_authors_float32_arithmetic():
     metrics = ReferringMetrics("self1e")
-    metrics.update(np.ones((4, 4), bool), np.ones((4, 4), bool))
-    metrics.update(mask((4, 4), (0, 0), (0, 1)), mask((4, 4), (0, 0)))
+    metrics.update(np.ones((4, 4), bool), np.ones((4, 4), bool))  # I 16, U 16
+    metrics.update(mask((4, 4), (0, 0), (0, 1)), mask((4, 4), (0, 0)))  # I 1, U 2
     result = metrics.compute()
-    assert result["cIoU"] == 17 / (18 + 1e-10) and result["cIoU"] < 17 / 18
-    assert result["gIoU"] == pytest.approx(0.75)
+    assert result["cIoU"] == float(f32(17) / f32(18)) and result["cIoU"] != 17 / 18  # + 1e-10 is lost in float32
+    iou_sum = f32(f32(16) / f32(16.00001)) + f32(f32(1) / f32(2.00001))
+    assert result["gIoU"] == float(f32(iou_sum) / f32(2.00001)) and result["gIoU"] < 0.75
     with pytest.raises(ValueError, match="Unknown evaluation protocol 'lisa'"):
         ReferringMetrics("lisa")
+
+
+def test_self1e_sums_each_batch_as_the_authors_meters():
+    """Per batch (one image's expressions) the IoUs are summed, divided by n and multiplied back in float32."""
+    pred = np.zeros((3, 2, 8), bool)
+    pred[0, 0, :1], pred[1, 0, :3], pred[2, :, :7] = True, True, True
+    target = np.zeros((3, 2, 8), bool)
+    target[0, 0, :2], target[1, 0, :3], target[2, :, :6] = True, True, True
+    metrics = ReferringMetrics("self1e")
+    metrics.update(pred, target)  # one batch of three expressions: I 1, 3, 12; U 2, 3, 14
+    ious = [f32(1) / f32(2.00001), f32(3) / f32(3.00001), f32(12) / f32(14.00001)]
+    total = f32(f32(f32(ious[0] + ious[1]) + ious[2]) / f32(3)) * f32(3)
+    assert metrics.iou_sum == float(f32(total)) and metrics.intersection == 16.0 and metrics.union == 19.0
+    assert metrics.compute()["gIoU"] == float(f32(total) / f32(3.00001))
+
+
+def test_authors_collate_pads_with_zero_and_masks_every_zero_id():
+    # two prompts, left- or right-padded with the tokenizer's pad id 9; the second holds a token of id 0 ("!")
+    input_ids = torch.tensor([[9, 9, 5, 6, 7], [5, 0, 6, 7, 8]])
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    out = authors_collate(input_ids, attention_mask)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 0, 0], [5, 0, 6, 7, 8]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 0, 1, 1, 1]]
 
 
 def test_reasonseg_under_self1e_keeps_the_first_query_of_each_image(tmp_path):
@@ -486,12 +527,12 @@ def test_refcoco_under_self1e_drops_pixels_where_polygons_of_one_annotation_over
         metrics = ReferringMetrics(name)
         metrics.update(union, sample["masks"][0])
         scores[name] = metrics.compute()["gIoU"]
-    assert scores == {"default": 1.0, "self1e": 24 / 28}
+    assert scores == {"default": 1.0, "self1e": float(f32(f32(24) / f32(28.00001)) / f32(1.00001))}
 
 
-def test_self1e_scores_one_expression_per_forward(tiny):
+def test_self1e_refuses_a_batch_size(tiny):
     model, processor = tiny
-    with pytest.raises(ValueError, match="self1e scores 1 expression"):
+    with pytest.raises(ValueError, match="self1e scores the expressions of one image per forward"):
         evaluate_referring(model, processor, referring_samples(), batch_size=2, progress=False, protocol="self1e")
 
 
@@ -537,7 +578,10 @@ def test_cli_self1e_on_reasonseg_scores_first_queries_one_by_one_with_a_progress
     assert captured.out.startswith("reasonseg val: cIoU ") and "protocol self1e" in captured.out
     assert "referring" in captured.err and "100%" in captured.err and "2/2" in captured.err  # the tqdm bar
     results = json.loads(output.read_text())
-    assert (results["protocol"], results["batch_size"], results["count"]) == ("self1e", 1, 2)
+    assert (results["protocol"], results["batch_size"], results["count"]) == ("self1e", None, 2)
+    assert [record["query"] for record in results["expressions"]] == [
+        "What in this kitchen keeps food cold?", "the red cup"
+    ]  # fmt: skip
 
     model, processor = tiny  # the same weights as saved_tiny (preset, seed 0)
     expected = ReferringMetrics("self1e")
@@ -556,4 +600,5 @@ def test_cli_refuses_a_batch_size_the_self1e_protocol_does_not_use(tmp_path, sav
         "--batch-size", "4",
     ])  # fmt: skip
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("error: --batch-size: protocol self1e scores 1 expression") and "\n" not in err
+    assert code == 2 and err.startswith("error: --batch-size: protocol self1e scores the expressions of one image")
+    assert "\n" not in err
