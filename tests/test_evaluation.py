@@ -602,3 +602,130 @@ def test_cli_refuses_a_batch_size_the_self1e_protocol_does_not_use(tmp_path, sav
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: --batch-size: protocol self1e scores the expressions of one image")
     assert "\n" not in err
+
+
+# ------------------------------------------------------------------------ self1e: ids, padding, batches, targets
+
+HAND_VOCAB = (
+    "!", "<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>", "[SEG]",
+    "\n", "system", "user", "assistant", ".", "?", "What", "is", "in", "this", "image", "Please", "output",
+    "segmentation", "mask", "the", "red", "cup", "Red", "Cup", "You", "are", "an", "helpful",
+)  # fmt: skip  -- "!" is id 0, as in Qwen2's vocabulary
+
+
+@pytest.fixture(scope="module")
+def hand_vocab():
+    """A tiny model and its processor (the authors' system message and prompt style) over `HAND_VOCAB`, whose
+    ids are the positions in that tuple."""
+    from modeling_selfie import SelfieForSegmentation, SelfieImageProcessor, SelfieProcessor
+    from modeling_selfie.presets import preset_config, variance_preserving_init_
+    from modeling_selfie.tokenization import build_word_level_tokenizer
+
+    tokenizer = build_word_level_tokenizer((), vocab={token: i for i, token in enumerate(HAND_VOCAB)})
+    processor = SelfieProcessor(SelfieImageProcessor(size={"height": 56, "width": 56}), tokenizer, image_seq_length=4)
+    config = preset_config("selfie-tiny", image_token_id=7, seg_token_id=9)
+    config.text_config.vocab_size = len(HAND_VOCAB)
+    torch.manual_seed(0)
+    model = SelfieForSegmentation(config)
+    variance_preserving_init_(model)
+    return model.eval(), processor
+
+
+def authors_ids(query: list[int]) -> list[int]:
+    """By hand: `<|im_start|>system\\nYou are an helpful assistant.<|im_end|>\\n<|im_start|>user\\n<img>` + 4 x
+    `<IMG_CONTEXT>` + `</img>\\n What is {query} in this image? Please output segmentation mask.<|im_end|>\\n
+    <|im_start|>assistant\\n[SEG].<|im_end|>\\n`."""
+    return [3, 11, 10, 30, 31, 32, 33, 13, 14, 4, 10, 3, 12, 10, 5, 7, 7, 7, 7, 6, 10, 16, 17, *query, 18, 19, 20, 15,
+            21, 22, 23, 24, 14, 4, 10, 3, 13, 10, 9, 14, 4, 10]  # fmt: skip
+
+
+def test_self1e_prompt_ids_keep_the_query_as_its_dataset_gives_it(hand_vocab):
+    _, processor = hand_vocab
+    image = random_image(40, 30)
+    for query, ids in (("the Red Cup", [25, 28, 29]), ("  the red cup ", [25, 26, 27])):  # stripped, not lowercased
+        inputs = processor(images=[image], conversations=[processor.segmentation_conversation(query)])
+        assert inputs["input_ids"][0].tolist() == authors_ids(ids)
+
+
+def test_self1e_masks_a_zero_id_token_out_of_attention_as_the_authors_collate_does(hand_vocab):
+    model, processor = hand_vocab
+    image = random_image(40, 30, seed=2)
+    conversation = processor.segmentation_conversation("the cup !")
+    inputs = processor(images=[image], conversations=[conversation])
+    expected_ids = authors_ids([25, 27, 0])
+    assert inputs["input_ids"][0].tolist() == expected_ids
+    theirs = inputs["attention_mask"].clone()
+    theirs[0, expected_ids.index(0)] = 0  # their mask: input_ids != 0, the "!" (id 0) masked like padding
+    with torch.no_grad():
+        logits = model(**{**inputs, "attention_mask": theirs}).pred_masks[0]
+        correct = model(**inputs).pred_masks[0]
+    size = [(30, 40)]
+    authors = processor.post_process_masks([logits], size, binarize=False)[0]
+    (self1e,) = segment_images(model, processor, [image], binarize=False, conversations=[conversation],
+                               zero_id_is_padding=True)  # fmt: skip
+    (default,) = segment_images(model, processor, [image], binarize=False, conversations=[conversation])
+    assert torch.allclose(self1e, authors, atol=1e-6)
+    assert torch.allclose(default, processor.post_process_masks([correct], size, binarize=False)[0], atol=1e-6)
+    assert (self1e - default).abs().max() > 1e-3
+
+
+def test_self1e_scores_one_image_per_forward_right_padded_with_zero(hand_vocab, monkeypatch):
+    model, processor = hand_vocab
+    images = {"a": random_image(40, 30, seed=3), "b": random_image(24, 36, seed=4)}
+    rng = np.random.default_rng(0)
+    samples = [
+        {"image": images[key], "image_id": key, "query": query, "query_kind": "phrase",
+         "masks": (rng.random((1, images[key].height, images[key].width)) > 0.5).astype(np.uint8)}
+        for key, query in (("a", "the red cup"), ("a", "the cup"), ("b", "red"))
+    ]  # fmt: skip
+    batches = []
+    original = model.forward
+
+    def forward(**kwargs):
+        batches.append((kwargs["input_ids"].clone(), kwargs["attention_mask"].clone()))
+        return original(**kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    result = evaluate_referring(model, processor, samples, progress=False, protocol="self1e")
+    monkeypatch.undo()
+
+    assert [ids.shape[0] for ids, _ in batches] == [2, 1]  # image a's two expressions, then image b's one
+    first_ids, first_mask = batches[0]
+    assert first_ids[1].tolist() == authors_ids([25, 27]) + [0]  # the shorter prompt right-padded with id 0
+    length = len(authors_ids([25, 26, 27]))
+    assert first_mask.tolist() == [[1] * length, [1] * (length - 1) + [0]]
+    expected = ReferringMetrics("self1e")
+    for key in ("a", "b"):  # the authors' meters: one update per image
+        group = [sample for sample in samples if sample["image_id"] == key]
+        preds = segment_images(model, processor, [s["image"] for s in group],
+                               conversations=[processor.segmentation_conversation(s["query"]) for s in group])
+        expected.update(torch.stack([p[0] for p in preds]), np.stack([s["masks"][0] for s in group]))
+    assert result == expected.compute()
+
+
+def write_grefcoco_with_overlapping_polygons(root: Path) -> None:
+    """gRefCOCO with one val ref on an 8x8 image whose annotation is two overlapping polygons (as
+    `write_refcoco_with_overlapping_polygons`), and a no-target ref."""
+    image_dir = root / "refer_seg" / "images" / "mscoco" / "images" / "train2014"
+    write_image(image_dir / coco_file_name(1), 8, 8, seed=1)
+    annotation = {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                  "segmentation": [box_polygon(0, 0, 4, 4), box_polygon(2, 2, 6, 6)]}  # fmt: skip
+    write_coco(root / "refer_seg" / "grefcoco" / "instances.json", {1: coco_file_name(1)}, {1: (8, 8)}, [annotation],
+               {1: "person"})  # fmt: skip
+    refs = [
+        {"ref_id": 1, "ann_id": [11], "image_id": 1, "split": "val", "category_id": [1], "no_target": False,
+         "sentences": [{"sent": "Both Boxes", "raw": "Both Boxes", "tokens": [], "sent_id": 1}]},
+        {"ref_id": 2, "ann_id": [-1], "image_id": 1, "split": "val", "category_id": [], "no_target": True,
+         "sentences": [{"sent": "a dog", "raw": "a dog", "tokens": [], "sent_id": 2}]},
+    ]  # fmt: skip
+    (root / "refer_seg" / "grefcoco" / "grefs(unc).json").write_text(json.dumps(refs))
+
+
+def test_grefcoco_under_self1e_keeps_pixels_where_polygons_of_one_annotation_overlap(tmp_path):
+    write_grefcoco_with_overlapping_polygons(tmp_path)
+    union = np.zeros((8, 8), np.uint8)
+    union[0:4, 0:4] = union[2:6, 2:6] = 1  # their gRefCOCO branch ORs the polygon masks: 28 pixels
+    for protocol in ("default", "self1e"):
+        samples = build_benchmark("grefcoco", "val", tmp_path, protocol=protocol)
+        assert np.array_equal(samples[0]["masks"][0], union) and not samples[1]["masks"].any()
+    assert build_benchmark("grefcoco", "val", tmp_path, protocol="self1e")[0]["query"] == "both boxes"
