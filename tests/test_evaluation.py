@@ -346,11 +346,15 @@ def saved_tiny(tmp_path_factory):
         ({"--dataset": "coco"}, "unknown dataset 'coco'"),
         ({"--data-root": "missing-data"}, "data root missing-data does not exist"),
         ({}, "ade150: missing"),
+        ({"--data-root": None}, "--dataset ade150 needs --data-root"),
+        ({"--dataset": "custom_referring"}, "--dataset custom_referring reads your own data: give --annotations"),
+        ({"--dataset": "custom_semantic", "--annotations": "none.json"}, "annotation file none.json does not exist"),
+        ({"--annotations": "refs.jsonl"}, "--annotations is for custom_referring and custom_semantic, not ade150"),
     ],
 )
 def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tmp_path, saved_tiny, capsys, change, message):
     args = {"--model": str(saved_tiny), "--dataset": "ade150", "--data-root": str(tmp_path)} | change
-    code = main([part for pair in args.items() for part in pair])
+    code = main([part for pair in args.items() if pair[1] is not None for part in pair])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error: ") and message in err and "\n" not in err
@@ -729,3 +733,12 @@ def test_grefcoco_under_self1e_keeps_pixels_where_polygons_of_one_annotation_ove
         samples = build_benchmark("grefcoco", "val", tmp_path, protocol=protocol)
         assert np.array_equal(samples[0]["masks"][0], union) and not samples[1]["masks"].any()
     assert build_benchmark("grefcoco", "val", tmp_path, protocol="self1e")[0]["query"] == "both boxes"
+
+
+def test_cli_names_a_bad_record_of_your_own_data(tmp_path, saved_tiny, capsys):
+    (tmp_path / "refs.jsonl").write_text('{"image": "a.png", "expressions": ["the cup"]}\n')  # no mask
+    code = main(["--model", str(saved_tiny), "--dataset", "custom_referring", "--annotations",
+                 str(tmp_path / "refs.jsonl")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: cannot read custom_referring from ") and "record 0" in err
+    assert "'mask'" in err and "\n" not in err
