@@ -867,7 +867,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = {
             "model": str(args.model),
             "dataset": args.dataset,
-            "split": None if args.dataset in CUSTOM_DATASETS else args.split,
+            "split": Path(args.annotations).name if args.dataset in CUSTOM_DATASETS else args.split,
             "annotations": args.annotations,
             "protocol": args.protocol,
             "batch_size": batch_size,
