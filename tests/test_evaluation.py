@@ -498,15 +498,20 @@ def test_reasonseg_under_self1e_keeps_the_first_query_of_each_image(tmp_path):
     assert np.array_equal(self1e[0]["ignore_masks"], default[0]["ignore_masks"])  # ignore regions: both protocols
 
 
-def write_refcoco_with_overlapping_polygons(root: Path) -> None:
-    """RefCOCO (REFER layout) with one val ref on an 8x8 image whose annotation is two overlapping polygons: the
-    boxes rows/cols 0..3 and 2..5 (16 pixels each, 4 shared)."""
+def write_overlapping_polygons_image(root: Path, dataset: str) -> None:
+    """An 8x8 COCO image for `dataset` (REFER layout) whose annotation 11 is two overlapping polygons: the boxes
+    rows/cols 0..3 and 2..5 (16 pixels each, 4 shared)."""
     image_dir = root / "refer_seg" / "images" / "mscoco" / "images" / "train2014"
     write_image(image_dir / coco_file_name(1), 8, 8, seed=1)
     annotation = {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0,
                   "segmentation": [box_polygon(0, 0, 4, 4), box_polygon(2, 2, 6, 6)]}  # fmt: skip
-    write_coco(root / "refer_seg" / "refcoco" / "instances.json", {1: coco_file_name(1)}, {1: (8, 8)}, [annotation],
+    write_coco(root / "refer_seg" / dataset / "instances.json", {1: coco_file_name(1)}, {1: (8, 8)}, [annotation],
                {1: "person"})  # fmt: skip
+
+
+def write_refcoco_with_overlapping_polygons(root: Path) -> None:
+    """RefCOCO with one val ref on `write_overlapping_polygons_image`'s annotation."""
+    write_overlapping_polygons_image(root, "refcoco")
     sentence = "The Man On The LEFT"
     ref = {"ref_id": 1, "ann_id": 11, "image_id": 1, "split": "val", "category_id": 1, "sent_ids": [1],
            "file_name": "COCO_train2014_000000000001_11.jpg",
@@ -708,14 +713,8 @@ def test_self1e_scores_one_image_per_forward_right_padded_with_zero(hand_vocab, 
 
 
 def write_grefcoco_with_overlapping_polygons(root: Path) -> None:
-    """gRefCOCO with one val ref on an 8x8 image whose annotation is two overlapping polygons (as
-    `write_refcoco_with_overlapping_polygons`), and a no-target ref."""
-    image_dir = root / "refer_seg" / "images" / "mscoco" / "images" / "train2014"
-    write_image(image_dir / coco_file_name(1), 8, 8, seed=1)
-    annotation = {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0,
-                  "segmentation": [box_polygon(0, 0, 4, 4), box_polygon(2, 2, 6, 6)]}  # fmt: skip
-    write_coco(root / "refer_seg" / "grefcoco" / "instances.json", {1: coco_file_name(1)}, {1: (8, 8)}, [annotation],
-               {1: "person"})  # fmt: skip
+    """gRefCOCO with one val ref on `write_overlapping_polygons_image`'s annotation, and a no-target ref."""
+    write_overlapping_polygons_image(root, "grefcoco")
     refs = [
         {"ref_id": 1, "ann_id": [11], "image_id": 1, "split": "val", "category_id": [1], "no_target": False,
          "sentences": [{"sent": "Both Boxes", "raw": "Both Boxes", "tokens": [], "sent_id": 1}]},
