@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -846,6 +847,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    if args.protocol == "self1e" and int(PIL.__version__.split(".")[0]) >= 13:
+        print(f"warning: Pillow {PIL.__version__} resizes some images differently from the authors' Pillow 12.1.1: "
+              "install pillow>=12.1.1,<13 (setup.py's range) for their tiles", file=sys.stderr)  # fmt: skip
     start = time.perf_counter()
     if args.dataset in OPEN_VOCAB_DATASETS:
         ignore_index = (dataset.dataset if isinstance(dataset, Subset) else dataset).ignore_index

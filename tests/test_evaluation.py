@@ -602,6 +602,17 @@ def test_cli_self1e_on_reasonseg_scores_first_queries_one_by_one_with_a_progress
         assert results["metrics"][key] == pytest.approx(value, abs=1e-6)
 
 
+def test_cli_self1e_warns_when_pillow_is_not_the_authors_resize(tmp_path, saved_tiny, capsys, monkeypatch):
+    import PIL
+
+    write_reasonseg(tmp_path / "data", "val")
+    args = ["--model", str(saved_tiny), "--dataset", "reasonseg", "--data-root", str(tmp_path / "data"), "--limit", "1"]
+    monkeypatch.setattr(PIL, "__version__", "13.0.0")
+    assert main(args + ["--protocol", "self1e"]) == 0
+    assert "warning: Pillow 13.0.0 resizes some images differently" in capsys.readouterr().err
+    assert main(args) == 0 and "warning" not in capsys.readouterr().err  # the default protocol does not promise it
+
+
 def test_cli_refuses_a_batch_size_the_self1e_protocol_does_not_use(tmp_path, saved_tiny, capsys):
     write_refcoco_with_overlapping_polygons(tmp_path)
     code = main([
