@@ -1,4 +1,5 @@
-"""ReasonSeg loader: target / ignore / flag polygons, query kinds, one sample per query in evaluation, and the\nauthors' OpenCV drawing (`--protocol self1e`)."""
+"""ReasonSeg loader: target / ignore / flag polygons, query kinds, one sample per query in evaluation, and the
+authors' OpenCV drawing (`--protocol self1e`)."""
 
 import numpy as np
 import pytest
