@@ -23,9 +23,10 @@ SEG_TOKEN = "[SEG]"
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 SELF1E_SYSTEM_MESSAGE = "You are an helpful assistant."  # (sic) the released SELF1E's system turn
 # How the first user turn starts and whether phrases are normalised (the authors' evaluation writes "<image>\n "
-# and lowercases RefCOCO phrases; InternVL's chat format writes "<image>\n").
+# and the query as its dataset gives it: their RefCOCO loader lowercases, ReasonSeg text stays as written;
+# InternVL's chat format writes "<image>\n").
 PROMPT_STYLES = {
-    "self1e": {"image_prefix": "{image}\n ", "lowercase_phrases": True},
+    "self1e": {"image_prefix": "{image}\n ", "lowercase_phrases": False},
     "internvl": {"image_prefix": "{image}\n", "lowercase_phrases": False},
 }
 # InternVL's image tokens, for tokenizers whose config does not name them (the original InternVL3 folders).
@@ -181,7 +182,7 @@ class SelfieProcessor(InternVLProcessor):
         system_message (`str`, *optional*, defaults to the released SELF1E's): system turn of the chat (`""` leaves
             it out).
         prompt_style (`str`, *optional*, defaults to `"self1e"`): `"self1e"` writes the first user turn as the
-            authors' evaluation does (`<image>\n ` then the question, phrases stripped and lowercased); `"internvl"`
+            authors' evaluation does (`<image>\n ` then the question, the query stripped); `"internvl"`
             as InternVL's chat format (`<image>\n`, phrases as given). Saved with the processor, so a model keeps the
             prompt it was trained with.
 
@@ -295,10 +296,12 @@ class SelfieProcessor(InternVLProcessor):
         return "".join(parts)
 
     def segmentation_conversation(self, query: str, kind: str = "phrase") -> list[dict]:
-        """The paper's validation conversation for one query (Sec. 9.2), answered "[SEG].". Under the `"self1e"`
-        prompt style a phrase is stripped and lowercased, as the authors' RefCOCO loader does."""
+        """The paper's validation conversation for one query (Sec. 9.2), answered "[SEG].", the query stripped (as
+        the authors' loaders do; lowercasing RefCOCO sentences is their loader's, `ReferringDataset(lowercase=True)`).
+        """
+        query = query.strip()
         if kind == "phrase" and PROMPT_STYLES[self.prompt_style]["lowercase_phrases"]:
-            query = query.strip().lower()
+            query = query.lower()
         return [
             {"role": "user", "content": segmentation_question(query, kind)},
             {"role": "assistant", "content": segmentation_answer()},

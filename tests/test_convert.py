@@ -81,13 +81,14 @@ def test_release_folder_converts_to_a_complete_folder_that_segments(tmp_path, ba
     assert processor.image_seq_length == model.config.image_seq_length == 4
     weights = (model.config.text_loss_weight, model.config.bce_loss_weight, model.config.dice_loss_weight)
     assert weights == (1.0, 2.0, 0.5)
-    # The authors' evaluation input (template internvl2_5), written out by hand.
+    # The authors' evaluation input (template internvl2_5), written out by hand; their RefCOCO loader lowercases the
+    # sentence, the processor keeps the query as given.
     expected = (
         "<|im_start|>system\nYou are an helpful assistant.<|im_end|>\n<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 4
         + "</img>\n What is red circle in this image? Please output segmentation mask.<|im_end|>\n"
         "<|im_start|>assistant\n[SEG].<|im_end|>\n"
     )
-    inputs = processor(images=[image], queries=["Red Circle"])
+    inputs = processor(images=[image], queries=[" red circle "])
     assert inputs["input_ids"][0].tolist() == processor.tokenizer(expected, add_special_tokens=False)["input_ids"]
     assert not release["marker"].exists()  # training_args.bin was never unpickled
     assert not (out / "training_args.bin").exists()

@@ -231,7 +231,7 @@ class CustomReferringDataset(SelfieDataset):
             "source": self.source,
         }
         if rng is None:
-            sample.update(query=text.strip(), query_kind="phrase")
+            sample.update(query=text.strip(), query_kind="phrase", image_id=image_name)
         return sample
 
 
