@@ -21,9 +21,15 @@ A run's settings come from its recipe (`configuration/recipes/<name>.json`): `da
 [`SelfieArguments`] (LoRA ranks, alphas, dropout and targets for the LLM and the vision tower, `model_max_length`,
 `max_tiles`, `model_dtype`) and any `TrainingArguments` field (`learning_rate`, `vision_learning_rate`,
 `lr_scheduler_type`, `warmup_steps`, `num_train_epochs`, `per_device_train_batch_size`,
-`gradient_accumulation_steps`, `gradient_checkpointing`, `seed`, ...). Flags override only the keys they name;
-unknown keys are errors. The run prints the effective settings and where each came from (recipe / flag / default /
-derived) and writes them to `OUTPUT_DIR/settings.json` and `settings.md` (and into `final/`).
+`gradient_accumulation_steps`, `activation_checkpointing` (or its older name `gradient_checkpointing`), `seed`, ...).
+Flags override only the keys they name; unknown keys are errors. A recipe may `"extends"` another (a shipped name)
+and change only what it gives; `--datasets FILE` replaces a recipe's `datasets` and `sample_rates` with a file's.
+The run prints the effective settings and where each came from (recipe / flag / default / derived) and writes them
+to `OUTPUT_DIR/settings.json` and `settings.md`; `final/` gets them (and its model card the settings table and the
+recipe) without this machine's paths and this run's own options (`LOCAL_SETTINGS`: output folder, resuming, ...).
+
+CPU threads: without `OMP_NUM_THREADS`, each CPU process uses its usable cores divided by the processes on the
+machine (`LOCAL_WORLD_SIZE`, set by torchrun / accelerate), not torch's one thread per core in every process.
 
 Launching
 ---------
@@ -45,7 +51,7 @@ a checkpoint folder); with none there it starts from the beginning.
   (`deepspeed_zero3.yaml` for ZeRO-3), or `torchrun ... TRAIN --deepspeed configuration/launch/zero2.json`;
 * FSDP (FSDP2, one unit per `InternVLVisionLayer` and per `Qwen2DecoderLayer`):
   `accelerate launch --config_file configuration/launch/fsdp.yaml TRAIN`. FSDP checkpoints activations itself
-  (`fsdp_activation_checkpointing` in the yaml): add `--gradient-checkpointing false` there (the shipped recipes
+  (`fsdp_activation_checkpointing` in the yaml): add `--activation-checkpointing false` there (the shipped recipes
   turn it on).
 
 Multi-node: add `--num_machines N --machine_rank R --main_process_ip HOST` to `accelerate launch` (the yaml files
@@ -80,7 +86,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from .data.registry import load_recipe
-from .compat import use_plain_cpu_device
+from .compat import activation_checkpointing_field, checkpointing_argv, use_plain_cpu_device
 from .data.sample import check_sample
 from .io_utils import atomic_output_dir, atomic_output_file
 from .modeling_selfie import SelfieForSegmentation
@@ -599,6 +605,13 @@ class SelfieArguments:
     )
     recipe: str = field(metadata={"help": "the run's recipe: a JSON file or a shipped name (self1e, self1e-seg)"})
     data_root: str = field(metadata={"help": "folder the recipe's datasets live under"})
+    datasets: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON file of your datasets, {\"datasets\": [...], \"sample_rates\": {...}} (entries as in a "
+            "recipe), replacing the recipe's: train on your data with a shipped recipe's training block"
+        },
+    )
     eval_recipe: str | None = field(default=None, metadata={"help": "evaluation data recipe (validation prompts)"})
     processor: str | None = field(default=None, metadata={"help": "processor folder (default: --model)"})
     base_model: str | None = field(
@@ -641,9 +654,16 @@ class SelfieArguments:
     )
 
 
-RUN_OPTIONS = ("model", "recipe", "data_root", "eval_recipe", "processor", "base_model", "final_dir")
+RUN_OPTIONS = ("model", "recipe", "data_root", "datasets", "eval_recipe", "processor", "base_model", "final_dir")
 PER_RUN_TRAINING_OPTIONS = ("output_dir", "resume_from_checkpoint", "hub_token")
 RECIPE_TOP_LEVEL = ("name", "description", "notes", "seed", "datasets", "sample_rates", "training")
+# Settings that say where this run's files are and how it was started: in OUTPUT_DIR/settings.*, not in the shared
+# copies (final/settings.*, the model card).
+LOCAL_SETTINGS = (
+    "data_root", "datasets_file", "output_dir", "final_dir", "logging_dir", "run_name", "overwrite_output_dir",
+    "resume_from_checkpoint", "hub_token", "push_to_hub", "report_to", "disable_tqdm",
+)  # fmt: skip
+CHECKPOINTING_NAMES = ("activation_checkpointing", "gradient_checkpointing")  # the recipe key, its older name
 SCRIPT_DEFAULTS = {"remove_unused_columns": False, "logging_steps": 10, "save_steps": 1000}
 # The settings always shown in the table, in this order (others appear when a recipe or a flag sets them).
 TABLE_KEYS = (
@@ -651,7 +671,7 @@ TABLE_KEYS = (
     "vision_lora_rank", "vision_lora_alpha", "vision_lora_target_modules", "learning_rate", "vision_learning_rate",
     "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "num_train_epochs", "max_steps",
     "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "total_batch_size",
-    "gradient_checkpointing", "model_max_length", "max_tiles", "bf16", "use_cpu", "seed", "data_seed", "sample_rates",
+    "activation_checkpointing", "model_max_length", "max_tiles", "bf16", "use_cpu", "seed", "data_seed", "sample_rates",
     "datasets", "push_to_hub", "hub_model_id",
 )  # fmt: skip
 SHORT_HELP = """\
@@ -672,7 +692,7 @@ SELFIE options:
 Often used Trainer options:
   --output-dir OUT                   run folder (checkpoints, settings, final/)
   --learning-rate, --num-train-epochs, --max-steps, --per-device-train-batch-size,
-  --gradient-accumulation-steps, --gradient-checkpointing, --lr-scheduler-type, --warmup-steps, --seed
+  --gradient-accumulation-steps, --activation-checkpointing, --lr-scheduler-type, --warmup-steps, --seed
                                      override the recipe's value
   --save-steps N, --logging-steps N  checkpoint / log every N steps
   --resume-from-checkpoint last      continue from the newest complete checkpoint in OUT (or give a folder)
@@ -734,12 +754,18 @@ def parse_sample_rates(text: str) -> dict[str, int]:
 
 def recipe_settings(recipe: dict) -> dict:
     """The settings a recipe sets: its `training` block, `sample_rates` and `seed` (the data seed, also
-    `training.data_seed`). Unknown keys raise a `ValueError` naming them."""
+    `training.data_seed`). Unknown keys raise a `ValueError` naming them. Activation checkpointing may be given as
+    `activation_checkpointing` or by its older name `gradient_checkpointing`."""
     name = recipe.get("name", "<unnamed>")
     unknown = [key for key in recipe if key not in RECIPE_TOP_LEVEL]
     if unknown:
         raise ValueError(f"Recipe {name!r} has unknown key(s) {unknown}; the keys are {list(RECIPE_TOP_LEVEL)}.")
     training = dict(recipe.get("training", {}))
+    checkpointing = [key for key in CHECKPOINTING_NAMES if key in training]
+    if len(checkpointing) == 2:
+        raise ValueError(f"Recipe {name!r} gives both {' and '.join(CHECKPOINTING_NAMES)}: keep one.")
+    if checkpointing:
+        training[activation_checkpointing_field()] = training.pop(checkpointing[0])
     allowed = {item.name for item in fields(SelfieArguments) if item.name not in RUN_OPTIONS}
     allowed |= {item.name for item in fields(SelfieTrainingArguments) if item.init} - set(PER_RUN_TRAINING_OPTIONS)
     for key in training:
@@ -761,6 +787,25 @@ def recipe_settings(recipe: dict) -> dict:
     return training
 
 
+def read_datasets_file(path: str | os.PathLike) -> dict:
+    """The `--datasets` file: `{"datasets": [...]}` with optionally `"sample_rates"`, or a bare list of entries."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"--datasets {str(path)!r} does not exist.") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--datasets {str(path)!r} is not valid JSON: {error}") from error
+    if isinstance(data, list):
+        data = {"datasets": data}
+    extra = set(data) - {"datasets", "sample_rates"} if isinstance(data, dict) else None
+    if extra is None or extra or not isinstance(data.get("datasets"), list) or not data["datasets"]:
+        raise ValueError(
+            f"--datasets {str(path)!r} must hold {{\"datasets\": [entries], \"sample_rates\": {{task: rate}}}} "
+            f"(sample_rates optional), or a list of entries{f'; unknown key(s) {sorted(extra)}' if extra else ''}."
+        )
+    return data
+
+
 @dataclass
 class RunSettings:
     """A run's resolved options: the two argument dataclasses, the recipe and each setting's value and source."""
@@ -771,22 +816,45 @@ class RunSettings:
     values: dict
     sources: dict
 
-    def rows(self) -> list[tuple[str, str, str]]:
-        """(setting, value, source) for the table: `TABLE_KEYS`, then every other setting a recipe or flag gave."""
+    def rows(self, shared: bool = False) -> list[tuple[str, str, str]]:
+        """(setting, value, source) for the table: `TABLE_KEYS`, then every other setting a recipe or flag gave.
+        `shared`: without `LOCAL_SETTINGS` and with local paths cut to their last part (for final/ and the card)."""
         keys = list(TABLE_KEYS) + sorted(k for k, s in self.sources.items() if s != "default" and k not in TABLE_KEYS)
-        return [(key, _format_value(self.values[key]), self.sources[key]) for key in keys if key in self.values]
+        keys = [key for key in keys if key in self.values and not (shared and key in LOCAL_SETTINGS)]
+        shown = without_local_paths if shared else (lambda value: value)
+        return [(key, _format_value(shown(self.values[key])), self.sources[key]) for key in keys]
 
-    def table(self) -> str:
-        """The settings as a markdown table."""
-        rows = [("setting", "value", "from"), *self.rows()]
+    def table(self, shared: bool = False) -> str:
+        """The settings as a markdown table (`shared`: see `rows`)."""
+        rows = [("setting", "value", "from"), *self.rows(shared)]
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
         lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
         lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
         return "\n".join(lines)
 
-    def to_json(self) -> str:
-        settings = {key: {"value": self.values[key], "from": self.sources[key]} for key, _, _ in self.rows()}
-        return json.dumps({"settings": settings, "recipe": self.recipe}, indent=2, default=str)
+    def to_json(self, shared: bool = False) -> str:
+        """The settings and the recipe as JSON (`shared`: see `rows`)."""
+        shown = without_local_paths if shared else (lambda value: value)
+        settings = {
+            key: {"value": shown(self.values[key]), "from": self.sources[key]} for key, _, _ in self.rows(shared)
+        }
+        return json.dumps({"settings": settings, "recipe": shown(self.recipe)}, indent=2, default=str)
+
+    def files(self, shared: bool = False) -> dict[str, str]:
+        """`settings.json` and `settings.md` (file name -> text)."""
+        return {"settings.json": self.to_json(shared) + "\n", "settings.md": self.table(shared) + "\n"}
+
+
+def without_local_paths(value):
+    """`value` with every absolute path (in strings, lists and dicts) cut to its last part: what a shared card or
+    settings file may say about this machine's files."""
+    if isinstance(value, str) and os.path.isabs(value):
+        return Path(value).name
+    if isinstance(value, dict):
+        return {key: without_local_paths(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_local_paths(item) for item in value]
+    return value
 
 
 def _format_value(value) -> str:
@@ -798,16 +866,22 @@ def _format_value(value) -> str:
 
 
 def resolve_settings(argv: Sequence[str]) -> RunSettings:
-    """Defaults < the recipe's settings < the flags given in `argv`; raises `ValueError` for a bad recipe."""
+    """Defaults < the recipe's settings < the flags given in `argv`; raises `ValueError` for a bad recipe or
+    `--datasets` file."""
+    argv = checkpointing_argv(argv)
     values = vars(_parser().parse_args(argv))
     given = set(vars(_parser(suppress_defaults=True).parse_args(argv)))
     recipe = copy.deepcopy(load_recipe(values["recipe"]))
     recipe.setdefault("name", Path(values["recipe"]).stem)
+    datasets_source = "recipe"
+    if values["datasets"] is not None:
+        recipe.update(read_datasets_file(values["datasets"]))
+        datasets_source = f"flag: {Path(values['datasets']).name}"
     from_recipe = recipe_settings(recipe)
     sources = {key: "flag" if key in given else "default" for key in values}
     for key, value in from_recipe.items():
         if key not in given:
-            values[key], sources[key] = value, "recipe"
+            values[key], sources[key] = value, "recipe" if key != "sample_rates" else datasets_source
     if isinstance(values["sample_rates"], str):
         values["sample_rates"] = parse_sample_rates(values["sample_rates"])
     if values["sample_rates"] is None:
@@ -823,8 +897,14 @@ def resolve_settings(argv: Sequence[str]) -> RunSettings:
         training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size
     )
     sources["total_batch_size"] = "derived: batch x accum. x procs"
+    values["datasets_file"], sources["datasets_file"] = values["datasets"], sources["datasets"]
     values["datasets"] = [entry["name"] for entry in recipe.get("datasets", [])]
-    sources["datasets"] = "recipe"
+    sources["datasets"] = datasets_source
+    field_name = activation_checkpointing_field()
+    values["activation_checkpointing"] = values.pop(field_name)  # one row, whatever the release calls it
+    sources["activation_checkpointing"] = sources.pop(field_name)
+    values.pop("gradient_checkpointing", None)
+    sources.pop("gradient_checkpointing", None)
     data_seed = values["data_seed"] if values["data_seed"] is not None else values["seed"]
     recipe = {**recipe, "seed": data_seed, "sample_rates": values["sample_rates"]}
     return RunSettings(script, training, recipe, values, sources)
@@ -875,11 +955,23 @@ def load_model_and_processor(
     return loaded.train(), loaded_processor
 
 
+def cpu_threads(cores: int, local_processes: int, environ: dict) -> int | None:
+    """Intra-op threads for each CPU training process: `None` (leave torch's choice) when `OMP_NUM_THREADS` is set,
+    else the cores this process may use shared among the processes of this machine (at least 1). torch would
+    otherwise start one thread per core in every process, and N processes on C cores would run N x C threads."""
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, cores // max(1, local_processes))
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the platform reports it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train on a recipe's mixture, then write the merged checkpoint (bf16 when training in bf16) with its card and
     settings, and push it with `--push-to-hub`."""
-    from .data.registry import build_mixture
-
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
         print(short_help())
@@ -887,8 +979,13 @@ def main(argv: list[str] | None = None) -> int:
     if "--help-all" in argv:
         _parser().print_help()
         return 0
+    from .data.registry import build_mixture
+    from .hub import check_push_access
+
     try:
         run = resolve_settings(argv)
+        if run.training.push_to_hub:
+            check_push_access(run.training.hub_token)
         # TrainingArguments come first: with ZeRO-3 they make from_pretrained partition the weights as it loads them.
         train_dataset = build_mixture(run.recipe, run.script.data_root, train=True, shuffle=True)
         eval_dataset = None
@@ -898,10 +995,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     script, args = run.script, run.training
-    settings_files = {"settings.json": run.to_json() + "\n", "settings.md": run.table() + "\n"}
+    if args.use_cpu:
+        threads = cpu_threads(usable_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), os.environ)
+        if threads is not None:
+            torch.set_num_threads(threads)
     if args.process_index == 0:
         print(f"SELFIE training settings ({args.world_size} process(es)):\n{run.table()}", flush=True)
-        for name, text in settings_files.items():
+        for name, text in run.files().items():
             with atomic_output_file(Path(args.output_dir) / name) as staging:
                 staging.write_text(text, encoding="utf-8")
 
@@ -942,8 +1042,8 @@ def main(argv: list[str] | None = None) -> int:
 
     final_dir = script.final_dir or os.path.join(args.output_dir, "final")
     repo_id = args.hub_model_id or Path(args.output_dir).absolute().name
-    card = {"base_model": script.base_model, "recipe": run.recipe, "settings": run.table()}
-    extra_files = {"README.md": str(trainer.model_card(repo_id, **card)), **settings_files}
+    card = {"base_model": script.base_model, "recipe": without_local_paths(run.recipe), "settings": run.table(True)}
+    extra_files = {"README.md": str(trainer.model_card(repo_id, **card)), **run.files(shared=True)}
     merged = merge_and_save(
         trainer, final_dir, dtype=torch.bfloat16 if args.bf16 else None, overwrite=True, extra_files=extra_files
     )

@@ -109,18 +109,51 @@ def build_dataset(
     return dataset_entry(name).loader(**{**dataset_location(name, split, data_root), **kwargs}, train=train)
 
 
-def load_recipe(recipe: dict | str | Path) -> dict:
+def load_recipe(recipe: dict | str | Path, _seen: tuple[str, ...] = ()) -> dict:
     """A recipe dict, read from a JSON file path or, for a bare name such as "self1e-seg", from the shipped
-    `configuration/recipes/<name>.json`."""
+    `configuration/recipes/<name>.json`.
+
+    A recipe with `"extends": BASE` (a shipped name, or a file relative to the recipe's folder) is BASE with the
+    recipe's keys on top: its `training` block is merged key by key into BASE's, every other key it gives
+    (`datasets`, `sample_rates`, `seed`, ...) replaces BASE's; BASE's `description` and `notes` are not kept.
+    """
     if isinstance(recipe, dict):
-        return recipe
-    path = Path(recipe)
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    shipped = resources.files("modeling_selfie.configuration").joinpath("recipes", f"{recipe}.json")
-    if shipped.is_file():
-        return json.loads(shipped.read_text(encoding="utf-8"))
-    raise FileNotFoundError(f"Recipe {recipe!r} is neither a file nor a shipped recipe (self1e, self1e-seg).")
+        data, folder = dict(recipe), Path.cwd()
+    else:
+        path = Path(recipe)
+        if path.is_file():
+            text, folder = path.read_text(encoding="utf-8"), path.parent
+        else:
+            shipped = resources.files("modeling_selfie.configuration").joinpath("recipes", f"{recipe}.json")
+            if not shipped.is_file():
+                raise FileNotFoundError(
+                    f"Recipe {str(recipe)!r} is neither a file nor a shipped recipe ({', '.join(shipped_recipes())})."
+                )
+            text, folder = shipped.read_text(encoding="utf-8"), None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"Recipe {str(recipe)!r} is not valid JSON: {error}") from error
+        if not isinstance(data, dict):
+            raise ValueError(f"Recipe {str(recipe)!r} must be a JSON object, not a {type(data).__name__}.")
+    base_name = data.pop("extends", None)
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str) or base_name in _seen:
+        raise ValueError(f"Recipe {data.get('name', str(recipe))!r}: bad \"extends\" {base_name!r} (a recipe name "
+                         "or file, not extending itself).")
+    base_path = folder / base_name if folder is not None and (folder / base_name).is_file() else base_name
+    base = load_recipe(base_path, (*_seen, base_name))
+    base.pop("description", None)
+    base.pop("notes", None)
+    training = {**base.get("training", {}), **data.pop("training", {})}
+    return {**base, **data, **({"training": training} if training else {})}
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes in `configuration/recipes/`."""
+    folder = resources.files("modeling_selfie.configuration").joinpath("recipes")
+    return sorted(entry.name[: -len(".json")] for entry in folder.iterdir() if entry.name.endswith(".json"))
 
 
 def build_mixture(
