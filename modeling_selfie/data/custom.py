@@ -33,7 +33,6 @@ task's rate in `sample_rates`):
 `python processing/check_custom.py --annotations FILE` reads every record, image and mask and reports what is wrong.
 """
 
-import argparse
 import json
 import random
 from collections import Counter
@@ -402,18 +401,3 @@ def check_custom(annotations: str | Path, kind: str | None = None, image_root: s
     if problems:
         return problems + [f"error {path} ({kind}): {len(problems)} problem(s); {summary}"]
     return [f"ok {path} ({kind}): {summary}"]
-
-
-def check_main(argv: list[str] | None = None) -> int:
-    """Command line of `processing/check_custom.py`; exit status 1 when anything is wrong."""
-    parser = argparse.ArgumentParser(
-        description="Check an annotation file of your own data (formats: modeling_selfie/data/custom.py, README)."
-    )
-    parser.add_argument("--annotations", required=True, help="the JSON / JSONL file")
-    parser.add_argument("--kind", choices=("referring", "semantic"),
-                        help="format (default: semantic for a JSON object with 'classes', else referring)")
-    parser.add_argument("--image-root", help="folder image and mask paths are relative to (default: the file's)")
-    args = parser.parse_args(argv)
-    lines = check_custom(args.annotations, args.kind, args.image_root)
-    print("\n".join(lines))
-    return int(not lines[-1].startswith("ok"))

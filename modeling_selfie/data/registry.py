@@ -17,6 +17,7 @@ Keyword arguments of [`build_dataset`] go to the loader and override these locat
 """
 
 import argparse
+import importlib
 import json
 import pickle
 from collections.abc import Callable
@@ -24,31 +25,33 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import torch
-
-from .common import SelfieDataset
-from .custom import CustomReferringDataset, CustomSemanticDataset
-from .mixing import MixedDataset
-from .reasonseg import ReasonSegDataset
-from .refer import ReferringDataset
-from .semantic import ADE20KDataset, CocoStuffDataset, PacoLvisDataset, PascalPartDataset
-from .vqa import LlavaInstructDataset, VQAJsonlDataset
-
 MAX_LISTED = 20  # missing data files listed by the check scripts unless --list-all
 
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """How a name maps to a loader: `location(data_root, split)` gives the loader's location arguments (those of
-    its `expected_paths`); `family` names the check script `processing/check_<family>.py`."""
+    """How a name maps to a loader: `loader_name` is the loader class as "module.Class" under
+    `modeling_selfie.data` (imported when first used: the check scripts' `--help` needs no torch),
+    `location(data_root, split)` gives the loader's location arguments (those of its `expected_paths`); `family`
+    names the check script `processing/check_<family>.py`."""
 
-    loader: type[SelfieDataset]
+    loader_name: str
     family: str
     location: Callable[[Path, str], dict]
+
+    @property
+    def loader(self) -> type:
+        """The loader class (a `SelfieDataset`)."""
+        module, _, name = self.loader_name.rpartition(".")
+        return getattr(importlib.import_module(f".{module}", __package__), name)
 
 
 def _refer(dataset: str) -> Callable[[Path, str], dict]:
     return lambda root, split: {"root": root / "refer_seg", "dataset": dataset, "split": split}
+
+
+def _root_and_split(root: Path, split: str) -> dict:
+    return {"root": root, "split": split}
 
 
 def _llava_location(root: Path, split: str) -> dict:
@@ -58,27 +61,27 @@ def _llava_location(root: Path, split: str) -> dict:
 
 
 DATASETS = {
-    "refcoco": DatasetEntry(ReferringDataset, "refer", _refer("refcoco")),
-    "refcoco+": DatasetEntry(ReferringDataset, "refer", _refer("refcoco+")),
-    "refcocog": DatasetEntry(ReferringDataset, "refer", _refer("refcocog")),
-    "refclef": DatasetEntry(ReferringDataset, "refer", _refer("refclef")),
-    "grefcoco": DatasetEntry(ReferringDataset, "grefcoco", _refer("grefcoco")),
-    "reasonseg": DatasetEntry(ReasonSegDataset, "reasonseg", lambda root, split: {"root": root, "split": split}),
-    "ade20k": DatasetEntry(ADE20KDataset, "ade20k", lambda root, split: {"root": root, "split": split}),
-    "cocostuff": DatasetEntry(CocoStuffDataset, "cocostuff", lambda root, split: {"root": root, "split": split}),
-    "pascal_part": DatasetEntry(PascalPartDataset, "pascal_part", lambda root, split: {"root": root, "split": split}),
-    "paco_lvis": DatasetEntry(PacoLvisDataset, "paco_lvis", lambda root, split: {"root": root, "split": split}),
-    "llava_instruct": DatasetEntry(LlavaInstructDataset, "llava_instruct", _llava_location),
+    "refcoco": DatasetEntry("refer.ReferringDataset", "refer", _refer("refcoco")),
+    "refcoco+": DatasetEntry("refer.ReferringDataset", "refer", _refer("refcoco+")),
+    "refcocog": DatasetEntry("refer.ReferringDataset", "refer", _refer("refcocog")),
+    "refclef": DatasetEntry("refer.ReferringDataset", "refer", _refer("refclef")),
+    "grefcoco": DatasetEntry("refer.ReferringDataset", "grefcoco", _refer("grefcoco")),
+    "reasonseg": DatasetEntry("reasonseg.ReasonSegDataset", "reasonseg", _root_and_split),
+    "ade20k": DatasetEntry("semantic.ADE20KDataset", "ade20k", _root_and_split),
+    "cocostuff": DatasetEntry("semantic.CocoStuffDataset", "cocostuff", _root_and_split),
+    "pascal_part": DatasetEntry("semantic.PascalPartDataset", "pascal_part", _root_and_split),
+    "paco_lvis": DatasetEntry("semantic.PacoLvisDataset", "paco_lvis", _root_and_split),
+    "llava_instruct": DatasetEntry("vqa.LlavaInstructDataset", "llava_instruct", _llava_location),
     "vqav2": DatasetEntry(
-        VQAJsonlDataset,
+        "vqa.VQAJsonlDataset",
         "vqav2",
         lambda root, split: {"jsonl_path": root / "vqav2" / f"vqav2_{split}.jsonl", "image_root": root},
     ),
     "custom_referring": DatasetEntry(
-        CustomReferringDataset, "custom", lambda root, split: {"root": root, "annotations": f"{split}.jsonl"}
+        "custom.CustomReferringDataset", "custom", lambda root, split: {"root": root, "annotations": f"{split}.jsonl"}
     ),
     "custom_semantic": DatasetEntry(
-        CustomSemanticDataset, "custom", lambda root, split: {"root": root, "annotations": f"{split}.json"}
+        "custom.CustomSemanticDataset", "custom", lambda root, split: {"root": root, "annotations": f"{split}.json"}
     ),
 }
 # Families of `check_main` (`processing/check_custom.py` has its own command line: custom data has no fixed layout).
@@ -101,9 +104,7 @@ def dataset_location(name: str, split: str, data_root: str | Path, **overrides) 
     return {**dataset_entry(name).location(Path(data_root), split), **overrides}
 
 
-def build_dataset(
-    name: str, split: str, data_root: str | Path, train: bool = False, **kwargs
-) -> torch.utils.data.Dataset:
+def build_dataset(name: str, split: str, data_root: str | Path, train: bool = False, **kwargs):
     """The loader of dataset `name` (one of `DATASETS`) for `split` under `data_root` (layout in the module
     docstring). `kwargs` go to the loader (e.g. `seed`, `max_turns`, `max_classes`, `max_samples`, `image_dir`)."""
     return dataset_entry(name).loader(**{**dataset_location(name, split, data_root), **kwargs}, train=train)
@@ -156,12 +157,12 @@ def shipped_recipes() -> list[str]:
     return sorted(entry.name[: -len(".json")] for entry in folder.iterdir() if entry.name.endswith(".json"))
 
 
-def build_mixture(
-    recipe: dict | str | Path, data_root: str | Path, *, train: bool = True, shuffle: bool = True
-) -> MixedDataset:
+def build_mixture(recipe: dict | str | Path, data_root: str | Path, *, train: bool = True, shuffle: bool = True):
     """The training mixture of a recipe: every dataset of `recipe["datasets"]` (entries `{"name", "split", ...}`,
     the other keys going to [`build_dataset`]) repeated by its entry's `rate` or else by the rate of its task in
     `recipe["sample_rates"]`, seeded by `recipe["seed"]` (default 0)."""
+    from .mixing import MixedDataset
+
     recipe = load_recipe(recipe)
     if "datasets" not in recipe:
         raise ValueError(f"Recipe {recipe.get('name', '<unnamed>')!r} lacks the key 'datasets'.")
@@ -230,3 +231,20 @@ def check_main(family: str, argv: list[str] | None = None) -> int:
         print("\n".join(lines))
         status |= not lines[-1].startswith("ok")
     return int(status)
+
+
+def check_custom_main(argv: list[str] | None = None) -> int:
+    """Command line of `processing/check_custom.py`; exit status 1 when anything is wrong."""
+    parser = argparse.ArgumentParser(
+        description="Check an annotation file of your own data (formats: modeling_selfie/data/custom.py, README)."
+    )
+    parser.add_argument("--annotations", required=True, help="the JSON / JSONL file")
+    parser.add_argument("--kind", choices=("referring", "semantic"),
+                        help="format (default: semantic for a JSON object with 'classes', else referring)")
+    parser.add_argument("--image-root", help="folder image and mask paths are relative to (default: the file's)")
+    args = parser.parse_args(argv)
+    from .custom import check_custom
+
+    lines = check_custom(args.annotations, args.kind, args.image_root)
+    print("\n".join(lines))
+    return int(not lines[-1].startswith("ok"))
