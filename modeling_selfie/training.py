@@ -22,8 +22,9 @@ The run prints the effective settings and where each came from (recipe / flag / 
 to `OUTPUT_DIR/settings.json` and `settings.md`; `final/` gets them (and its model card the settings table and the
 recipe) without this machine's paths and this run's own options (`LOCAL_SETTINGS`: output folder, resuming, ...).
 
-CPU threads: without `OMP_NUM_THREADS`, each CPU process uses its usable cores divided by the processes on the
-machine (`LOCAL_WORLD_SIZE`, set by torchrun / accelerate), not torch's one thread per core in every process.
+CPU threads: without `OMP_NUM_THREADS`, each CPU process uses the idle cores (usable cores less the load average)
+divided by the processes on the machine (`LOCAL_WORLD_SIZE`, set by torchrun / accelerate), not torch's one thread
+per core in every process ([`cpu_threads`]).
 
 Launching
 ---------
@@ -480,13 +481,17 @@ def load_model_and_processor(model: str, processor: str | None = None, dtype=Non
     return loaded.train(), loaded_processor
 
 
-def cpu_threads(cores: int, local_processes: int, environ: dict) -> int | None:
-    """Intra-op threads for each CPU training process: `None` (leave torch's choice) when `OMP_NUM_THREADS` is set,
-    else the cores this process may use shared among the processes of this machine (at least 1). torch would
-    otherwise start one thread per core in every process, and N processes on C cores would run N x C threads."""
+def cpu_threads(cores: int, local_processes: int, environ: dict, load: float = 0.0) -> int | None:
+    """Intra-op threads for each CPU training process: `None` (torch's or the user's choice) when
+    `OMP_NUM_THREADS` is set, else the cores other work leaves idle (`cores` minus the whole part of the `load`
+    average, at least 1) shared among the processes of this machine, at least 1 each. torch would otherwise start
+    one thread per core in every process: N processes on C cores run N x C threads, and a thread that waits for a
+    busy core stalls the others at every operation (a step was 30x slower with 2 threads than with 1 on 2 cores that
+    other work kept busy, `docs/performance.md`)."""
     if environ.get("OMP_NUM_THREADS"):
         return None
-    return max(1, cores // max(1, local_processes))
+    idle = max(1, cores - int(load))
+    return max(1, idle // max(1, local_processes))
 
 
 def usable_cores() -> int:
@@ -525,9 +530,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     script, args = run.script, run.training
     if args.use_cpu:
-        threads = cpu_threads(usable_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), os.environ)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        threads = cpu_threads(usable_cores(), processes, os.environ, load)
         if threads is not None:
             torch.set_num_threads(threads)
+            if args.process_index == 0:
+                print(f"CPU threads per process: {threads} ({usable_cores()} cores, {processes} process(es) here, "
+                      f"load {load:.1f}; OMP_NUM_THREADS sets it)", flush=True)
     if args.process_index == 0:
         print(f"SELFIE training settings ({args.world_size} process(es)):\n{run.table()}", flush=True)
         for name, text in run.files().items():

@@ -18,6 +18,7 @@ from modeling_selfie.training import (
     SelfieTrainingArguments,
     _unsharded_copy,
     apply_lora,
+    cpu_threads,
     main,
     merge_and_save,
     resolve_settings,
@@ -401,6 +402,16 @@ def test_own_data_with_a_shipped_recipes_training_block(tmp_path):
     path.write_text(json.dumps({"extends": "self2e", "datasets": own}))
     with pytest.raises(FileNotFoundError, match="'self2e' is neither a file nor a shipped recipe .*self1e-seg"):
         resolve_settings([*base, "--recipe", str(path)])
+
+
+@pytest.mark.parametrize(
+    "cores, processes, environ, load, threads",
+    [(8, 1, {}, 0.0, 8), (8, 4, {}, 0.3, 2), (8, 3, {}, 0.0, 2), (2, 4, {}, 0.0, 1),  # cores shared by processes
+     (2, 1, {}, 9.2, 1), (8, 2, {}, 4.7, 2), (16, 1, {}, 40.0, 1),  # other work keeps cores busy
+     (8, 1, {"OMP_NUM_THREADS": "3"}, 0.0, None), (8, 1, {"OMP_NUM_THREADS": ""}, 0.0, 8)],  # the user's choice
+)
+def test_cpu_threads_share_the_idle_cores_among_processes(cores, processes, environ, load, threads):
+    assert cpu_threads(cores, processes, environ, load) == threads
 
 
 def test_unknown_recipe_keys_are_errors(tmp_path, capsys):
