@@ -18,7 +18,6 @@ Keyword arguments of [`build_dataset`] go to the loader and override these locat
 
 import argparse
 import importlib
-import json
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,12 +130,9 @@ def load_recipe(recipe: dict | str | Path, _seen: tuple[str, ...] = ()) -> dict:
                     f"Recipe {str(recipe)!r} is neither a file nor a shipped recipe ({', '.join(shipped_recipes())})."
                 )
             text, folder = shipped.read_text(encoding="utf-8"), None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"Recipe {str(recipe)!r} is not valid JSON: {error}") from error
-        if not isinstance(data, dict):
-            raise ValueError(f"Recipe {str(recipe)!r} must be a JSON object, not a {type(data).__name__}.")
+        from .vqa import read_json_line
+
+        data = read_json_line(text, f"Recipe {str(recipe)!r}")
     base_name = data.pop("extends", None)
     if base_name is None:
         return data
