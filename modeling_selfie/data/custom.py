@@ -30,7 +30,8 @@ task's rate in `sample_rates`):
     {"name": "custom_referring", "annotations": "my_refs/train.jsonl", "rate": 4}
     {"name": "custom_semantic", "annotations": "my_scenes/train.json", "rate": 2}
 
-`python processing/check_custom.py --annotations FILE` reads every record, image and mask and reports what is wrong.
+`python processing/check_custom.py --annotations FILE` reads every record, image and mask and reports every problem
+of the file in one run, masks that would decode empty by mistake included.
 """
 
 import json
