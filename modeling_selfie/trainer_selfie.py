@@ -220,7 +220,9 @@ class SelfieTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The model's loss; also accumulates its terms for logging (per micro-batch in training, per sample in
-        evaluation)."""
+        evaluation). The forward keeps no key-value cache (`use_cache=False`): a loss needs none, and activation
+        checkpointing would otherwise turn it off with a warning."""
+        inputs = {**inputs, "use_cache": False}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         mode = "train" if model.training else "eval"
         weight = 1 if mode == "train" else inputs["input_ids"].shape[0]

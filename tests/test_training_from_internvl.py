@@ -53,7 +53,8 @@ def transformers_warnings():
     logging.getLogger("transformers").removeHandler(records)
 
 
-OWN_WARNINGS = ("LOAD REPORT", "You are using a model of type", "`gradient_checkpointing` is deprecated")
+OWN_WARNINGS = ("LOAD REPORT", "You are using a model of type", "`gradient_checkpointing` is deprecated",
+                "`use_cache=True` is incompatible with gradient checkpointing")
 
 
 def test_fine_tuning_from_an_internvl3_hf_folder_ends_in_a_model_that_segments(tmp_path, caplog,
