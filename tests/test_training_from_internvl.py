@@ -99,8 +99,8 @@ def test_real_missing_keys_are_still_reported(tmp_path, transformers_warnings):
     write_internvl3_hf_folder(tmp_path / "plain", layout="hub")
     weights = load_file(tmp_path / "plain" / "model.safetensors")
     dropped = next(key for key in weights if key.endswith("mlp.down_proj.weight"))
-    save_file({key: value for key, value in weights.items() if key != dropped}, tmp_path / "plain" / "model.safetensors",
-              metadata={"format": "pt"})
+    kept = {key: value for key, value in weights.items() if key != dropped}
+    save_file(kept, tmp_path / "plain" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lacks 1 weight"):
         SelfieForSegmentation.from_pretrained(tmp_path / "plain")
     assert any("LOAD REPORT" in text and "down_proj" in text for text in transformers_warnings)
