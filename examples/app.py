@@ -13,6 +13,7 @@ from pathlib import Path
 import gradio as gr
 
 from modeling_selfie.cli import load_model, segment_with_scores
+from modeling_selfie.io_utils import rgb_image
 from modeling_selfie.overlay import render_overlay
 
 EXAMPLE = Path(__file__).parent / "assets" / "shapes.png"
@@ -26,7 +27,7 @@ def make_segment(model, processor):
             raise gr.Error("Upload an image first.")
         if not prompt or not prompt.strip():
             raise gr.Error("Type what to segment, e.g. 'red circle'.")
-        image, prompt = image.convert("RGB"), prompt.strip()
+        image, prompt = rgb_image(image), prompt.strip()  # 16-bit scaled (EXIF orientation: gradio applies it)
         ((mask, score),) = segment_with_scores(model, processor, image, [prompt], kind)
         area = int(mask.sum())
         summary = f"**{prompt}**: {area} px ({100 * area / mask.size:.1f}% of the image), presence score {score:.2f}"
@@ -42,7 +43,8 @@ def build_app(model, processor) -> gr.Blocks:
         gr.Markdown("## SELFIE\nSegment an image from a phrase or a question, with the MLLM itself as the segmenter.")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="Image", elem_id="input-image")
+                # image_mode=None: the file's own mode, as `rgb_image` reads 16-bit images (gradio's RGB clips them)
+                image = gr.Image(type="pil", image_mode=None, label="Image", elem_id="input-image")
                 prompt = gr.Textbox(label="What to segment", placeholder="red circle", elem_id="prompt")
                 kind = gr.Radio(["phrase", "instruction"], value="phrase", label="Prompt kind")
                 button = gr.Button("Segment", variant="primary", elem_id="segment-button")

@@ -23,6 +23,7 @@ from modeling_selfie.cli import load_model, segment_with_scores
 from modeling_selfie.overlay import render_overlay
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+ROOT = Path(__file__).resolve().parents[1]
 APP_FILE = Path(__file__).parent / "app.py"
 spec = importlib.util.spec_from_file_location("selfie_demo_app", APP_FILE)
 app_module = importlib.util.module_from_spec(spec)
@@ -67,17 +68,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_served_page_answers_its_segment_api(model_and_processor, example):
+def readme_api_call() -> str:
+    """The README's `gradio_client` example (the python block after "Its action is also an API")."""
+    readme = (ROOT / "README.md").read_text()
+    return readme[readme.index("Its action is also an API") :].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def served(model_and_processor):
+    """The page, served on a free port: yields its URL."""
     app = app_module.build_app(*model_and_processor)
     port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        overlay_file, summary = client.predict(
-            handle_file(str(app_module.EXAMPLE)), "red circle", "phrase", api_name="/segment"
-        )
-    finally:
-        app.close()
+    yield f"http://127.0.0.1:{port}/"
+    app.close()
+
+
+def test_the_readmes_client_call_answers(served, model_and_processor, example, monkeypatch):
+    code = readme_api_call()
+    assert "handle_file(" in code and "http://127.0.0.1:7860/" in code
+    monkeypatch.chdir(ROOT)  # its image path is relative to the repository
+    namespace = {}
+    exec(code.replace("http://127.0.0.1:7860/", served), namespace)
     pixels, mask, _ = expected_overlay(model_and_processor, example, "red circle")
-    assert np.array_equal(np.asarray(Image.open(overlay_file).convert("RGB")), pixels)
-    assert summary.startswith(f"**red circle**: {int(mask.sum())} px")
+    assert np.array_equal(np.asarray(Image.open(namespace["overlay_file"]).convert("RGB")), pixels)
+    assert namespace["summary"].startswith(f"**red circle**: {int(mask.sum())} px")
+
+
+def test_the_page_reads_sixteen_bit_and_exif_rotated_uploads_as_shown(served, model_and_processor, tmp_path):
+    gray8 = np.random.default_rng(0).integers(0, 256, (48, 64), dtype=np.uint16)
+    Image.fromarray(gray8 * 257).save(tmp_path / "gray16.png")  # 16-bit grayscale, from numpy through PIL
+    stored = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to show"
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", format="JPEG", exif=exif)
+    decoded = np.asarray(Image.open(tmp_path / "photo.jpg").convert("RGB"))
+    shown = {"gray16.png": Image.fromarray(gray8.astype(np.uint8)).convert("RGB"),
+             "photo.jpg": Image.fromarray(np.ascontiguousarray(np.rot90(decoded, k=-1)))}
+    client = Client(served, verbose=False)
+    for name, image in shown.items():
+        overlay_file, _ = client.predict(handle_file(str(tmp_path / name)), "red", "phrase", api_name="/segment")
+        pixels, _, _ = expected_overlay(model_and_processor, image, "red")
+        assert np.array_equal(np.asarray(Image.open(overlay_file).convert("RGB")), pixels), name

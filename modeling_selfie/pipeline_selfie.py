@@ -7,6 +7,8 @@
     [{"mask": <PIL.Image L>, "score": 0.97, "label": "red circle"}, ...]
 """
 
+import os
+
 import numpy as np
 import torch
 from PIL import Image
@@ -14,6 +16,7 @@ from transformers import AutoModel, Pipeline
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .io_utils import read_image, rgb_image
 from .processing_selfie import post_process_masks
 
 
@@ -51,7 +54,12 @@ class ReferringSegmentationPipeline(Pipeline):
         if text is None or (isinstance(text, list) and not text):
             raise ValueError("referring-segmentation needs text=: a phrase or a list of phrases to segment.")
         labels = [text] if isinstance(text, str) else list(text)
-        image = load_image(image)
+        if isinstance(image, Image.Image):
+            image = rgb_image(image)
+        elif isinstance(image, (str, os.PathLike)) and os.path.isfile(image):
+            image = read_image(image)  # as shown; transformers' load_image clips 16-bit images at 255
+        else:
+            image = load_image(image)  # a URL or base64 text
         inputs = self.processor(images=[image] * len(labels), queries=labels, query_kind=query_kind)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return {"inputs": inputs, "labels": labels, "size": (image.height, image.width)}

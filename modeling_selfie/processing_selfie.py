@@ -17,6 +17,8 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
+from .io_utils import rgb_image, shown_size
+
 SEG_TOKEN = "[SEG]"
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 SELF1E_SYSTEM_MESSAGE = "You are an helpful assistant."  # (sic) the released SELF1E's system turn
@@ -341,6 +343,8 @@ class SelfieProcessor(InternVLProcessor):
             conversations = [self.segmentation_conversation(query, query_kind) for query in queries]
         if images is not None and not isinstance(images, (list, tuple)):
             images = [images]
+        if images is not None:  # PIL images as shown: EXIF orientation applied, 16-bit scaled to 8-bit RGB
+            images = [rgb_image(image) if isinstance(image, Image.Image) else image for image in images]
         if conversations is not None:
             has_image = [image is not None for image in images] if images is not None else [False] * len(conversations)
             if images is not None and len(images) != len(conversations):
@@ -489,9 +493,9 @@ def internvl_tokens_per_tile(config: dict) -> int:
 
 
 def image_size_of(image) -> tuple[int, int]:
-    """(height, width) of a PIL image, HWC numpy array or CHW tensor."""
+    """(height, width) of a PIL image (as shown: turned by its EXIF orientation), HWC numpy array or CHW tensor."""
     if isinstance(image, Image.Image):
-        return image.height, image.width
+        return shown_size(image)
     if isinstance(image, torch.Tensor):
         return tuple(image.shape[-2:])
     return tuple(np.asarray(image).shape[:2])

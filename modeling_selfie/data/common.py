@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as coco_mask_utils
 
+from ..io_utils import read_image
 from .sample import check_sample
 
 
@@ -51,10 +52,10 @@ def read_json(path: Path, check_script: str):
 
 
 def load_image(path: Path, check_script: str) -> Image.Image:
-    """Open an image file as RGB; a missing file raises `FileNotFoundError` naming it and the check script."""
+    """Open an image file as RGB, as it is shown (`io_utils.read_image`: EXIF orientation, 16-bit scaled); a missing
+    file raises `FileNotFoundError` naming it and the check script."""
     require_paths([path], check_script)
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return read_image(path)
 
 
 def empty_masks(height: int, width: int) -> np.ndarray:
