@@ -87,7 +87,9 @@ def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str 
     (names as `selfie-segment --device/--dtype` takes them)."""
     from transformers import AutoModel, AutoProcessor
 
-    import modeling_selfie  # noqa: F401  (registers the selfie model type)
+    from . import register_auto_classes
+
+    register_auto_classes()  # `python -m modeling_selfie.cli` imports the package without registering
 
     torch_device = resolve_device(device)
     source = str(name_or_path or default_model_dir())

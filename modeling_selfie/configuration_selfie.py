@@ -59,10 +59,21 @@ class SelfieConfig(InternVLConfig):
     def from_dict(cls, config_dict: dict, **kwargs) -> "SelfieConfig":
         """Also reads a plain InternVL config (model_type `internvl`): the start of a SELFIE fine-tuning. Its fields
         keep InternVL's meaning, so a `tie_word_embeddings` it leaves out takes InternVL's default, not SELFIE's."""
-        if config_dict.get("model_type") == "internvl":
-            config_dict = {**config_dict, "model_type": cls.model_type}
-            config_dict.setdefault("tie_word_embeddings", InternVLConfig.__dataclass_fields__["tie_word_embeddings"].default)
-        return super().from_dict(config_dict, **kwargs)
+        return super().from_dict(cls._from_internvl(config_dict), **kwargs)
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """The folder's config dict, an InternVL one already read as SELFIE's (`from_pretrained` then has no
+        model-type mismatch to warn about: starting SELFIE from InternVL is what it is for)."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return cls._from_internvl(config_dict), kwargs
+
+    @classmethod
+    def _from_internvl(cls, config_dict: dict) -> dict:
+        if config_dict.get("model_type") != "internvl":
+            return config_dict
+        tied = InternVLConfig.__dataclass_fields__["tie_word_embeddings"].default
+        return {"tie_word_embeddings": tied, **config_dict, "model_type": cls.model_type}
 
     def validate_selfie(self):
         """Part of `@strict` validation: every SELFIE switch names a known setting."""

@@ -814,8 +814,11 @@ def _load_dataset(args: argparse.Namespace):
 
 def _load_model(args: argparse.Namespace, device: torch.device):
     """Model and processor from `--model`, the processor set to `--max-tiles`."""
-    import modeling_selfie  # noqa: F401  (registers the selfie model type with the Auto classes)
     from transformers import AutoModel, AutoProcessor
+
+    from . import register_auto_classes
+
+    register_auto_classes()  # `python -m modeling_selfie.evaluate` imports the package without registering
 
     try:
         model = AutoModel.from_pretrained(args.model, dtype=args.dtype)

@@ -13,6 +13,7 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from logging import Filter
 
 import torch
 import torch.nn.functional as F
@@ -444,6 +445,37 @@ def seg_token_id_of_folder(pretrained_model_name_or_path, kwargs: dict, image_to
     return seg_token_id_in(tokenizer)
 
 
+class HeldLoadReport(Filter):
+    """Holds back the LOAD REPORT warning that `PreTrainedModel.from_pretrained` logs (missing / unexpected /
+    mismatched keys) until `release()` logs it; used as a context manager around the call, it releases the report
+    when the call raises."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+        self.logger = logging.get_logger("transformers.modeling_utils")
+
+    def filter(self, record) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        for record in self.records:
+            self.logger.handle(record)
+        self.records = []
+
+    def __enter__(self) -> "HeldLoadReport":
+        self.logger.addFilter(self)
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        self.logger.removeFilter(self)
+        if error is not None:
+            self.release()
+
+
 def shared_fields(output, target_class) -> dict:
     """The fields of a model output that `target_class` also has (cache, hidden states, attentions, image outputs:
     their names differ between transformers releases)."""
@@ -636,10 +668,13 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         """
         want_info = kwargs.pop("output_loading_info", False)
         kwargs["key_mapping"] = {**INTERNVL_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
+        with HeldLoadReport() as held:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
         missing = [key for key in info["missing_keys"] if not key.startswith("seg_head.")]
+        if missing or info["unexpected_keys"] or info["mismatched_keys"]:
+            held.release()  # more than the new head, which is logged below, once: transformers' report is shown
         if missing:
             shown = ", ".join(sorted(missing)[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
             raise ValueError(

@@ -80,6 +80,9 @@ def test_readme_fine_tune_on_your_own_data(tmp_path):
     assert {"settings.json", "settings.md", "README.md"} <= {p.name for p in final.iterdir()}
     settings = json.loads((final / "settings.json").read_text())["settings"]
     assert settings["lora_rank"] == {"value": 64, "from": "recipe"}
+    assert settings["model_max_length"] == {"value": 512, "from": "recipe"}  # from self1e-seg, which it extends
+    assert settings["activation_checkpointing"] == {"value": True, "from": "recipe"}
+    assert "resume_from_checkpoint" not in settings and "data_root" not in settings
     assert settings["per_device_train_batch_size"] == {"value": 2, "from": "flag"}
     assert settings["datasets"]["value"] == ["custom_referring", "custom_semantic"]
     written = [p.name for p in (tmp_path / "runs" / "try").iterdir() if p.name.startswith("mug")]

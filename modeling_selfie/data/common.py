@@ -24,8 +24,10 @@ from .sample import check_sample
 
 
 def missing_hint(path: Path, check_script: str) -> str:
-    """The message of a `FileNotFoundError` for `path`: it names the check script that lists everything missing."""
-    return f"{path} does not exist; run `python {check_script} --root <data root>` to list every missing path."
+    """The message of a `FileNotFoundError` for `path`: it names the check script that lists everything missing.
+    `check_script` is a script path, whose command takes `--root <data root>`, or a whole command (with options)."""
+    command = check_script if " " in check_script else f"{check_script} --root <data root>"
+    return f"{path} does not exist; run `python {command}` to list every missing path."
 
 
 def require_paths(paths: Iterable[Path], check_script: str) -> None:
