@@ -754,6 +754,65 @@ class RefShapesDataset(torch.utils.data.Dataset):
         )
 
 
+# Words outside `vocabulary()` and the prompt templates: a word-level model reads each as <unk>.
+UNKNOWN_WORDS = ("pink", "cat", "oval", "hexagon", "smaller", "dog", "car", "blob", "кот", "円")
+PRESENCE_PROBE_KINDS = ("right", "absent", "unknown")
+
+
+@dataclass(frozen=True)
+class PresenceProbe:
+    """A query whose referent is in the image (`present`) or not, to score presence scores.
+
+    Attributes:
+        image: the scene's image.
+        text: the query.
+        query_kind: "phrase" or "instruction".
+        kind: one of `PRESENCE_PROBE_KINDS`: "right" (an expression with a target), "absent" (its target is not
+            in the scene) or "unknown" (a right expression with one word swapped for one of `UNKNOWN_WORDS`).
+    """
+
+    image: Image.Image
+    text: str
+    query_kind: str
+    kind: str
+
+    @property
+    def present(self) -> bool:
+        return self.kind == "right"
+
+
+def presence_probes(split: str = "test", size: int = 500, seed: int = 0) -> list[PresenceProbe]:
+    """Right, absent and unknown-word queries on `size` scenes of a RefShapes split, deterministic in
+    (`split`, `size`, `seed`).
+
+    Scene `i` is item `i` of `RefShapesDataset(split, size, seed)` drawn without `no_target` expressions; it gives
+    its expression ("right"), up to two absent queries (one of the scene's `no_target` expressions, a colour and
+    form pair sharing the colour or the form of a shape; the right expression with its first colour word swapped
+    for a colour the scene lacks) and the right expression with one word swapped for an unknown one.
+    """
+    dataset = RefShapesDataset(split, size, seed, kind_weights={"no_target": 0.0})
+    probes = []
+    for index in range(size):
+        example = dataset.example(index)
+        scene, expression = example.scene, example.expression
+        rng = random.Random(f"{SOURCE}-presence/{split}/{seed}/{index}")
+        queries = [(expression.text, expression.query_kind, "right")]
+        absent = scene_expressions(scene, "no_target")
+        if absent:
+            queries.append((rng.choice(absent).text, "phrase", "absent"))
+        words = expression.text.split(" ")
+        colour_at = next((i for i, word in enumerate(words) if word in COLOURS), None)
+        lacking = [colour for colour in COLOURS if colour not in {shape.colour for shape in scene.shapes}]
+        if colour_at is not None and lacking:
+            swapped = [*words[:colour_at], rng.choice(lacking), *words[colour_at + 1 :]]
+            queries.append((" ".join(swapped), expression.query_kind, "absent"))
+        at = rng.randrange(len(words))
+        unknown = [*words[:at], rng.choice(UNKNOWN_WORDS), *words[at + 1 :]]
+        queries.append((" ".join(unknown), expression.query_kind, "unknown"))
+        probes += [PresenceProbe(scene.image, text, query_kind, kind) for text, query_kind, kind in queries]
+    return probes
+
+
 def parse_kind_weights(text: str) -> dict[str, float]:
     """`"colour_shape=2,multi_target"` -> `{"colour_shape": 2.0, "multi_target": 1.0}` and 0 for every other kind."""
     weights = dict.fromkeys(EXPRESSION_KINDS, 0.0)
@@ -838,6 +897,7 @@ __all__ = [
     "Expression",
     "Group",
     "PlacedShape",
+    "PresenceProbe",
     "RefShapesDataset",
     "RefShapesExample",
     "SPLITS",
@@ -848,6 +908,7 @@ __all__ = [
     "make_scene",
     "more_expressions",
     "parse_kind_weights",
+    "presence_probes",
     "rasterise_shape",
     "related_member",
     "render_example_grid",
