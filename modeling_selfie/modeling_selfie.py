@@ -639,11 +639,12 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
                 f"{pretrained_model_name_or_path} lacks {len(missing)} weight(s) of the InternVL base model: {shown}. "
                 "Only the SELFIE head may be missing from a checkpoint; is this an InternVL3 / SELFIE checkpoint?"
             )
-        if any(key.startswith("seg_head.") for key in info["missing_keys"]):
-            count = sum(p.numel() for p in model.seg_head.parameters())
+        fresh = sorted({".".join(key.split(".")[:2]) for key in info["missing_keys"] if key.startswith("seg_head.")})
+        if fresh:
+            count = sum(p.numel() for name in fresh for p in model.get_submodule(name).parameters())
             logger.warning(
-                f"SELFIE modules initialised from scratch (not in the checkpoint): seg_head.pus_llm, "
-                f"seg_head.pus_vision, seg_head.proj_out ({count:,} parameters). Train them before use."
+                f"SELFIE modules initialised from scratch (not in the checkpoint): {', '.join(fresh)} ({count:,} "
+                "parameters). Train them before use."
             )
         if seg_token_id is not None:
             model.config.seg_token_id = seg_token_id

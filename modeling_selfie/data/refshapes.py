@@ -781,14 +781,24 @@ class PresenceProbe:
         return self.kind == "right"
 
 
+def _swap_word(words: list[str], choices: dict[str, list[str]], rng: random.Random) -> list[str] | None:
+    """`words` with its first word that is a key of `choices` replaced by one of that key's choices, or `None`."""
+    at = next((i for i, word in enumerate(words) if choices.get(word)), None)
+    return None if at is None else [*words[:at], rng.choice(choices[words[at]]), *words[at + 1 :]]
+
+
 def presence_probes(split: str = "test", size: int = 500, seed: int = 0) -> list[PresenceProbe]:
     """Right, absent and unknown-word queries on `size` scenes of a RefShapes split, deterministic in
     (`split`, `size`, `seed`).
 
-    Scene `i` is item `i` of `RefShapesDataset(split, size, seed)` drawn without `no_target` expressions; it gives
-    its expression ("right"), up to two absent queries (one of the scene's `no_target` expressions, a colour and
-    form pair sharing the colour or the form of a shape; the right expression with its first colour word swapped
-    for a colour the scene lacks) and the right expression with one word swapped for an unknown one.
+    Scene `i` is item `i` of `RefShapesDataset(split, size, seed)` drawn without `no_target` expressions. Every
+    absent query comes with a right query of the same wording, so the wording alone tells nothing:
+
+    * one of the scene's `colour_shape` expressions ("right") and one of its `no_target` expressions ("absent", a
+      colour and form pair sharing the colour or the form of a shape), when it has both;
+    * the item's expression ("right") and the same expression with its first colour word swapped for a colour the
+      scene lacks, or else its first form word for a form the scene lacks ("absent"), when it has such a word;
+    * and that expression with one word swapped for one of `UNKNOWN_WORDS` ("unknown").
     """
     dataset = RefShapesDataset(split, size, seed, kind_weights={"no_target": 0.0})
     probes = []
@@ -796,16 +806,21 @@ def presence_probes(split: str = "test", size: int = 500, seed: int = 0) -> list
         example = dataset.example(index)
         scene, expression = example.scene, example.expression
         rng = random.Random(f"{SOURCE}-presence/{split}/{seed}/{index}")
-        queries = [(expression.text, expression.query_kind, "right")]
-        absent = scene_expressions(scene, "no_target")
-        if absent:
-            queries.append((rng.choice(absent).text, "phrase", "absent"))
+        queries = []
+        named, absent = scene_expressions(scene, "colour_shape"), scene_expressions(scene, "no_target")
+        if named and absent:
+            queries += [(rng.choice(named).text, "phrase", "right"), (rng.choice(absent).text, "phrase", "absent")]
         words = expression.text.split(" ")
-        colour_at = next((i for i, word in enumerate(words) if word in COLOURS), None)
-        lacking = [colour for colour in COLOURS if colour not in {shape.colour for shape in scene.shapes}]
-        if colour_at is not None and lacking:
-            swapped = [*words[:colour_at], rng.choice(lacking), *words[colour_at + 1 :]]
-            queries.append((" ".join(swapped), expression.query_kind, "absent"))
+        colours, forms = {shape.colour for shape in scene.shapes}, {shape.form for shape in scene.shapes}
+        lacking = {colour: [c for c in COLOURS if c not in colours] for colour in COLOURS}
+        lacking.update({form: [f for f in FORMS if f not in forms] for form in FORMS})
+        lacking.update({PLURALS[form]: [PLURALS[f] for f in FORMS if f not in forms] for form in FORMS})
+        swapped = _swap_word(words, {w: c for w, c in lacking.items() if w in COLOURS}, rng) or _swap_word(
+            words, {w: c for w, c in lacking.items() if w not in COLOURS}, rng
+        )
+        if swapped:
+            queries += [(expression.text, expression.query_kind, "right"),
+                        (" ".join(swapped), expression.query_kind, "absent")]
         at = rng.randrange(len(words))
         unknown = [*words[:at], rng.choice(UNKNOWN_WORDS), *words[at + 1 :]]
         queries.append((" ".join(unknown), expression.query_kind, "unknown"))
