@@ -6,8 +6,10 @@ wrong queries (AUROC), against the old score (the mask's most confident pixel).
 
 The head (`SelfieConfig.presence_head`) is one linear map of the LLM hidden state that predicts `[SEG]`: a logistic
 regression fitted, with the rest of the model frozen, on `--fit-size` validation scenes of `presence_probes` (right
-expressions against absent targets; unknown words are left to `SelfieConfig.unk_token_id`). Fitting writes the
-head, `unk_token_id` and `query_normalization="words"` into `--model` (one atomic folder swap).
+expressions against absent targets; unknown words are left to `SelfieConfig.unk_token_id`). Its bias is then moved
+so that `--keep-right` of the right validation queries score at least 0.5: the operating point at which masks are
+emptied (a shift of the bias changes no ranking, so no AUROC). Fitting writes the head, `unk_token_id` and
+`query_normalization="words"` into `--model` (one atomic folder swap).
 
 The measurement uses `--eval-size` scenes of the RefShapes test split with `--eval-seed` (the model was trained on
 the train split; its card's held-out numbers use test seed 0): right expressions are positives, absent targets and
@@ -71,9 +73,10 @@ def run_probes(model, processor, probes, batch_size: int = 16) -> dict[str, np.n
     return result
 
 
-def fit_logistic(features: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic(features: np.ndarray, labels: np.ndarray, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights `[1, D]` and bias `[1]` of an L2-regularised logistic regression (L-BFGS on standardised features,
-    folded back into the raw features' scale)."""
+    folded back into the raw features' scale), the bias moved so that a share `keep` of the positives get a logit
+    of at least 0."""
     x = torch.tensor(features, dtype=torch.float64)
     y = torch.tensor(labels, dtype=torch.float64)
     mean, std = x.mean(0), x.std(0) + 1e-6
@@ -90,8 +93,9 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor
 
     optimizer.step(closure)
     with torch.no_grad():
+        shift = torch.quantile((x @ weight + bias)[y == 1], 1 - keep)
         raw_weight = weight / std
-        return raw_weight[None].float(), (bias - (raw_weight * mean).sum())[None].float()
+        return raw_weight[None].float(), (bias - shift - (raw_weight * mean).sum())[None].float()
 
 
 def write_model(model, processor, folder: Path) -> None:
@@ -131,6 +135,8 @@ def main(argv=None):
     parser.add_argument("--no-fit", action="store_true", help="only measure the model as it is")
     parser.add_argument("--fit-size", type=int, default=1500, help="validation scenes to fit the head on")
     parser.add_argument("--fit-seed", type=int, default=FIT_SEED)
+    parser.add_argument("--keep-right", type=float, default=0.95,
+                        help="share of right validation queries whose head logit is at least 0 (default 0.95)")
     parser.add_argument("--eval-size", type=int, default=500, help="test scenes to measure on")
     parser.add_argument("--eval-seed", type=int, default=EVAL_SEED)
     parser.add_argument("--threads", type=int, default=1)
@@ -148,7 +154,8 @@ def main(argv=None):
         probes = [probe for probe in presence_probes("validation", args.fit_size, args.fit_seed)
                   if probe.kind != "unknown"]
         features = run_probes(model, processor, probes)["features"]
-        weight, bias = fit_logistic(features, np.array([probe.present for probe in probes], dtype=float))
+        labels = np.array([probe.present for probe in probes], dtype=float)
+        weight, bias = fit_logistic(features, labels, args.keep_right)
         with torch.no_grad():
             model.seg_head.presence.weight.copy_(weight)
             model.seg_head.presence.bias.copy_(bias)
