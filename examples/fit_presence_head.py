@@ -1,14 +1,15 @@
 """Fit the presence head of a SELFIE model on RefShapes, and measure how well presence scores separate right from
 wrong queries (AUROC), against the old score (the mask's most confident pixel).
 
-    python examples/fit_presence_head.py                 # fit the shipped model's head, write it, measure (~6 min)
+    python examples/fit_presence_head.py                 # fit the shipped model's head, write it, measure (~8 min)
     python examples/fit_presence_head.py --no-fit        # measure the model as it is
 
 The head (`SelfieConfig.presence_head`) is one linear map of the LLM hidden state that predicts `[SEG]`: a logistic
 regression fitted, with the rest of the model frozen, on `--fit-size` validation scenes of `presence_probes` (right
 expressions against absent targets; unknown words are left to `SelfieConfig.unk_token_id`). Its bias is then moved
-so that `--keep-right` of the right validation queries score at least 0.5: the operating point at which masks are
-emptied (a shift of the bias changes no ranking, so no AUROC). Fitting writes the head, `unk_token_id` and
+so that `--keep-right` of the right validation queries get a head logit of at least 0: the operating point at which
+the head empties masks (the head's own ranking does not depend on it; a high share keeps right masks and leaves the
+head mostly to ranking). Fitting writes the head, `unk_token_id` and
 `query_normalization="words"` into `--model` (one atomic folder swap).
 
 The measurement uses `--eval-size` scenes of the RefShapes test split with `--eval-seed` (the model was trained on
@@ -136,8 +137,8 @@ def main(argv=None):
     parser.add_argument("--no-fit", action="store_true", help="only measure the model as it is")
     parser.add_argument("--fit-size", type=int, default=1500, help="validation scenes to fit the head on")
     parser.add_argument("--fit-seed", type=int, default=FIT_SEED)
-    parser.add_argument("--keep-right", type=float, default=0.95,
-                        help="share of right validation queries whose head logit is at least 0 (default 0.95)")
+    parser.add_argument("--keep-right", type=float, default=0.999,
+                        help="share of right validation queries whose head logit is at least 0 (default 0.999)")
     parser.add_argument("--eval-size", type=int, default=500, help="test scenes to measure on")
     parser.add_argument("--eval-seed", type=int, default=EVAL_SEED)
     parser.add_argument("--threads", type=int, default=1)
