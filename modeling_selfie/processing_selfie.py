@@ -337,10 +337,11 @@ class SelfieProcessor(InternVLProcessor):
 
     def unknown_words(self, query: str, kind: str = "phrase") -> list[str]:
         """The words of the (normalised) query that the tokenizer reads as its unknown token, in order, once each:
-        words a word-level vocabulary lacks. Empty for tokenizers without an unknown token."""
+        words a word-level vocabulary lacks. Empty for tokenizers without an unknown token (byte-level BPE has no
+        unknown words) and for slow tokenizers, which give no character offsets."""
         text = self.normalize_query(query, kind)
         unknown_id = self.tokenizer.unk_token_id
-        if unknown_id is None:
+        if unknown_id is None or not self.tokenizer.is_fast:
             return []
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         spans = [span for token, span in zip(encoding["input_ids"], encoding["offset_mapping"]) if token == unknown_id]

@@ -189,3 +189,13 @@ def test_fit_presence_head_writes_the_head_and_prints_both_aurocs(tmp_path, caps
     for name in ("README.md", "tokenizer.json", "tokenizer_config.json"):
         assert (folder / name).read_bytes() == (default_model_dir() / name).read_bytes()
     assert not list(folder.glob("*.py"))
+
+
+def test_the_pipeline_names_unknown_words_and_scores_them_low():
+    from transformers import pipeline
+
+    segmenter = pipeline("referring-segmentation", model=str(default_model_dir()))
+    image = scene((245, 242, 235), SCENES[0][0])
+    with pytest.warns(UnknownWordsWarning, match="'cat'"):
+        results = segmenter(image, text=["the cat", "Red Circle"])
+    assert results[0]["score"] < 0.5 <= results[1]["score"] and results[1]["label"] == "Red Circle"
