@@ -8,6 +8,7 @@ Needs the `app` extra (gradio); run by `.ci/browser.sh` (with the browser test b
 It serves the model shipped in the package, as the page does by default.
 """
 
+import contextlib
 import importlib.util
 import os
 import socket
@@ -20,7 +21,9 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from modeling_selfie.cli import load_model, segment_with_scores
+from modeling_selfie.data.refshapes import COLOURS, FORMS
 from modeling_selfie.overlay import render_overlay
+from modeling_selfie.processing_selfie import UnknownWordsWarning
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,14 +48,27 @@ def expected_overlay(model_and_processor, image, prompt):
     return np.asarray(render_overlay(image, mask, prompt)), mask, score
 
 
-@pytest.mark.parametrize("prompt", ["red circle", "左边的红色圆圈"])
-def test_segment_action_returns_the_overlay_and_a_summary(model_and_processor, example, prompt):
+@pytest.mark.parametrize("prompt, unknown", [("red circle", None), ("Red Circle!", None), ("左边的红色圆圈", "'左边的红色圆圈'"),
+                                             ("the cat", "'cat'")])
+def test_segment_action_returns_the_overlay_and_a_summary(model_and_processor, example, prompt, unknown):
     segment = app_module.make_segment(*model_and_processor)
     overlay, summary = segment(example, f"  {prompt} ", "phrase")
-    pixels, mask, score = expected_overlay(model_and_processor, example, prompt)
+    with pytest.warns(UnknownWordsWarning) if unknown else contextlib.nullcontext():
+        pixels, mask, score = expected_overlay(model_and_processor, example, prompt)
     assert np.array_equal(np.asarray(overlay), pixels) and overlay.width == example.width
-    assert summary == (f"**{prompt}**: {int(mask.sum())} px ({100 * mask.mean():.1f}% of the image), "
-                       f"presence score {score:.2f}")
+    line = f"**{prompt}**: {int(mask.sum())} px ({100 * mask.mean():.1f}% of the image), presence score {score:.2f}"
+    if unknown is None:
+        assert summary == line
+    else:  # the words the model cannot read are named on the page
+        assert summary.startswith(line + "\n\nWarning: ") and unknown in summary.split("\n")[-1]
+
+
+def test_the_page_says_what_the_default_model_knows(model_and_processor):
+    vocabulary = model_and_processor[1].tokenizer.get_vocab()
+    note = app_module.DEFAULT_MODEL_NOTE
+    assert "\n" not in note and all(word in note and word in vocabulary for word in [*COLOURS, *FORMS])
+    app = app_module.build_app(*model_and_processor, note=note)
+    assert any(component.get("props", {}).get("value") == note for component in app.config["components"])
 
 
 @pytest.mark.parametrize("image, prompt, message", [(None, "red circle", "Upload an image"), ("example", "  ", "Type")])

@@ -105,6 +105,7 @@ def build_model_and_processor(
     processor = SelfieProcessor(
         image_processor=image_processor, tokenizer=tokenizer,
         image_seq_length=round(TILE // patch_size * downsample_ratio) ** 2, system_message="", prompt_style="internvl",
+        query_normalization="words",  # RefShapes expressions are lower-case words (questions: "Which ...?")
     )
     config = SelfieConfig(
         vision_config=dict(
@@ -121,6 +122,7 @@ def build_model_and_processor(
         downsample_ratio=downsample_ratio,
         image_token_id=processor.image_token_id,
         seg_token_id=processor.seg_token_id,
+        unk_token_id=tokenizer.unk_token_id,  # a query with a word outside the vocabulary scores low presence
         image_seq_length=processor.image_seq_length,
         seg_hidden_size=64,
         bce_loss_weight=0.5,  # from scratch, DICE-heavy weights learn small targets faster than 2.0 / 0.5
@@ -462,9 +464,12 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
 
 
 def init_from(model, folder: Path, parser) -> list[dict]:
-    """Load the weights of a model folder written by this script into `model`; returns its training stages."""
+    """Load the weights of a model folder written by this script into `model`; returns its training stages. A
+    presence head is left out: it reads the trained model's states, so it is fitted again after training
+    (`examples/fit_presence_head.py`)."""
     try:
-        model.load_state_dict(load_file(folder / "model.safetensors"))
+        state = load_file(folder / "model.safetensors")
+        model.load_state_dict({key: value for key, value in state.items() if not key.startswith("seg_head.presence.")})
         stages = json.loads((folder / "eval_results.json").read_text())["training"]
     except (OSError, KeyError, RuntimeError) as error:
         parser.error(f"--init-from {folder}: not a model of this script with the same design ({error})".split("\n")[0])

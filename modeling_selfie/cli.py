@@ -11,6 +11,7 @@ half-written mask, overlay or JSON file in place of a good one.
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -214,6 +215,17 @@ def report(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None, _show=warnings.showwarning) -> None:
+    """`warnings.showwarning` of the CLI: a model's `UnknownWordsWarning` is one `warning:` line on stderr (above
+    a progress bar); every other warning is shown as Python shows it."""
+    from .processing_selfie import UnknownWordsWarning
+
+    if issubclass(category, UnknownWordsWarning):
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+    else:
+        _show(message, category, filename, lineno, file, line)
+
+
 def run_single(args) -> int:
     """`selfie-segment IMAGE PROMPT [PROMPT ...]`: all prompts in one forward pass, one mask + overlay each."""
     image_path = Path(args.image)
@@ -280,11 +292,13 @@ def run(args) -> int:
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # no "Loading weights" bar: the output is the results (and --batch's own bar)
-    try:
-        return run_batch(args) if args.batch else run_single(args)
-    except CLIError as error:
-        report(str(error))
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            return run_batch(args) if args.batch else run_single(args)
+        except CLIError as error:
+            report(str(error))
+            return 2
 
 
 if __name__ == "__main__":

@@ -39,6 +39,14 @@ class SelfieConfig(InternVLConfig):
     mask_loss_normalization (`str`, *optional*, defaults to `"batch"`):
         `"batch"` divides the summed mask losses by the number of sequences in the batch (the released
         training), `"mask"` by the number of masks.
+    presence_head (`bool`, *optional*, defaults to `False`):
+        Add a presence head: a linear map of the hidden state that predicts each `[SEG]` to a presence logit (is
+        the referred object in the image at all?). Without it a mask's presence logit is its most confident pixel.
+        See `SelfieForSegmentation.presence_logits`.
+    unk_token_id (`int`, *optional*):
+        Id of the tokenizer's unknown-word token (`<unk>`) for a word-level vocabulary: every `<unk>` before a
+        `[SEG]` lowers that mask's presence logit by `UNKNOWN_TOKEN_PRESENCE_PENALTY`, so a query the model cannot
+        read scores low. `None` (subword tokenizers, which have no unknown words) leaves the logits alone.
     """
 
     model_type = "selfie"
@@ -53,6 +61,8 @@ class SelfieConfig(InternVLConfig):
     dice_loss_weight: float = 0.5
     aux_mask_loss_weight: float = 1.0
     mask_loss_normalization: str = "batch"
+    presence_head: bool = False
+    unk_token_id: int | None = None
     tie_word_embeddings: bool = False
 
     @classmethod

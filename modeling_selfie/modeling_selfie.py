@@ -32,6 +32,8 @@ from .configuration_selfie import SelfieConfig
 
 logger = logging.get_logger(__name__)
 
+UNKNOWN_TOKEN_PRESENCE_PENALTY = 8.0  # presence logit taken off per unknown-word token before a [SEG]
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Small named helpers
@@ -326,9 +328,9 @@ class SelfieSegmentationOutput(InternVLCausalLMOutputWithPast):
         row-major). Pass them to `SelfieProcessor.post_process_masks` for masks at the image's own size.
     presence_logits (`list[torch.FloatTensor]`, *optional*):
         One `[n_seg]` tensor per sample: whether the referred object is in the image at all (the convention of
-        SAM3's `presence_logits`). Derived from the masks, no extra parameters: the logit of the most confident
-        pixel, so `sigmoid(presence) < 0.5` exactly when the mask is empty at the default threshold, and a higher
-        `presence_threshold` in `post_process_masks` drops low-confidence masks.
+        SAM3's `presence_logits`); see [`SelfieForSegmentation.presence_logits`]. Never above the logit of the
+        mask's most confident pixel, so a mask is empty at the default thresholds exactly when its presence score
+        `sigmoid(presence)` is below 0.5 (`post_process_masks` empties it).
     text_loss (`torch.FloatTensor` of shape `()`, *optional*):
         Next-token cross entropy (when `labels` are given).
     mask_bce_loss, mask_dice_loss (`torch.FloatTensor` of shape `()`, *optional*):
@@ -384,6 +386,7 @@ class SelfieSegmentationHead(nn.Module):
         self.pus_llm = SelfieMLP(hidden, hidden, unshuffled, act)
         self.pus_vision = SelfieMLP(hidden, hidden, unshuffled, act)
         self.proj_out = SelfieMLP(config.seg_hidden_size, config.seg_hidden_size, config.seg_hidden_size, act)
+        self.presence = nn.Linear(hidden, 1) if config.presence_head else None
 
     def _to_pixels(self, unshuffled: torch.Tensor) -> torch.Tensor:
         """RFA unshuffles the r*r chunks into r x r pixels; the other modes average them at the token grid."""
@@ -681,11 +684,12 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
                 f"{pretrained_model_name_or_path} lacks {len(missing)} weight(s) of the InternVL base model: {shown}. "
                 "Only the SELFIE head may be missing from a checkpoint; is this an InternVL3 / SELFIE checkpoint?"
             )
-        if any(key.startswith("seg_head.") for key in info["missing_keys"]):
-            count = sum(p.numel() for p in model.seg_head.parameters())
+        fresh = sorted({".".join(key.split(".")[:2]) for key in info["missing_keys"] if key.startswith("seg_head.")})
+        if fresh:
+            count = sum(p.numel() for name in fresh for p in model.get_submodule(name).parameters())
             logger.warning(
-                f"SELFIE modules initialised from scratch (not in the checkpoint): seg_head.pus_llm, "
-                f"seg_head.pus_vision, seg_head.proj_out ({count:,} parameters). Train them before use."
+                f"SELFIE modules initialised from scratch (not in the checkpoint): {', '.join(fresh)} ({count:,} "
+                "parameters). Train them before use."
             )
         if seg_token_id is not None:
             model.config.seg_token_id = seg_token_id
@@ -753,15 +757,12 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
             `pred_masks` (list of `[n_seg, H, W]` per sample) and, with `with_aux`, the low-resolution logits in the
             same layout (else `None`).
         """
-        length = input_ids.shape[1]
-        seg_tokens = input_ids == self.config.seg_token_id
         image_tokens = input_ids == self.config.image_token_id
         if attention_mask is not None:
-            seg_tokens, image_tokens = seg_tokens & attention_mask.bool(), image_tokens & attention_mask.bool()
+            image_tokens = image_tokens & attention_mask.bool()
         flat_hidden = hidden_states.flatten(0, 1)
-        seg_index = first_true_indices(seg_tokens.flatten(), sum(seg_layout.seg_counts))  # sample-major
-        predicting = seg_index - 1 + (seg_index % length == 0).long()  # the state that predicts [SEG]
-        seg_vectors = self.seg_head.seg_embeddings(flat_hidden[predicting])
+        seg_vectors = self.seg_head.seg_embeddings(flat_hidden[self.seg_state_index(input_ids, attention_mask,
+                                                                                    seg_layout)])
         tokens = self.config.tokens_per_tile_side**2
         image_index = first_true_indices(image_tokens.flatten(), image_features.shape[0] * tokens).view(-1, tokens)
 
@@ -795,6 +796,51 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
                 for b, sample_low in zip(samples, low):
                     aux_masks[b] = sample_low
         return pred_masks, aux_masks
+
+    def seg_state_index(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, seg_layout: SegmentationLayout
+    ) -> torch.LongTensor:
+        """`[S]` flat positions (in `input_ids.flatten()`) of the hidden states that predict each `[SEG]`, sample-major:
+        the token before each `[SEG]` (the `[SEG]` itself when it opens a row)."""
+        seg_tokens = input_ids == self.config.seg_token_id
+        if attention_mask is not None:
+            seg_tokens = seg_tokens & attention_mask.bool()
+        seg_index = first_true_indices(seg_tokens.flatten(), sum(seg_layout.seg_counts))
+        return seg_index - 1 + (seg_index % input_ids.shape[1] == 0).long()
+
+    def presence_logits(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        hidden_states: torch.Tensor,
+        pred_masks: list[torch.Tensor],
+        seg_layout: SegmentationLayout,
+    ) -> list[torch.Tensor]:
+        """Whether each `[SEG]`'s object is in the image: one `[n_seg]` logit tensor per sample.
+
+        The logit of the mask's most confident pixel; with `config.presence_head`, the smaller of that and the
+        head's logit for the hidden state that predicts the `[SEG]`; minus `UNKNOWN_TOKEN_PRESENCE_PENALTY` for
+        every `config.unk_token_id` token before the `[SEG]` (a word the vocabulary lacks). So the score is below
+        0.5 whenever the mask is empty at the default threshold, the head judges the object absent, or the query
+        holds an unknown word.
+
+        Args:
+            input_ids, attention_mask: `[B, L]`.
+            hidden_states: `[B, L, D]` final-norm LLM states.
+            pred_masks: `predict_masks`' logits, `[n_seg, H, W]` per sample.
+            seg_layout: the batch's [`SegmentationLayout`].
+        """
+        logits = torch.cat([masks.flatten(1).amax(1) for masks in pred_masks])  # sample-major, [S]
+        predicting = self.seg_state_index(input_ids, attention_mask, seg_layout)
+        if self.seg_head.presence is not None:
+            head = self.seg_head.presence(hidden_states.flatten(0, 1)[predicting])[:, 0]
+            logits = torch.minimum(logits, head.to(logits.dtype))
+        if self.config.unk_token_id is not None:
+            unknown = input_ids == self.config.unk_token_id
+            if attention_mask is not None:
+                unknown = unknown & attention_mask.bool()
+            logits = logits - UNKNOWN_TOKEN_PRESENCE_PENALTY * unknown.cumsum(1).flatten()[predicting].to(logits.dtype)
+        return list(logits.split(list(seg_layout.seg_counts)))
 
     def mask_loss(
         self, pred_masks: list[torch.Tensor], aux_masks: list[torch.Tensor], mask_labels: list[torch.Tensor]
@@ -847,9 +893,13 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
             mask_threshold: logit threshold of the returned masks.
             presence_threshold: masks whose presence score is lower come back empty.
             return_logits: return the mask logits (float) instead of bool masks.
-            return_scores: also return each mask's presence score, `sigmoid(presence_logit)`.
+            return_scores: also return each mask's presence score, `sigmoid(presence_logit)` (see
+                [`SelfieForSegmentation.presence_logits`]).
         Returns:
             One `[height, width]` mask per query, at its image's own size; with `return_scores`, `(masks, scores)`.
+
+        Queries are normalised as the processor's `query_normalization` says; words the vocabulary lacks are named in
+        one [`UnknownWordsWarning`].
         """
         from .processing_selfie import image_size_of, post_process_masks
 
@@ -859,6 +909,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         if len(images) != len(queries):
             raise ValueError(f"{len(images)} images for {len(queries)} queries: give one image per query.")
         inputs = processor(images=images, queries=queries, query_kind=query_kind)
+        processor.warn_unknown_words(queries, query_kind)
         layout = SegmentationLayout.from_inputs(self.config, inputs["input_ids"], inputs["attention_mask"],
                                                 inputs["tile_grid"])  # on the CPU: no device read in the forward
         inputs = inputs.to(self.device)
@@ -904,6 +955,11 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         from .processing_selfie import image_size_of, post_process_masks
 
         processor.check_model(self.config)
+        messages = [  # user turns written as the model's training text was (the processor's query_normalization)
+            {**turn, "content": processor.normalize_query(turn["content"], "instruction")} if turn["role"] == "user"
+            else turn
+            for turn in messages
+        ]
         prompt = processor.render_conversation(messages, with_image=image is not None, add_generation_prompt=True)
         inputs = processor(images=[image] if image is not None else None, text=[prompt]).to(self.device)
         if "pixel_values" in inputs:
@@ -975,7 +1031,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
-        pred_masks = aux_masks = None
+        pred_masks = aux_masks = presence_logits = None
         if seg_layout is not None and seg_layout.segmenting and outputs.image_features is not None:
             pred_masks, aux_masks = self.predict_masks(
                 input_ids,
@@ -986,6 +1042,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
                 seg_layout,
                 with_aux=mask_labels is not None,
             )
+            presence_logits = self.presence_logits(input_ids, attention_mask, hidden_states, pred_masks, seg_layout)
 
         loss = text_loss = bce_loss = dice_loss = None
         if labels is not None:
@@ -1000,7 +1057,6 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
             mask_loss = self.config.bce_loss_weight * bce_loss + self.config.dice_loss_weight * dice_loss
             loss = mask_loss if loss is None else loss + mask_loss
 
-        presence_logits = None if pred_masks is None else [masks.flatten(1).amax(1) for masks in pred_masks]
         return SelfieSegmentationOutput(
             loss=loss,
             logits=logits,

@@ -25,7 +25,8 @@ class ReferringSegmentationPipeline(Pipeline):
 
     Call with `image` (PIL image, path or URL) and `text` (a phrase or a list). Options: `query_kind`
     (`"phrase"` or `"instruction"`), `mask_threshold` (logit, 0.0) and `presence_threshold` (0.5): a phrase
-    whose presence score is below it gets an empty mask. Returns one `{"mask", "score", "label"}` per phrase:
+    whose presence score is below it gets an empty mask; words the model's vocabulary lacks are named in an
+    `UnknownWordsWarning`. Returns one `{"mask", "score", "label"}` per phrase:
     `mask` a binary PIL image (mode "L", 0/255) at the image's size, `score` the presence score.
     """
 
@@ -61,6 +62,7 @@ class ReferringSegmentationPipeline(Pipeline):
         else:
             image = load_image(image)  # a URL or base64 text
         inputs = self.processor(images=[image] * len(labels), queries=labels, query_kind=query_kind)
+        self.processor.warn_unknown_words(labels, query_kind)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return {"inputs": inputs, "labels": labels, "size": (image.height, image.width)}
 
