@@ -10,16 +10,74 @@ the work) once they are valid, so `--help` and argument errors answer at once. I
 """
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def fail(message: str):
+    """Bad input ends in one `error:` line and exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        """Bad arguments end in one `error:` line and exit code 2, as every other bad input does."""
-        print(f"error: {message} (see selfie-segment --help)", file=sys.stderr)
-        sys.exit(2)
+        fail(f"{message} (see selfie-segment --help)")
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be an image to read (`None` when it is a file)."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a folder, not an image"
+    return None if path.is_file() else f"image not found: {path}"
+
+
+def model_problem(name_or_path: str | Path) -> str | None:
+    """Why `name_or_path` cannot be a model when it names a local path (`None` when it can, or is a Hub id)."""
+    path = Path(name_or_path)
+    if path.exists() and not (path / "config.json").is_file():
+        return f"{path} is not a model folder (no config.json)"
+    return None
+
+
+def batch_problem(path: str | Path) -> str | None:
+    return None if Path(path).is_file() else f"batch file not found: {path}"
+
+
+def prompt_problem(prompt) -> str | None:
+    """Why `prompt` cannot be segmented (`None` when it says something)."""
+    if isinstance(prompt, str) and prompt.strip():
+        return None
+    return f"the prompt {prompt!r} is empty: say what to segment, e.g. \"red circle\""
+
+
+def folder_problem(folder: str | Path) -> str | None:
+    """Why files cannot be written in `folder`, creating it when missing (`None` when they can)."""
+    existing = Path(os.path.abspath(folder))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, so the folder {folder} cannot be created"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write in {existing}: permission denied"
+    return None
+
+
+def output_problem(option: str, path: str, folder: bool) -> str | None:
+    """Why `option PATH` cannot be written: `PATH` is a folder to write in when `folder`, else a file (or prefix)."""
+    if not folder and Path(path).is_dir():
+        return f"{option} {path} is a folder: name the file to write, e.g. {Path(path) / 'masks.json'}"
+    problem = folder_problem(path if folder else Path(os.path.abspath(path)).parent)
+    return f"{option} {path}: {problem}" if problem else None
+
+
+def names_a_folder(output: str) -> bool:
+    """Whether `--output` names a folder: an existing one, or any path ending in a separator."""
+    return output.endswith(tuple(s for s in (os.sep, os.altsep) if s)) or Path(output).is_dir()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +134,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--batch-size must be at least 1, not {args.batch_size}")
     if args.no_images and not args.json:
         parser.error("--no-images without --json would write nothing")
+    check_inputs(args)
     return args
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """The checks that need no torch, made before it loads: the image, prompts, batch file, model folder and output
+    paths, and `--device mps` off macOS. Exits with one `error:` line at the first problem (other devices are
+    checked once torch is there)."""
+    problems = [image_problem(args.image)] if args.image else []
+    problems += [prompt_problem(prompt) for prompt in args.prompts]
+    problems += [batch_problem(args.batch)] if args.batch else []
+    problems += [model_problem(args.model)] if args.model else []
+    if args.device.split(":")[0] == "mps" and sys.platform != "darwin":
+        problems.append(f"--device {args.device} cannot be used here: MPS is the GPU of Apple's macOS "
+                        "(try --device auto or cpu)")
+    if args.json:
+        problems.append(output_problem("--json", args.json, folder=False))
+    if args.output and not args.no_images:
+        problems.append(output_problem("--output", args.output, folder=bool(args.batch) or names_a_folder(args.output)))
+    for problem in filter(None, problems):
+        fail(problem)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ setup(
         "safetensors>=0.4.3,<1",
         "huggingface_hub>=1.5,<3",
         "tokenizers>=0.23,<0.24",
-        "pillow>=12,<14",
+        "pillow>=12.1.1,<13",  # the SELF1E authors' tiles (13 resizes some images differently): docs/evaluation.md
         "pycocotools>=2.0.11,<2.1",
         "numpy>=2,<3",
         "tqdm>=4.66",

@@ -8,6 +8,7 @@ Needs the `app` extra (gradio); run by `.ci/browser.sh` (with the browser test b
 It serves the model shipped in the package, as the page does by default.
 """
 
+import contextlib
 import importlib.util
 import os
 import socket
@@ -20,9 +21,12 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from modeling_selfie.cli import load_model, segment_with_scores
+from modeling_selfie.data.refshapes import COLOURS, FORMS
 from modeling_selfie.overlay import render_overlay
+from modeling_selfie.processing_selfie import UnknownWordsWarning
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+ROOT = Path(__file__).resolve().parents[1]
 APP_FILE = Path(__file__).parent / "app.py"
 spec = importlib.util.spec_from_file_location("selfie_demo_app", APP_FILE)
 app_module = importlib.util.module_from_spec(spec)
@@ -44,14 +48,27 @@ def expected_overlay(model_and_processor, image, prompt):
     return np.asarray(render_overlay(image, mask, prompt)), mask, score
 
 
-@pytest.mark.parametrize("prompt", ["red circle", "左边的红色圆圈"])
-def test_segment_action_returns_the_overlay_and_a_summary(model_and_processor, example, prompt):
+@pytest.mark.parametrize("prompt, unknown", [("red circle", None), ("Red Circle!", None), ("左边的红色圆圈", "'左边的红色圆圈'"),
+                                             ("the cat", "'cat'")])
+def test_segment_action_returns_the_overlay_and_a_summary(model_and_processor, example, prompt, unknown):
     segment = app_module.make_segment(*model_and_processor)
     overlay, summary = segment(example, f"  {prompt} ", "phrase")
-    pixels, mask, score = expected_overlay(model_and_processor, example, prompt)
+    with pytest.warns(UnknownWordsWarning) if unknown else contextlib.nullcontext():
+        pixels, mask, score = expected_overlay(model_and_processor, example, prompt)
     assert np.array_equal(np.asarray(overlay), pixels) and overlay.width == example.width
-    assert summary == (f"**{prompt}**: {int(mask.sum())} px ({100 * mask.mean():.1f}% of the image), "
-                       f"presence score {score:.2f}")
+    line = f"**{prompt}**: {int(mask.sum())} px ({100 * mask.mean():.1f}% of the image), presence score {score:.2f}"
+    if unknown is None:
+        assert summary == line
+    else:  # the words the model cannot read are named on the page
+        assert summary.startswith(line + "\n\nWarning: ") and unknown in summary.split("\n")[-1]
+
+
+def test_the_page_says_what_the_default_model_knows(model_and_processor):
+    vocabulary = model_and_processor[1].tokenizer.get_vocab()
+    note = app_module.DEFAULT_MODEL_NOTE
+    assert "\n" not in note and all(word in note and word in vocabulary for word in [*COLOURS, *FORMS])
+    app = app_module.build_app(*model_and_processor, note=note)
+    assert any(component.get("props", {}).get("value") == note for component in app.config["components"])
 
 
 @pytest.mark.parametrize("image, prompt, message", [(None, "red circle", "Upload an image"), ("example", "  ", "Type")])
@@ -67,17 +84,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_served_page_answers_its_segment_api(model_and_processor, example):
+def readme_api_call() -> str:
+    """The README's `gradio_client` example (the python block after "Its action is also an API")."""
+    readme = (ROOT / "README.md").read_text()
+    return readme[readme.index("Its action is also an API") :].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def served(model_and_processor):
+    """The page, served on a free port: yields its URL."""
     app = app_module.build_app(*model_and_processor)
     port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        overlay_file, summary = client.predict(
-            handle_file(str(app_module.EXAMPLE)), "red circle", "phrase", api_name="/segment"
-        )
-    finally:
-        app.close()
+    yield f"http://127.0.0.1:{port}/"
+    app.close()
+
+
+def test_the_readmes_client_call_answers(served, model_and_processor, example, monkeypatch):
+    code = readme_api_call()
+    assert "handle_file(" in code and "http://127.0.0.1:7860/" in code
+    monkeypatch.chdir(ROOT)  # its image path is relative to the repository
+    namespace = {}
+    exec(code.replace("http://127.0.0.1:7860/", served), namespace)
     pixels, mask, _ = expected_overlay(model_and_processor, example, "red circle")
-    assert np.array_equal(np.asarray(Image.open(overlay_file).convert("RGB")), pixels)
-    assert summary.startswith(f"**red circle**: {int(mask.sum())} px")
+    assert np.array_equal(np.asarray(Image.open(namespace["overlay_file"]).convert("RGB")), pixels)
+    assert namespace["summary"].startswith(f"**red circle**: {int(mask.sum())} px")
+
+
+def test_the_page_reads_sixteen_bit_and_exif_rotated_uploads_as_shown(served, model_and_processor, tmp_path):
+    gray8 = np.random.default_rng(0).integers(0, 256, (48, 64), dtype=np.uint16)
+    Image.fromarray(gray8 * 257).save(tmp_path / "gray16.png")  # 16-bit grayscale, from numpy through PIL
+    stored = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to show"
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", format="JPEG", exif=exif)
+    decoded = np.asarray(Image.open(tmp_path / "photo.jpg").convert("RGB"))
+    shown = {"gray16.png": Image.fromarray(gray8.astype(np.uint8)).convert("RGB"),
+             "photo.jpg": Image.fromarray(np.ascontiguousarray(np.rot90(decoded, k=-1)))}
+    client = Client(served, verbose=False)
+    for name, image in shown.items():
+        overlay_file, _ = client.predict(handle_file(str(tmp_path / name)), "red", "phrase", api_name="/segment")
+        pixels, _, _ = expected_overlay(model_and_processor, image, "red")
+        assert np.array_equal(np.asarray(Image.open(overlay_file).convert("RGB")), pixels), name

@@ -3,6 +3,14 @@
     python examples/train_refshapes.py --threads 1 --output outputs/models/demo   # checkpoints: outputs/train_refshapes
     python examples/train_refshapes.py --threads 1 --output outputs/models/demo --resume   # continue it later
 
+Continue the shipped model's training on one GPU in an 8-minute lease (6 minutes of steps, then scoring and
+writing; the same command plus `--resume` continues it in the next lease):
+
+    python examples/train_refshapes.py --device cuda --init-from modeling_selfie/pretrained/selfie-refshapes \
+        --minutes 6 --max-steps 6000 --batch-size 32 --learning-rate 2e-4 --warmup-steps 50 --warmup-fraction 0 \
+        --train-kinds colour_shape=2,position=2,size=1.5,relation=1.5,multi_target=1,no_target=1,reasoning=1 \
+        --data-workers 12 --curve-every 250 --run-dir outputs/train_refshapes_gpu --output outputs/models/refshapes-gpu
+
 The model is InternVL-shaped but small (a 4-layer ViT on 112 px tiles, a 4-layer Qwen2 LLM, up to 2 tiles per
 image so that wide and tall images are tiled), with a word-level tokenizer over the RefShapes vocabulary and the
 paper's prompt templates. `--patch-size` and `--downsample-ratio` set the mask grid: RFA unshuffles each ViT patch
@@ -29,6 +37,7 @@ import argparse
 import json
 import random
 import re
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -96,6 +105,7 @@ def build_model_and_processor(
     processor = SelfieProcessor(
         image_processor=image_processor, tokenizer=tokenizer,
         image_seq_length=round(TILE // patch_size * downsample_ratio) ** 2, system_message="", prompt_style="internvl",
+        query_normalization="words",  # RefShapes expressions are lower-case words (questions: "Which ...?")
     )
     config = SelfieConfig(
         vision_config=dict(
@@ -112,6 +122,7 @@ def build_model_and_processor(
         downsample_ratio=downsample_ratio,
         image_token_id=processor.image_token_id,
         seg_token_id=processor.seg_token_id,
+        unk_token_id=tokenizer.unk_token_id,  # a query with a word outside the vocabulary scores low presence
         image_seq_length=processor.image_seq_length,
         seg_hidden_size=64,
         bce_loss_weight=0.5,  # from scratch, DICE-heavy weights learn small targets faster than 2.0 / 0.5
@@ -219,6 +230,7 @@ def evaluate_by_kind(model, processor, dataset, batch_size: int = 32) -> dict:
                 masks = model.segment(processor, [images[i] for i in index], [queries[i] for i in index], kind)
                 predictions += list(zip(index, masks))
         for i, mask in sorted(predictions, key=lambda item: item[0]):
+            mask = mask.cpu()
             target = torch.from_numpy(samples[i]["masks"][0].astype(bool))
             for key in ("overall", samples[i]["expression_kind"]):
                 metrics[key].update(mask, target)
@@ -258,7 +270,8 @@ def mask_grid_ceiling(model, processor, dataset) -> dict:
     model's logits are (bilinear, probability 0.5). Shows how much of the gap to 1.0 is resolution alone."""
     image_processor = processor.image_processor
     tile = image_processor.size["height"]
-    probe = model(**processor(images=[np.zeros((tile, tile, 3), np.uint8)], queries=["shape"]), logits_to_keep=1)
+    inputs = processor(images=[np.zeros((tile, tile, 3), np.uint8)], queries=["shape"]).to(model.device)
+    probe = model(**inputs, logits_to_keep=1)
     cells = probe.pred_masks[0].shape[-1]  # mask cells per tile side
     metrics = defaultdict(ReferringMetrics)
     for i in range(len(dataset)):
@@ -287,7 +300,8 @@ def command_line(args) -> str:
         f"--warmup-kinds {warmup_kinds} --warmup-fraction {args.warmup_fraction} --train-kinds {train_kinds} "
         f"--max-turns {args.max_turns} --patch-size {args.patch_size} --downsample-ratio {args.downsample_ratio:g} "
         f"--vision-layers {args.vision_layers} --llm-layers {args.llm_layers} --vision-width {args.vision_width} "
-        f"--llm-width {args.llm_width} --threads {args.threads}"
+        f"--llm-width {args.llm_width} "
+        + ("--device cuda" if args.device == "cuda" else f"--threads {args.threads}")
         + (" --init-from MODEL_OF_THE_STAGE_BEFORE" if args.init_from else "")
     )
 
@@ -343,7 +357,7 @@ the whole pipeline working out of the box; it knows nothing but shapes.
 ```
 
 `SelfieTrainer`, AdamW (warmup, then cosine decay), batch {args.batch_size}, fp32: {steps} steps{staged}, in
-{minutes:.1f} minutes of training on {args.threads or torch.get_num_threads()} CPU thread(s) (a resumed run sums
+{minutes:.1f} minutes of training on {args.trained_on} (a resumed run sums
 the minutes of every invocation). Training images are generated on the fly, each asked up to {args.max_turns}
 expressions, one `[SEG]` turn each (as SELF1E's RefCOCO samples hold several sentences of an image). The pixel
 shuffle keeps 1/{round(1 / args.downsample_ratio)} of each ViT side for the LLM, and RFA unshuffles each ViT patch
@@ -450,9 +464,12 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
 
 
 def init_from(model, folder: Path, parser) -> list[dict]:
-    """Load the weights of a model folder written by this script into `model`; returns its training stages."""
+    """Load the weights of a model folder written by this script into `model`; returns its training stages. A
+    presence head is left out: it reads the trained model's states, so it is fitted again after training
+    (`examples/fit_presence_head.py`)."""
     try:
-        model.load_state_dict(load_file(folder / "model.safetensors"))
+        state = load_file(folder / "model.safetensors")
+        model.load_state_dict({key: value for key, value in state.items() if not key.startswith("seg_head.presence.")})
         stages = json.loads((folder / "eval_results.json").read_text())["training"]
     except (OSError, KeyError, RuntimeError) as error:
         parser.error(f"--init-from {folder}: not a model of this script with the same design ({error})".split("\n")[0])
@@ -468,8 +485,25 @@ def save_settings(args, run_dir: Path) -> None:
     (run_dir / "run_settings.json").write_text(json.dumps(settings, indent=1) + "\n")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad arguments end in one `error:` line and exit code 2."""
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def training_device(name: str, parser) -> str:
+    """`--device` checked: "cpu", or "cuda" when torch has a GPU ("auto": the GPU if there is one)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        parser.error(f"--device cuda: no GPU is visible to torch {torch.__version__} ({build})")
+    return name
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
                         help="checkpoints, run settings and learning curve (keep it out of git)")
@@ -485,6 +519,9 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="2e-3 keeps the model on the plateau")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to train (default auto: the GPU if there is one)")
+    parser.add_argument("--data-workers", type=int, default=1, help="processes drawing training images")
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--warmup-kinds", type=parse_kind_weights, default="colour_shape=2,multi_target=1",
                         help="expression kinds of the first samples, KIND=WEIGHT,...")
@@ -505,10 +542,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if TILE % args.patch_size or (TILE // args.patch_size * args.downsample_ratio) % 1:
         parser.error(f"--patch-size must divide {TILE} and --downsample-ratio the patch grid ({TILE} px tiles)")
+    device = training_device(args.device, parser)
     checkpoint = resume_settings(args, parser, args.run_dir)
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device = device
+    args.trained_on = torch.cuda.get_device_name(0) if device == "cuda" else f"{torch.get_num_threads()} CPU thread(s)"
     random.seed(args.seed)
     np.random.seed(args.seed)
     model, processor = build_model_and_processor(
@@ -538,10 +578,10 @@ def main(argv=None):
         save_total_limit=2,
         report_to=[],
         remove_unused_columns=False,
-        dataloader_num_workers=1,
+        dataloader_num_workers=args.data_workers,
         train_sampling_strategy="sequential",  # the curriculum's order; every item is drawn from its own seed
         seed=args.seed,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=device == "cpu",
     )
     clock = TrainingClock(TrainingClock.saved_seconds(checkpoint) if checkpoint else 0.0)
     callbacks = [TimeBudget(args.minutes), clock]

@@ -11,6 +11,7 @@ half-written mask, overlay or JSON file in place of a good one.
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,8 +20,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
+from selfie_segment import batch_problem, image_problem, model_problem, names_a_folder, prompt_problem
 from tqdm.auto import tqdm
 
+from . import io_utils
 from .io_utils import atomic_output_file
 from .overlay import render_overlay
 
@@ -57,10 +60,18 @@ def resolve_device(name: str) -> torch.device:
         raise CLIError(f"--device {name} is not a device name (try auto, cpu, cuda or cuda:1)") from error
     if device.type == "meta":
         raise CLIError("--device meta holds no data: use auto, cpu or cuda")
+    if device.type != "cpu":
+        accelerator = torch.accelerator.current_accelerator(check_available=True)
+        if accelerator is None or accelerator.type != device.type:
+            seen = f"only {accelerator.type} and cpu" if accelerator is not None else "only the cpu"
+            raise CLIError(f"--device {name} cannot be used here: torch sees {seen} (try --device auto or cpu)")
+        if (device.index or 0) >= torch.accelerator.device_count():
+            raise CLIError(f"--device {name} cannot be used here: torch sees {torch.accelerator.device_count()} "
+                           f"{device.type} device(s), numbered from 0 (try --device auto)")
     try:
         torch.empty(1, device=device)
     except (AssertionError, RuntimeError, NotImplementedError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = str(error).strip().split("\n")[0].split(". ")[0][:120] or type(error).__name__
         raise CLIError(f"--device {name} cannot be used here: {reason} (try --device auto or cpu)") from error
     return device
 
@@ -77,14 +88,16 @@ def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str 
     (names as `selfie-segment --device/--dtype` takes them)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import modeling_selfie  # noqa: F401  (registers the selfie model type)
+    from . import register_auto_classes
+
+    register_auto_classes()  # `python -m modeling_selfie.cli` imports the package without registering
 
     torch_device = resolve_device(device)
     source = str(name_or_path or default_model_dir())
     if name_or_path is None and not (default_model_dir() / "config.json").exists():
         raise CLIError(f"the shipped model is missing from {default_model_dir()}; reinstall modeling-selfie")
-    if Path(source).exists() and not (Path(source) / "config.json").is_file():
-        raise CLIError(f"{source} is not a model folder (no config.json)")
+    if problem := model_problem(source):
+        raise CLIError(problem)
     try:
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=resolve_dtype(dtype, torch_device))
         processor = AutoProcessor.from_pretrained(source)
@@ -94,21 +107,21 @@ def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str 
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """An RGB PIL image, or a `CLIError` that says why the file cannot be used."""
+    """The RGB PIL image as it is shown (`io_utils.read_image`), or a `CLIError` that says why the file cannot be
+    used."""
     path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"image not found: {path}")
+    if problem := image_problem(path):
+        raise CLIError(problem)
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return io_utils.read_image(path)
     except (UnidentifiedImageError, OSError) as error:
         raise CLIError(f"cannot read image {path}: {error}") from error
 
 
 def clean_prompt(prompt) -> str:
     """The prompt without surrounding whitespace; a `CLIError` when there is nothing left."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise CLIError(f"the prompt {prompt!r} is empty: say what to segment, e.g. \"red circle\"")
+    if problem := prompt_problem(prompt):
+        raise CLIError(problem)
     return prompt.strip()
 
 
@@ -129,10 +142,7 @@ def output_prefix(output: str | None, image: Path) -> Path:
     one, or any path ending in a separator); the image's name in this folder without `--output`."""
     if not output:
         return Path(image.stem)
-    separators = tuple(s for s in (os.sep, os.altsep) if s)
-    if output.endswith(separators) or Path(output).is_dir():
-        return Path(output) / image.stem
-    return Path(output)
+    return Path(output) / image.stem if names_a_folder(output) else Path(output)
 
 
 def coco_rle(mask: np.ndarray) -> dict:
@@ -149,30 +159,33 @@ def save_result(job: Job, image: Image.Image, mask: np.ndarray, score: float, pr
     record.update(presence_score=score, area=int(mask.sum()), segmentation=coco_rle(mask))
     if prefix is not None:
         mask_path, overlay_path = Path(f"{prefix}_mask.png"), Path(f"{prefix}_overlay.png")
-        with atomic_output_file(mask_path) as staging:
-            Image.fromarray(mask.astype(np.uint8) * 255).save(staging, format="PNG")
-        with atomic_output_file(overlay_path) as staging:
-            render_overlay(image, mask, job.prompt).save(staging, format="PNG")
+        write_file(mask_path, lambda staging: Image.fromarray(mask.astype(np.uint8) * 255).save(staging, format="PNG"))
+        write_file(overlay_path, lambda staging: render_overlay(image, mask, job.prompt).save(staging, format="PNG"))
         record.update(mask=str(mask_path), overlay=str(overlay_path))
     return record
 
 
+def write_file(path: str | Path, save) -> None:
+    """`save(staging)` writes the file, which then replaces `path` atomically; an `OSError` (disk full, permission
+    denied) becomes a `CLIError`."""
+    try:
+        with atomic_output_file(path) as staging:
+            save(staging)
+    except OSError as error:
+        raise CLIError(f"cannot write {path}: {error.strerror or error}") from error
+
+
 def write_json(path: str | Path, records: list[dict]) -> None:
-    with atomic_output_file(path) as staging:
-        staging.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-
-
-def check_json_path(path: str | None) -> None:
-    if path and Path(path).is_dir():
-        raise CLIError(f"--json {path} is a folder: name the file to write, e.g. {Path(path) / 'masks.json'}")
+    text = json.dumps(records, ensure_ascii=False, indent=1) + "\n"
+    write_file(path, lambda staging: staging.write_text(text, encoding="utf-8"))
 
 
 def read_batch_file(path: str | Path) -> tuple[list[Job], list[str]]:
     """The jobs of a JSON Lines file of `{"image", "prompt"}` objects (image paths relative to the file's folder),
     and one message per line that cannot be used (blank lines are skipped)."""
     path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"batch file not found: {path}")
+    if problem := batch_problem(path):
+        raise CLIError(problem)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
@@ -202,11 +215,21 @@ def report(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None, _show=warnings.showwarning) -> None:
+    """`warnings.showwarning` of the CLI: a model's `UnknownWordsWarning` is one `warning:` line on stderr (above
+    a progress bar); every other warning is shown as Python shows it."""
+    from .processing_selfie import UnknownWordsWarning
+
+    if issubclass(category, UnknownWordsWarning):
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+    else:
+        _show(message, category, filename, lineno, file, line)
+
+
 def run_single(args) -> int:
     """`selfie-segment IMAGE PROMPT [PROMPT ...]`: all prompts in one forward pass, one mask + overlay each."""
     image_path = Path(args.image)
     jobs = [Job(image_path, clean_prompt(prompt), name=args.image) for prompt in args.prompts]
-    check_json_path(args.json)
     image = read_image(image_path)
     model, processor = load_model(args.model, args.device, args.dtype)
     results = segment_with_scores(model, processor, image, [job.prompt for job in jobs], args.kind)
@@ -231,7 +254,6 @@ def run_single(args) -> int:
 
 def run_batch(args) -> int:
     """`selfie-segment --batch FILE`: `--batch-size` lines per forward pass; bad lines are reported, not fatal."""
-    check_json_path(args.json)
     jobs, problems = read_batch_file(args.batch)
     for problem in problems:
         report(problem)
@@ -270,11 +292,13 @@ def run(args) -> int:
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # no "Loading weights" bar: the output is the results (and --batch's own bar)
-    try:
-        return run_batch(args) if args.batch else run_single(args)
-    except CLIError as error:
-        report(str(error))
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            return run_batch(args) if args.batch else run_single(args)
+        except CLIError as error:
+            report(str(error))
+            return 2
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ or renames something is handled by what it actually offers. Supported: transform
 1.x and 2.x.
 """
 
+import dataclasses
 import inspect
+import re
 
 import torch
 
@@ -65,6 +67,24 @@ def enable_activation_checkpointing(model, use_reentrant: bool = False) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
 
 
+def activation_checkpointing_field() -> str:
+    """The `TrainingArguments` field that turns activation checkpointing on: `activation_checkpointing` where the
+    release has it (5.24, with `gradient_checkpointing` a deprecated alias that warns), else
+    `gradient_checkpointing`."""
+    from transformers import TrainingArguments
+
+    names = {item.name for item in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+def checkpointing_argv(argv) -> list[str]:
+    """Command-line arguments with `--activation-checkpointing` / `--gradient-checkpointing` (either spelling, `_`
+    or `-`, with `=VALUE` or not) renamed to the option of this release's `activation_checkpointing_field()`."""
+    flag = "--" + activation_checkpointing_field().replace("_", "-")
+    pattern = re.compile(r"--(?:activation|gradient)[-_]checkpointing(?==|$)")
+    return [pattern.sub(flag, argument) if argument.startswith("--") else argument for argument in argv]
+
+
 def use_plain_cpu_device(args) -> None:
     """Give CPU processes of a `TrainingArguments` the device "cpu" instead of an indexed "cpu:N" (the same memory).
 
@@ -80,6 +100,8 @@ def use_plain_cpu_device(args) -> None:
 __all__ = [
     "AutoImageProcessor",
     "CACHE_KWARG",
+    "activation_checkpointing_field",
+    "checkpointing_argv",
     "cache_kwargs",
     "create_causal_mask",
     "deprecated_cache_name",

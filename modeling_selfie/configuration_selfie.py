@@ -39,6 +39,14 @@ class SelfieConfig(InternVLConfig):
     mask_loss_normalization (`str`, *optional*, defaults to `"batch"`):
         `"batch"` divides the summed mask losses by the number of sequences in the batch (the released
         training), `"mask"` by the number of masks.
+    presence_head (`bool`, *optional*, defaults to `False`):
+        Add a presence head: a linear map of the hidden state that predicts each `[SEG]` to a presence logit (is
+        the referred object in the image at all?). Without it a mask's presence logit is its most confident pixel.
+        See `SelfieForSegmentation.presence_logits`.
+    unk_token_id (`int`, *optional*):
+        Id of the tokenizer's unknown-word token (`<unk>`) for a word-level vocabulary: every `<unk>` before a
+        `[SEG]` lowers that mask's presence logit by `UNKNOWN_TOKEN_PRESENCE_PENALTY`, so a query the model cannot
+        read scores low. `None` (subword tokenizers, which have no unknown words) leaves the logits alone.
     """
 
     model_type = "selfie"
@@ -53,16 +61,29 @@ class SelfieConfig(InternVLConfig):
     dice_loss_weight: float = 0.5
     aux_mask_loss_weight: float = 1.0
     mask_loss_normalization: str = "batch"
+    presence_head: bool = False
+    unk_token_id: int | None = None
     tie_word_embeddings: bool = False
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> "SelfieConfig":
         """Also reads a plain InternVL config (model_type `internvl`): the start of a SELFIE fine-tuning. Its fields
         keep InternVL's meaning, so a `tie_word_embeddings` it leaves out takes InternVL's default, not SELFIE's."""
-        if config_dict.get("model_type") == "internvl":
-            config_dict = {**config_dict, "model_type": cls.model_type}
-            config_dict.setdefault("tie_word_embeddings", InternVLConfig.__dataclass_fields__["tie_word_embeddings"].default)
-        return super().from_dict(config_dict, **kwargs)
+        return super().from_dict(cls._from_internvl(config_dict), **kwargs)
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """The folder's config dict, an InternVL one already read as SELFIE's (`from_pretrained` then has no
+        model-type mismatch to warn about: starting SELFIE from InternVL is what it is for)."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return cls._from_internvl(config_dict), kwargs
+
+    @classmethod
+    def _from_internvl(cls, config_dict: dict) -> dict:
+        if config_dict.get("model_type") != "internvl":
+            return config_dict
+        tied = InternVLConfig.__dataclass_fields__["tie_word_embeddings"].default
+        return {"tie_word_embeddings": tied, **config_dict, "model_type": cls.model_type}
 
     def validate_selfie(self):
         """Part of `@strict` validation: every SELFIE switch names a known setting."""

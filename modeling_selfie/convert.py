@@ -15,6 +15,10 @@ processor and processor.
   original or `-hf`, or a tokenizer folder), or takes a tokenizer already in RELEASE_DIR, and checks the result
   against the checkpoint: embedding rows = tokenizer length. Tokens a `-hf` tokenizer holds beyond the original
   vocabulary (`<video>`) move after `[SEGT]`, so `[SEG]` keeps the authors' id.
+* LLMs: Qwen2 (InternVL3), Qwen3 (InternVL3.5) and Llama, whose original tensors already carry transformers' names,
+  and InternLM2 (InternVL2 / InternVL2.5), converted to Llama as transformers' InternVL conversion does it (names
+  mapped, the packed `wqkv` split per key-value group); any other `llm_config` is refused. For an InternLM2 base,
+  give the `-hf` folder as `--base-tokenizer` (the original tokenizer is remote code).
 * Without any tokenizer, the token ids may come from the older `meta.json` side file or `--seg-token-id` /
   `--image-token-id`; the output then holds the model only (no processor).
 
@@ -58,6 +62,28 @@ RUN_SETTINGS = (
     "architectures", "auto_map", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"
 )
 EMBEDDING_KEYS = ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
+# LLMs (llm_config.model_type) the converter maps: Qwen2 (InternVL3), Qwen3 (InternVL3.5) and Llama, whose original
+# tensors carry transformers' own names under `language_model.`, and InternLM2 (InternVL2 / InternVL2.5), converted
+# to Llama as transformers' InternVL conversion converts it (`internlm2_as_llama`).
+SUPPORTED_LLMS = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "internlm2": "InternLM2ForCausalLM",
+}
+# InternLM2's original names -> Llama's (the facts of transformers' InternVL conversion script); q, k and v are
+# packed in one `attention.wqkv`, split by `split_wqkv`.
+INTERNLM2_RULES = [
+    (r"^language_model\.model\.tok_embeddings\.", "language_model.model.embed_tokens."),
+    (r"^language_model\.output\.", "language_model.lm_head."),
+    (r"\.attention\.wo\.", ".self_attn.o_proj."),
+    (r"\.feed_forward\.w1\.", ".mlp.gate_proj."),
+    (r"\.feed_forward\.w2\.", ".mlp.down_proj."),
+    (r"\.feed_forward\.w3\.", ".mlp.up_proj."),
+    (r"\.attention_norm\.", ".input_layernorm."),
+    (r"\.ffn_norm\.", ".post_attention_layernorm."),
+]
+WQKV = re.compile(r"^(language_model\.model\.layers\.\d+)\.attention\.wqkv\.weight$")
 
 # Original name (regex) -> transformers name. The ViT's fused qkv is split separately.
 KEY_RULES = [
@@ -112,6 +138,48 @@ def convert_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     if unknown:
         raise ConversionError(f"Unknown tensors in the original checkpoint (not SELF1E layout?): {sorted(unknown)[:8]}")
     return converted
+
+
+def split_wqkv(wqkv: torch.Tensor, num_heads: int, num_key_value_heads: int) -> list[torch.Tensor]:
+    """Llama's q, k and v projections from InternLM2's packed `wqkv` `[(heads + 2 * kv_heads) * head_dim, D]`,
+    whose rows hold, for each key-value head in turn, the `heads / kv_heads` query heads that share it, its key head
+    and its value head."""
+    group = num_heads // num_key_value_heads
+    blocks = wqkv.unflatten(0, (num_key_value_heads, group + 2, -1))  # [kv_heads, group + 2, head_dim, D]
+    return [part.flatten(0, -2).clone() for part in (blocks[:, :group], blocks[:, -2], blocks[:, -1])]
+
+
+def internlm2_as_llama(original: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A release whose LLM is InternLM2 as the same release with that LLM as Llama (config and tensors under Llama's
+    original names), as transformers' InternVL conversion stores InternVL2.5; any other release unchanged."""
+    llm = original.get("llm_config")
+    if not isinstance(llm, dict) or llm.get("model_type") != "internlm2":
+        return original, state
+    if llm.get("bias"):
+        raise ConversionError("llm_config sets bias=true: only InternLM2 without biases (InternVL2 / 2.5) is mapped.")
+    heads = llm.get("num_attention_heads")
+    kv_heads = llm.get("num_key_value_heads") or heads
+    if not isinstance(heads, int) or not isinstance(kv_heads, int) or min(heads, kv_heads) < 1:
+        raise ConversionError(f"llm_config gives no usable head counts ({heads}, {kv_heads}) to split attention.wqkv.")
+    converted = {}
+    for key, tensor in state.items():
+        packed = WQKV.match(key)
+        if packed:
+            if heads % kv_heads or tensor.shape[0] % (heads + 2 * kv_heads):
+                raise ConversionError(
+                    f"{key} has {tensor.shape[0]} rows: not q, k and v of {heads} heads with {kv_heads} key-value "
+                    "heads (llm_config)."
+                )
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), split_wqkv(tensor, heads, kv_heads)):
+                converted[f"{packed[1]}.self_attn.{name}.weight"] = part
+            continue
+        if key.startswith("language_model."):
+            for pattern, replacement in INTERNLM2_RULES:
+                key = re.sub(pattern, replacement, key)
+        converted[key] = tensor
+    llama = {k: v for k, v in llm.items() if k not in ("bias", "attn_implementation")}
+    llama["model_type"] = "llama"
+    return {**original, "llm_config": llama}, converted
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -438,6 +506,13 @@ def check_original(original: dict, state: dict[str, torch.Tensor]) -> None:
             f"config.json has model_type={original.get('model_type')!r}; the original SELF1E layout has "
             "'internvl_chat'."
         )
+    llm = original.get("llm_config") if isinstance(original.get("llm_config"), dict) else {}
+    if llm.get("model_type") not in SUPPORTED_LLMS:
+        supported = ", ".join(f"{name} ({architecture})" for name, architecture in SUPPORTED_LLMS.items())
+        raise ConversionError(
+            f"config.json's llm_config is model_type={llm.get('model_type')!r} {llm.get('architectures', [])}; the "
+            f"converter maps the LLMs {supported}."
+        )
     if original.get("ps_version", "v2") != "v2":
         raise ConversionError(f"ps_version={original['ps_version']!r} is not supported (transformers' InternVL is v2).")
     if original.get("template", AUTHORS_TEMPLATE) != AUTHORS_TEMPLATE:
@@ -513,6 +588,7 @@ def convert_checkpoint(
     state = load_original_state_dict(folder)
     if is_unmerged(state):
         state = merge_lora(state, *read_lora_alpha(folder, lora_alpha))
+    original, state = internlm2_as_llama(original, state)
     check_original(original, state)
     rows = state[EMBEDDING_KEYS[0]].shape[0]
     tokenizer = segmentation_tokenizer(folder, Path(base_tokenizer) if base_tokenizer is not None else None, rows)

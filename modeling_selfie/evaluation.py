@@ -9,26 +9,9 @@
 Both accumulators can be filled in any order, merged ([`merge`]) and summed over `torch.distributed` processes
 ([`all_reduce`]): give each process a shard of the data, `all_reduce()`, then `compute()`.
 
-Protocols ([`EvaluationProtocol`], `--protocol`). `default` is this project's scoring; `self1e` scores as the
-SELF1E authors' evaluation does (see docs/evaluation.md). What differs:
-
-| | `default` | `self1e` |
-|---|---|---|
-| ReasonSeg samples | every query of every image | the first query of each image |
-| RefCOCO family target | union of the annotation's polygons | pixels in exactly one of its polygons |
-| RefCOCO-family sentences | as in the refs file | lowercased |
-| expressions per forward pass | `batch_size` (8) | 1 (one image per batch) |
-| cIoU | sum I / sum U; 1.0 when sum U = 0 | sum I / (sum U + 1e-10); 0.0 when sum U = 0 |
-
-(RefCOCO family: RefCOCO, RefCOCO+, RefCOCOg, refCLEF, gRefCOCO; an annotation stored as polygons whose
-polygons overlap has those pixels summed to 2 by the authors' loader, which leaves them out of the target. The
-annotations of a gRefCOCO expression are then joined by union under both protocols.)
-
-The same in both: the prediction (mask logits resized bilinearly, `align_corners=False`, to the image size,
-foreground where logit > 0); gIoU (mean per-expression IoU, 1.0 when target and prediction are both empty); the
-open-vocabulary mIoU (the authors have no code for it; both follow detectron2's `SemSegEvaluator`, see
-[`SemanticMetrics`]); and, where the facts known about the authors' evaluation are silent, this project's choices:
-ReasonSeg "ignore" pixels left out of target and prediction, N-acc / T-acc (the authors have no code for them).
+Protocols ([`EvaluationProtocol`], `--protocol`). `default` is this project's scoring; `self1e` computes what the
+SELF1E authors' evaluation computes (their loaders, batches, prompt and metric arithmetic); docs/evaluation.md lists
+every difference and its effect.
 """
 
 import argparse
@@ -42,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -51,64 +35,75 @@ from tqdm.auto import tqdm
 from .io_utils import atomic_output_file
 from .processing_selfie import image_size_of
 
-REFERRING_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef", "grefcoco", "reasonseg")
-OPEN_VOCAB_DATASETS = ("ade150", "pc59", "pc459", "voc20")
-REFER_DATASETS = tuple(name for name in REFERRING_DATASETS if name != "reasonseg")  # the RefCOCO family
+REFERRING_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef", "grefcoco", "reasonseg", "custom_referring")
+OPEN_VOCAB_DATASETS = ("ade150", "pc59", "pc459", "voc20", "custom_semantic")
+REFER_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef", "grefcoco")  # the RefCOCO family
+CUSTOM_DATASETS = ("custom_referring", "custom_semantic")  # your own data, read from `--annotations FILE`
 DEFAULT_BATCH_SIZE = 8
 
 
 @dataclass(frozen=True)
 class EvaluationProtocol:
-    """How a benchmark is scored: the settings that differ between protocols (table in the module docstring).
+    """How a benchmark is scored: the settings that differ between protocols (docs/evaluation.md).
 
     Attributes:
         name: `"default"` or `"self1e"`.
-        ciou_epsilon: `None` gives cIoU = sum I / sum U (1.0 when sum U = 0); a number gives sum I / (sum U + it).
-        referring_batch_size: expressions per forward pass the protocol fixes (`None`: free, `DEFAULT_BATCH_SIZE`
-            unless given).
+        authors_arithmetic: score as the authors' `evaluate` does, in float32 meters updated once per batch: per
+            expression IoU = I / (U + 1e-5) (1.0 when U = 0), gIoU = sum / (count + 1e-5), cIoU = sum I /
+            (sum U + 1e-10); else float64 sums, IoU = I / U, gIoU = mean, cIoU = sum I / sum U (1.0 when 0 / 0).
+        batch_by_image: one forward pass per image with all its expressions (the authors' validation batches);
+            else `batch_size` expressions.
+        zero_id_is_padding: rebuild each batch as the authors' `collate_fn` does: right-padded with id 0 and every
+            id-0 token masked out of attention (in Qwen2's vocabulary id 0 is "!").
         reasonseg_first_query_only: ReasonSeg is scored on the first query of each image only.
-        overlapping_polygons: `"keep"` or `"drop"` the pixels covered by two or more polygons of one annotation
-            (RefCOCO family), see `modeling_selfie.data.common.coco_segmentation_mask`.
-        lowercase_sentences: lowercase the RefCOCO-family sentences.
+        dropped_polygon_overlaps: datasets whose targets leave out the pixels covered by two or more polygons of one
+            annotation (the authors' RefCOCO branch sums them; their gRefCOCO branch ORs them).
+        lowercase_sentences: lowercase the RefCOCO-family sentences (the authors' loader).
+        opencv_polygons: draw ReasonSeg polygons as the authors' loader (OpenCV on int32 points).
     """
 
     name: str
-    ciou_epsilon: float | None
-    referring_batch_size: int | None
+    authors_arithmetic: bool
+    batch_by_image: bool
+    zero_id_is_padding: bool
     reasonseg_first_query_only: bool
-    overlapping_polygons: str
+    dropped_polygon_overlaps: tuple[str, ...]
     lowercase_sentences: bool
+    opencv_polygons: bool
 
     def dataset_options(self, dataset: str) -> dict:
         """Keyword arguments of the evaluation loader of `dataset` under this protocol."""
         if dataset == "reasonseg":
-            return {"first_query_only": self.reasonseg_first_query_only}
+            return {"first_query_only": self.reasonseg_first_query_only, "opencv_polygons": self.opencv_polygons}
         if dataset in REFER_DATASETS:
-            return {"overlapping_polygons": self.overlapping_polygons, "lowercase": self.lowercase_sentences}
+            overlaps = "drop" if dataset in self.dropped_polygon_overlaps else "keep"
+            return {"overlapping_polygons": overlaps, "lowercase": self.lowercase_sentences,
+                    "by_image": self.batch_by_image}  # fmt: skip
         return {}
 
-    def batch_size(self, requested: int | None) -> int:
-        """Expressions per forward pass: `requested` (default `DEFAULT_BATCH_SIZE`) where the protocol leaves it
-        free; a different request where it fixes one raises `ValueError`."""
-        fixed = self.referring_batch_size
-        if fixed is None:
+    def batch_size(self, requested: int | None) -> int | None:
+        """Expressions per forward pass: `requested` (default `DEFAULT_BATCH_SIZE`), or `None` (one image's
+        expressions) under a protocol that batches by image, which refuses a requested size (`ValueError`)."""
+        if not self.batch_by_image:
             return DEFAULT_BATCH_SIZE if requested is None else requested
-        if requested not in (None, fixed):
+        if requested is not None:
             raise ValueError(
-                f"protocol {self.name} scores {fixed} expression(s) per forward pass, as the authors do; "
+                f"protocol {self.name} scores the expressions of one image per forward pass, as the authors do; "
                 f"batch size {requested} was asked for"
             )
-        return fixed
+        return None
 
 
 PROTOCOLS = {
     "default": EvaluationProtocol(
-        name="default", ciou_epsilon=None, referring_batch_size=None, reasonseg_first_query_only=False,
-        overlapping_polygons="keep", lowercase_sentences=False,
+        name="default", authors_arithmetic=False, batch_by_image=False, zero_id_is_padding=False,
+        reasonseg_first_query_only=False, dropped_polygon_overlaps=(), lowercase_sentences=False,
+        opencv_polygons=False,
     ),
     "self1e": EvaluationProtocol(
-        name="self1e", ciou_epsilon=1e-10, referring_batch_size=1, reasonseg_first_query_only=True,
-        overlapping_polygons="drop", lowercase_sentences=True,
+        name="self1e", authors_arithmetic=True, batch_by_image=True, zero_id_is_padding=True,
+        reasonseg_first_query_only=True, dropped_polygon_overlaps=("refcoco", "refcoco+", "refcocog", "refclef"),
+        lowercase_sentences=True, opencv_polygons=True,
     ),
 }  # fmt: skip
 
@@ -162,21 +157,50 @@ def _flat_masks(pred, *others) -> list[torch.Tensor]:
     return [mask.to(pred.device).reshape(flat).bool() for mask in (pred, *others)]
 
 
+def _float32_sum(values) -> np.float32:
+    """Left-to-right sum in float32, as a float32 tensor accumulates it with `+=`."""
+    total = np.float32(0)
+    for value in values:
+        total = np.float32(total + np.float32(value))
+    return total
+
+
+def authors_batch_sums(intersection: torch.Tensor, union: torch.Tensor, iou: torch.Tensor) -> tuple[float, ...]:
+    """What the SELF1E authors' `evaluate` adds to its three float32 meters for one batch (one image's
+    expressions): the intersection sum, the union sum and the IoU sum `(sum_i IoU_i / n) * n`, each summed in
+    float32 in batch order.
+
+    Args:
+        intersection, union: int `[n]` pixel counts of the batch's expressions.
+        iou: `[n]` their per-expression IoU (float32 values: I / (U + 1e-5), 1.0 when U = 0).
+    """
+    n = np.float32(len(iou))
+    iou_sum = np.float32(np.float32(_float32_sum(iou.tolist()) / n) * n)
+    return float(_float32_sum(intersection.tolist())), float(_float32_sum(union.tolist())), float(iou_sum)
+
+
 class ReferringMetrics(_SummableState):
     r"""
     Referring / reasoning segmentation metrics over a split, one binary mask per sample.
 
     Pixels marked in `ignore` (ReasonSeg's "ignore" regions) are left out of both masks.
 
-    * `cIoU`: cumulative IoU, total intersection / total union over the split; under protocol `default` 1.0 if
-      every union is empty, under `self1e` the authors' sum I / (sum U + 1e-10), which is 0.0 then;
-    * `gIoU`: mean per-sample IoU; a sample with an empty target scores 1.0 if the prediction is empty too, else 0.0;
+    * `cIoU`: cumulative IoU, total intersection / total union over the split (`default`: 1.0 if every union is
+      empty; `self1e`: the authors' sum I / (sum U + 1e-10), 0.0 then);
+    * `gIoU`: mean per-sample IoU (`default`: I / U, 1.0 when target and prediction are both empty; `self1e`: the
+      authors' I / (U + 1e-5), 1.0 when U = 0, summed and divided by count + 1e-5, so a split of three
+      expressions predicted exactly gives 3 / 3.00001 = 0.9999967);
     * `count`: number of samples;
     * on splits with no-target samples (gRefCOCO) also `N-acc`, the fraction of no-target samples predicted empty,
       and `T-acc`, the fraction of samples with a target predicted non-empty (when there are such samples).
 
+    Under `self1e` ([`EvaluationProtocol.authors_arithmetic`]) the sums are float32 meters updated once per
+    [`update`] call, as the authors' meters are once per batch ([`authors_batch_sums`]): call it once per image
+    with all its expressions (`[N, H, W]`) to reproduce their rounding; `default` sums in float64 and does not
+    depend on how samples are grouped.
+
     Args:
-        protocol: `"default"` or `"self1e"` (or an [`EvaluationProtocol`]); it changes the cIoU formula only.
+        protocol: `"default"` or `"self1e"` (or an [`EvaluationProtocol`]).
     """
 
     _COUNTERS = (
@@ -192,44 +216,60 @@ class ReferringMetrics(_SummableState):
             setattr(self, name, 0)
         self.iou_sum = 0.0
 
-    def update(self, pred, target, ignore=None) -> None:
-        """Add samples. `pred`, `target` and the optional `ignore`: bool (or 0/1) `[H, W]` masks of one sample, or
-        `[N, H, W]` for N samples."""
+    def per_sample(self, pred, target, ignore=None) -> dict[str, torch.Tensor]:
+        """`{"intersection", "union", "iou", "target_empty", "pred_empty"}`, one `[N]` tensor each, of bool `[H, W]`
+        or `[N, H, W]` masks (ignored pixels left out), IoU as this protocol computes it."""
         if ignore is None:
             pred, target = _flat_masks(pred, target)
         else:
             pred, target, ignore = _flat_masks(pred, target, ignore)
             pred, target = pred & ~ignore, target & ~ignore
-        intersection = (pred & target).sum(-1)
-        union = (pred | target).sum(-1)
-        iou = torch.where(union > 0, intersection.double() / union.clamp(min=1), 1.0)  # float64, as the sums
-        has_target, pred_empty = target.any(-1), ~pred.any(-1)
-        sums = torch.stack(
-            [intersection.sum(), union.sum(), (~has_target).sum(), (~has_target & pred_empty).sum(),
-             (has_target & ~pred_empty).sum()]
-        ).tolist()  # fmt: skip
-        self.intersection += sums[0]
-        self.union += sums[1]
-        self.no_target_count += sums[2]
-        self.no_target_correct += sums[3]
-        self.target_correct += sums[4]
-        self.iou_sum += float(iou.sum())
-        self.count += pred.shape[0]
+        intersection, union = (pred & target).sum(-1), (pred | target).sum(-1)
+        if self.protocol.authors_arithmetic:
+            iou = (intersection.cpu() / (union.cpu() + 1e-5)).double()
+        else:
+            iou = intersection.double() / union.clamp(min=1)
+        return {
+            "intersection": intersection, "union": union, "iou": torch.where(union > 0, iou.to(union.device), 1.0),
+            "target_empty": ~target.any(-1), "pred_empty": ~pred.any(-1),
+        }  # fmt: skip
+
+    def update(self, pred, target, ignore=None) -> dict[str, torch.Tensor]:
+        """Add samples. `pred`, `target` and the optional `ignore`: bool (or 0/1) `[H, W]` masks of one sample, or
+        `[N, H, W]` for N samples (under `self1e`: one batch of the authors). Returns [`per_sample`]'s dict."""
+        scores = self.per_sample(pred, target, ignore)
+        intersection, union = scores["intersection"], scores["union"]
+        has_target, pred_empty = ~scores["target_empty"], scores["pred_empty"]
+        counts = torch.stack(
+            [(~has_target).sum(), (~has_target & pred_empty).sum(), (has_target & ~pred_empty).sum()]
+        ).tolist()
+        self.no_target_count += counts[0]
+        self.no_target_correct += counts[1]
+        self.target_correct += counts[2]
+        self.count += len(intersection)
+        if self.protocol.authors_arithmetic:
+            sums = authors_batch_sums(intersection, union, scores["iou"])
+            self.intersection, self.union, self.iou_sum = (
+                float(np.float32(np.float32(total) + np.float32(value)))
+                for total, value in zip((self.intersection, self.union, self.iou_sum), sums)
+            )
+        else:
+            self.intersection += int(intersection.sum())
+            self.union += int(union.sum())
+            self.iou_sum += float(scores["iou"].sum())
+        return scores
 
     def compute(self) -> dict:
         """`{"cIoU", "gIoU", "count"}` plus `"N-acc"` / `"T-acc"` on splits with no-target samples."""
         if self.count == 0:
             raise ValueError("ReferringMetrics.compute() needs at least one sample: call update() first.")
-        epsilon = self.protocol.ciou_epsilon
-        if epsilon is None:
-            ciou = self.intersection / self.union if self.union else 1.0
+        if self.protocol.authors_arithmetic:  # float32 numpy, as their meters after all_reduce
+            ciou = float(np.float32(self.intersection) / (np.float32(self.union) + np.float32(1e-10)))
+            giou = float(np.float32(self.iou_sum) / np.float32(self.count + 1e-5))
         else:
-            ciou = self.intersection / (self.union + epsilon)
-        metrics = {
-            "cIoU": ciou,
-            "gIoU": self.iou_sum / self.count,
-            "count": self.count,
-        }
+            ciou = self.intersection / self.union if self.union else 1.0
+            giou = self.iou_sum / self.count
+        metrics = {"cIoU": ciou, "gIoU": giou, "count": self.count}
         if self.no_target_count:
             metrics["N-acc"] = self.no_target_correct / self.no_target_count
             if self.count > self.no_target_count:
@@ -241,7 +281,10 @@ class ReferringMetrics(_SummableState):
 
     def _set_state(self, state: torch.Tensor) -> None:
         for name, value in zip(self._COUNTERS, state.tolist()):
-            setattr(self, name, value if name == "iou_sum" else round(value))
+            if self.protocol.authors_arithmetic and name in ("intersection", "union", "iou_sum"):
+                setattr(self, name, float(np.float32(value)))  # their all_reduce sums float32 meters
+            else:
+                setattr(self, name, value if name == "iou_sum" else round(value))
 
 
 def mask_boundary(mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -367,18 +410,41 @@ def _prepare_model(model, processor, device: str | torch.device | None) -> None:
     model.eval()
 
 
+def authors_collate(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A batch as the SELF1E authors' `collate_fn` lays it out: each sequence's tokens right-padded with id 0, and
+    `attention_mask = input_ids != 0`, so a token of id 0 inside a prompt ("!" in Qwen2's vocabulary) is masked out
+    of attention as padding is (it keeps its position: positions count every token, as theirs do).
+
+    Args:
+        input_ids, attention_mask: `[B, L]`, padded on either side.
+    Returns:
+        `{"input_ids", "attention_mask"}`, `[B, L]`.
+    """
+    keep = attention_mask.bool()
+    lengths = keep.sum(1)
+    ids = torch.zeros_like(input_ids)
+    ids[torch.arange(input_ids.shape[1], device=ids.device)[None] < lengths[:, None]] = input_ids[keep]
+    return {"input_ids": ids, "attention_mask": (ids != 0).to(attention_mask.dtype)}
+
+
 @torch.inference_mode()
-def segment_images(model, processor, images: Sequence, binarize: bool = True, **text_inputs) -> list[torch.Tensor]:
+def segment_images(
+    model, processor, images: Sequence, binarize: bool = True, zero_id_is_padding: bool = False, **text_inputs
+) -> list[torch.Tensor]:
     """One forward pass; the masks of every sample at its image's size.
 
     Args:
         images: one image per sample.
         binarize: bool masks (logit > 0) or, with `False`, the float logits.
+        zero_id_is_padding: lay the batch out as the authors' `collate_fn` ([`authors_collate`]).
         text_inputs: the prompts, as the processor takes them (`queries=` and `query_kind=`, or `conversations=`).
     Returns:
         One `[n_seg, H, W]` tensor per sample, on the model's device.
     """
-    inputs = processor(images=list(images), **text_inputs).to(model.device)
+    inputs = processor(images=list(images), **text_inputs)
+    if zero_id_is_padding:
+        inputs.update(authors_collate(inputs["input_ids"], inputs["attention_mask"]))
+    inputs = inputs.to(model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     outputs = model(**inputs, logits_to_keep=1)
     sizes = [image_size_of(image) for image in images]
@@ -404,6 +470,22 @@ def _check_referring_sample(sample: dict, index: int) -> None:
         raise ValueError(f"Evaluation sample {index} lacks {missing}: referring evaluation needs image, masks, query.")
 
 
+def _image_batches(dataset, batch_size: int | None, num_workers: int):
+    """Lists of `(index, sample)`: `batch_size` samples each, or (`None`) the consecutive samples that share an
+    `image_id` (a sample without one is a batch of its own)."""
+    loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=num_workers)
+    batch, key = [], None
+    for index, sample in enumerate(loader):
+        sample_key = sample.get("image_id", ("sample", index)) if batch_size is None else None
+        if batch and (len(batch) == batch_size if batch_size is not None else sample_key != key):
+            yield batch
+            batch = []
+        batch.append((index, sample))
+        key = sample_key
+    if batch:
+        yield batch
+
+
 def evaluate_referring(
     model,
     processor,
@@ -413,6 +495,7 @@ def evaluate_referring(
     progress: bool = True,
     num_workers: int = 0,
     protocol: "str | EvaluationProtocol" = "default",
+    records: list | None = None,
 ) -> dict:
     """Referring / reasoning segmentation of every sample of `dataset`, scored by [`ReferringMetrics`].
 
@@ -427,11 +510,13 @@ def evaluate_referring(
         processor: its [`SelfieProcessor`].
         dataset: a map-style dataset or a list of sample dicts; [`build_benchmark`] gives a benchmark's samples
             under a protocol (which samples and which targets are the protocol's: this loop scores what it gets).
-        batch_size: samples per forward pass; `None` gives the protocol's (8 under `default`, 1 under `self1e`,
-            which allows no other).
+        batch_size: samples per forward pass; `None` gives the protocol's (8 under `default`; under `self1e` the
+            consecutive samples of one `image_id`, and no other size is allowed).
         progress: show a tqdm bar.
         num_workers: `DataLoader` workers that load samples.
-        protocol: `"default"` or `"self1e"`: the batch size and the cIoU formula (see the module docstring).
+        protocol: `"default"` or `"self1e"`: batches, token layout and metric arithmetic (module docstring).
+        records: a list that receives one dict per sample, in order: `index`, `image_id`, `query`,
+            `intersection`, `union`, `iou`, `target_empty`, `pred_empty`.
     Returns:
         [`ReferringMetrics.compute`]'s dict.
     """
@@ -439,22 +524,37 @@ def evaluate_referring(
     batch_size = protocol.batch_size(batch_size)
     _prepare_model(model, processor, device)
     metrics = ReferringMetrics(protocol)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_identity, num_workers=num_workers)
-    index = 0
     bar = tqdm(total=len(dataset), desc="referring", unit="sample", disable=not progress)
     with torch.inference_mode(), bar:
-        for batch in loader:
-            for offset, sample in enumerate(batch):
-                _check_referring_sample(sample, index + offset)
+        for batch in _image_batches(dataset, batch_size, num_workers):
+            for index, sample in batch:
+                _check_referring_sample(sample, index)
             conversations = [
                 processor.segmentation_conversation(sample["query"], sample.get("query_kind", "phrase"))
-                for sample in batch
+                for _, sample in batch
             ]
-            preds = segment_images(model, processor, [sample["image"] for sample in batch], conversations=conversations)
-            for offset, (sample, pred) in enumerate(zip(batch, preds)):
-                ignore = _union_mask(sample, "ignore_masks", index + offset) if "ignore_masks" in sample else None
-                metrics.update(pred[0], _union_mask(sample, "masks", index + offset), ignore)
-            index += len(batch)
+            preds = segment_images(
+                model, processor, [sample["image"] for _, sample in batch], conversations=conversations,
+                zero_id_is_padding=protocol.zero_id_is_padding,
+            )  # fmt: skip
+            targets = [_union_mask(sample, "masks", index) for index, sample in batch]
+            ignores = [
+                _union_mask(sample, "ignore_masks", index) if "ignore_masks" in sample else torch.zeros_like(target)
+                for (index, sample), target in zip(batch, targets)
+            ]
+            if len({tuple(target.shape) for target in targets}) == 1:  # one image: one update, as the authors
+                scores = metrics.update(torch.stack([pred[0] for pred in preds]), torch.stack(targets),
+                                        torch.stack(ignores))  # fmt: skip
+                scores = [{key: value[i] for key, value in scores.items()} for i in range(len(batch))]
+            else:
+                scores = [
+                    {key: value[0] for key, value in metrics.update(pred[0], target, ignore).items()}
+                    for pred, target, ignore in zip(preds, targets, ignores)
+                ]
+            if records is not None:
+                for (index, sample), score in zip(batch, scores):
+                    records.append({"index": index, "image_id": sample.get("image_id"), "query": sample["query"],
+                                    **{key: value.item() for key, value in score.items()}})  # fmt: skip
             bar.update(len(batch))
     return metrics.all_reduce().compute()
 
@@ -563,17 +663,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset", required=True, help=f"one of {', '.join(REFERRING_DATASETS + OPEN_VOCAB_DATASETS)}"
     )
     parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
-    parser.add_argument("--data-root", required=True, help="folder holding the dataset")
+    parser.add_argument("--data-root", help="folder holding the dataset (the paper's datasets)")
+    parser.add_argument(
+        "--annotations",
+        help="your own data (custom_referring, custom_semantic): the JSON / JSONL file, formats in "
+        "modeling_selfie/data/custom.py; image and mask paths are relative to it",
+    )
     parser.add_argument(
         "--protocol", default="default", choices=tuple(PROTOCOLS),
         help="scoring: this project's (default) or the SELF1E authors' (self1e); see docs/evaluation.md",
     )  # fmt: skip
     parser.add_argument(
         "--batch-size", type=int,
-        help=f"samples (referring; default {DEFAULT_BATCH_SIZE}, protocol self1e: 1 only) or class queries "
-        f"(open-vocab; default {DEFAULT_BATCH_SIZE}) per forward",
+        help=f"samples (referring; default {DEFAULT_BATCH_SIZE}; protocol self1e: the expressions of one image, "
+        f"not settable) or class queries (open-vocab; default {DEFAULT_BATCH_SIZE}) per forward",
     )  # fmt: skip
-    parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument(
+        "--output", help="write the results as JSON here (referring: with one record per expression)"
+    )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -591,7 +698,16 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise _UsageError(f"unknown dataset {args.dataset!r}; choose one of {choices}")
     if not Path(args.model).is_dir():
         raise _UsageError(f"model directory {args.model} does not exist")
-    if not Path(args.data_root).is_dir():
+    if args.dataset in CUSTOM_DATASETS:
+        if args.annotations is None:
+            raise _UsageError(f"--dataset {args.dataset} reads your own data: give --annotations FILE")
+        if not Path(args.annotations).is_file():
+            raise _UsageError(f"annotation file {args.annotations} does not exist")
+    elif args.annotations is not None:
+        raise _UsageError(f"--annotations is for custom_referring and custom_semantic, not {args.dataset}")
+    elif args.data_root is None:
+        raise _UsageError(f"--dataset {args.dataset} needs --data-root, the folder holding it")
+    elif not Path(args.data_root).is_dir():
         raise _UsageError(f"data root {args.data_root} does not exist")
     for name in ("batch_size", "max_tiles", "limit"):
         value = getattr(args, name)
@@ -622,30 +738,75 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def build_benchmark(dataset: str, split: str, data_root: str | Path, protocol: "str | EvaluationProtocol" = "default"):
+def build_benchmark(
+    dataset: str,
+    split: str = "val",
+    data_root: str | Path | None = None,
+    protocol: "str | EvaluationProtocol" = "default",
+    annotations: str | Path | None = None,
+):
     """The evaluation samples of benchmark `dataset` (one of `REFERRING_DATASETS` or `OPEN_VOCAB_DATASETS`) under
-    `data_root`, as `protocol` selects them (ReasonSeg: every query or the first of each image) and builds their
-    targets (RefCOCO family: overlapping polygons, lowercased sentences); see the module docstring."""
+    `data_root`, or of your own data (`custom_referring`, `custom_semantic`) in the file `annotations`, as
+    `protocol` selects them and builds their targets; see docs/evaluation.md."""
     protocol = evaluation_protocol(protocol)
+    if dataset not in REFERRING_DATASETS + OPEN_VOCAB_DATASETS:
+        choices = ", ".join(REFERRING_DATASETS + OPEN_VOCAB_DATASETS)
+        raise ValueError(f"Unknown benchmark {dataset!r}; choose one of {choices}.")
+    if dataset in CUSTOM_DATASETS:
+        from .data.custom import CustomReferringDataset, CustomSemanticDataset
+
+        if annotations is None:
+            raise ValueError(f"{dataset} reads your own data: give the annotation file.")
+        if dataset == "custom_referring":
+            return CustomReferringDataset(annotations, train=False)
+        return LabelMapBenchmark(CustomSemanticDataset(annotations, train=False))
     if dataset in OPEN_VOCAB_DATASETS:
         from .data.open_vocab import build_open_vocab_dataset
 
         return build_open_vocab_dataset(dataset, data_root, split)
-    if dataset not in REFERRING_DATASETS:
-        choices = ", ".join(REFERRING_DATASETS + OPEN_VOCAB_DATASETS)
-        raise ValueError(f"Unknown benchmark {dataset!r}; choose one of {choices}.")
     from .data.registry import build_dataset
 
     return build_dataset(dataset, split, data_root, train=False, **protocol.dataset_options(dataset))
 
 
+class LabelMapBenchmark(torch.utils.data.Dataset):
+    """A label-map dataset (`modeling_selfie.data.semantic.LabelMapDataset`, e.g. your own `custom_semantic`) as
+    an open-vocabulary benchmark: `{"image", "label", "class_names"}` samples whose label holds the index of each
+    pixel's class among the named ones (in label-value order), `ignore_index` (-1) where the value has no name."""
+
+    ignore_index = -1
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        values = sorted(dataset.class_names)
+        self.class_names = tuple(dataset.class_names[value] for value in values)
+        self.lookup = dict(zip(values, range(len(values))))
+
+    def __len__(self) -> int:
+        return len(self.dataset.items)
+
+    def __getitem__(self, index: int) -> dict:
+        from .data.common import load_image
+
+        image_path, label_path = self.dataset.items[index]
+        labels = self.dataset.read_label_map(label_path)
+        image = load_image(image_path, self.dataset.check_script)
+        if labels.shape != (image.height, image.width):
+            size = (image.height, image.width)
+            raise ValueError(f"{label_path} has size {labels.shape} but {image_path} has {size}.")
+        classes = np.full(labels.shape, self.ignore_index, dtype=np.int64)
+        for value, class_index in self.lookup.items():
+            classes[labels == value] = class_index
+        return {"image": image, "label": classes, "class_names": self.class_names}
+
+
 def _load_dataset(args: argparse.Namespace):
     """The evaluation dataset named on the command line, cut to `--limit`."""
+    where = args.annotations if args.dataset in CUSTOM_DATASETS else f"{args.data_root} ({args.split})"
     try:
-        dataset = build_benchmark(args.dataset, args.split, args.data_root, args.protocol)
+        dataset = build_benchmark(args.dataset, args.split, args.data_root, args.protocol, args.annotations)
     except (OSError, ValueError, KeyError, pickle.UnpicklingError) as error:
-        message = f"cannot read {args.dataset} ({args.split}) from {args.data_root}: {_one_line(error)}"
-        raise _UsageError(message) from None
+        raise _UsageError(f"cannot read {args.dataset} from {where}: {_one_line(error)}") from None
     if args.limit is not None and args.limit < len(dataset):
         dataset = Subset(dataset, range(args.limit))
     return dataset
@@ -653,8 +814,11 @@ def _load_dataset(args: argparse.Namespace):
 
 def _load_model(args: argparse.Namespace, device: torch.device):
     """Model and processor from `--model`, the processor set to `--max-tiles`."""
-    import modeling_selfie  # noqa: F401  (registers the selfie model type with the Auto classes)
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from . import register_auto_classes
+
+    register_auto_classes()  # `python -m modeling_selfie.evaluate` imports the package without registering
 
     try:
         model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=args.dtype)
@@ -670,7 +834,8 @@ def _summary(args: argparse.Namespace, metrics: dict, seconds: float) -> str:
         f"{name} {value:.4f}" for name, value in metrics.items() if isinstance(value, float)
     )
     details = f"count {metrics['count']}, protocol {args.protocol}, {seconds:.1f} s"
-    return f"{args.dataset} {args.split}: {scores} ({details})"
+    where = args.annotations if args.dataset in CUSTOM_DATASETS else args.split
+    return f"{args.dataset} {where}: {scores} ({details})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -685,6 +850,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    if args.protocol == "self1e" and int(PIL.__version__.split(".")[0]) >= 13:
+        print(f"warning: Pillow {PIL.__version__} resizes some images differently from the authors' Pillow 12.1.1: "
+              "install pillow>=12.1.1,<13 (setup.py's range) for their tiles", file=sys.stderr)  # fmt: skip
     start = time.perf_counter()
     if args.dataset in OPEN_VOCAB_DATASETS:
         ignore_index = (dataset.dataset if isinstance(dataset, Subset) else dataset).ignore_index
@@ -694,10 +862,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_workers=args.num_workers,
         )  # fmt: skip
     else:
-        batch_size = PROTOCOLS[args.protocol].batch_size(args.batch_size)
+        batch_size, records = PROTOCOLS[args.protocol].batch_size(args.batch_size), []
         metrics = evaluate_referring(
-            model, processor, dataset, batch_size=batch_size, num_workers=args.num_workers, protocol=args.protocol
-        )
+            model, processor, dataset, batch_size=batch_size, num_workers=args.num_workers, protocol=args.protocol,
+            records=records,
+        )  # fmt: skip
     seconds = time.perf_counter() - start
 
     print(_summary(args, metrics, seconds))
@@ -705,13 +874,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = {
             "model": str(args.model),
             "dataset": args.dataset,
-            "split": args.split,
+            "split": Path(args.annotations).name if args.dataset in CUSTOM_DATASETS else args.split,
+            "annotations": args.annotations,
             "protocol": args.protocol,
             "batch_size": batch_size,
             "count": metrics["count"],
             "time_s": round(seconds, 3),
             "metrics": metrics,
         }
+        if args.dataset in REFERRING_DATASETS:
+            results["expressions"] = records
         with atomic_output_file(args.output) as staging:
             staging.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
@@ -721,7 +893,10 @@ __all__ = [
     "PROTOCOLS",
     "EvaluationProtocol",
     "ReferringMetrics",
+    "LabelMapBenchmark",
     "SemanticMetrics",
+    "authors_batch_sums",
+    "authors_collate",
     "build_benchmark",
     "chunked_argmax",
     "evaluate_open_vocab",

@@ -4,7 +4,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, get_token
 
 CARD_TEMPLATE = """---
 {card_data}
@@ -93,6 +93,26 @@ def model_card(
     )
 
 
+def check_push_access(token: str | None = None) -> str:
+    """The Hub user a push would go out as; a one-line `ValueError` when it cannot go out: offline mode
+    (`HF_HUB_OFFLINE`), no token (`token`, else the saved login or `HF_TOKEN`), or one the Hub does not accept or
+    cannot be reached to check."""
+    if constants.is_offline_mode():
+        raise ValueError("--push-to-hub needs the network, but offline mode is on (HF_HUB_OFFLINE).")
+    token = token or get_token()
+    if not token:
+        raise ValueError(
+            "--push-to-hub needs a Hugging Face token: run `hf auth login`, set HF_TOKEN or give --hub-token."
+        )
+    try:
+        return HfApi(token=token).whoami()["name"]
+    except Exception as error:  # HTTP, connection and timeout errors alike: the push would fail the same way
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"--push-to-hub: the Hub did not accept the token or could not be reached ({reason})."
+        ) from None
+
+
 def push_to_hub(
     model,
     processor,
@@ -116,4 +136,4 @@ def push_to_hub(
     return str(commit)
 
 
-__all__ = ["model_card", "push_to_hub", "read_metrics"]
+__all__ = ["check_push_access", "model_card", "push_to_hub", "read_metrics"]

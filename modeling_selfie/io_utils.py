@@ -1,4 +1,5 @@
-"""Writing outputs so that a half-written file or folder never replaces a good one."""
+"""Reading images as people see them, and writing outputs so that a half-written file or folder never replaces a
+good one."""
 
 import contextlib
 import os
@@ -6,6 +7,43 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Pillow modes of 16-bit grayscale files (PNG, TIFF, PGM); "I" (32-bit) is how some formats open them too.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+EXIF_ORIENTATION = 0x0112
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """`image` as it is shown, in 8-bit RGB: its EXIF orientation applied, 16-bit grayscale scaled to 0-255.
+
+    Pillow's own `convert("RGB")` clips 16-bit values at 255 (a 16-bit PNG turns white) and ignores the EXIF
+    orientation tag (a phone photo comes out lying on its side). Returns `image` itself when it already is RGB
+    without an orientation tag.
+    """
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+        image = Image.fromarray(np.round(values / 257).astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def shown_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) of `rgb_image(image)`, without converting it: swapped for the EXIF orientations that turn
+    the picture by 90 degrees."""
+    turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    return (image.width, image.height) if turned else (image.height, image.width)
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """The image file at `path` as `rgb_image` gives it. Raises `FileNotFoundError`, or Pillow's
+    `UnidentifiedImageError` / `OSError` for a file it cannot decode."""
+    with Image.open(path) as image:
+        rgb = rgb_image(image)
+        return rgb.copy() if rgb is image else rgb  # a copy outlives the closed file
 
 
 def _umask() -> int:
@@ -54,8 +92,8 @@ def atomic_output_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(staging)
-    except BaseException:
+        _give_default_permissions(Path(staging))
+        os.replace(staging, path)
+    except BaseException:  # the write, or the rename (a folder in the way): no staging file is left behind
         Path(staging).unlink(missing_ok=True)
         raise
-    _give_default_permissions(Path(staging))
-    os.replace(staging, path)

@@ -13,6 +13,7 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from logging import Filter
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,8 @@ from .compat import cache_kwargs, create_causal_mask, deprecated_cache_name, ima
 from .configuration_selfie import SelfieConfig
 
 logger = logging.get_logger(__name__)
+
+UNKNOWN_TOKEN_PRESENCE_PENALTY = 8.0  # presence logit taken off per unknown-word token before a [SEG]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -372,9 +375,9 @@ class SelfieSegmentationOutput(InternVLCausalLMOutputWithPast):
         row-major). Pass them to `SelfieProcessor.post_process_masks` for masks at the image's own size.
     presence_logits (`list[torch.FloatTensor]`, *optional*):
         One `[n_seg]` tensor per sample: whether the referred object is in the image at all (the convention of
-        SAM3's `presence_logits`). Derived from the masks, no extra parameters: the logit of the most confident
-        pixel, so `sigmoid(presence) < 0.5` exactly when the mask is empty at the default threshold, and a higher
-        `presence_threshold` in `post_process_masks` drops low-confidence masks.
+        SAM3's `presence_logits`); see [`SelfieForSegmentation.presence_logits`]. Never above the logit of the
+        mask's most confident pixel, so a mask is empty at the default thresholds exactly when its presence score
+        `sigmoid(presence)` is below 0.5 (`post_process_masks` empties it).
     text_loss (`torch.FloatTensor` of shape `()`, *optional*):
         Next-token cross entropy (when `labels` are given).
     mask_bce_loss, mask_dice_loss (`torch.FloatTensor` of shape `()`, *optional*):
@@ -430,6 +433,7 @@ class SelfieSegmentationHead(nn.Module):
         self.pus_llm = SelfieMLP(hidden, hidden, unshuffled, act)
         self.pus_vision = SelfieMLP(hidden, hidden, unshuffled, act)
         self.proj_out = SelfieMLP(config.seg_hidden_size, config.seg_hidden_size, config.seg_hidden_size, act)
+        self.presence = nn.Linear(hidden, 1) if config.presence_head else None
 
     def _to_pixels(self, unshuffled: torch.Tensor) -> torch.Tensor:
         """RFA unshuffles the r*r chunks into r x r pixels; the other modes average them at the token grid."""
@@ -491,6 +495,37 @@ def seg_token_id_of_folder(pretrained_model_name_or_path, kwargs: dict, image_to
     return seg_token_id_in(tokenizer)
 
 
+class HeldLoadReport(Filter):
+    """Holds back the LOAD REPORT warning that `PreTrainedModel.from_pretrained` logs (missing / unexpected /
+    mismatched keys) until `release()` logs it; used as a context manager around the call, it releases the report
+    when the call raises."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+        self.logger = logging.get_logger("transformers.modeling_utils")
+
+    def filter(self, record) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        for record in self.records:
+            self.logger.handle(record)
+        self.records = []
+
+    def __enter__(self) -> "HeldLoadReport":
+        self.logger.addFilter(self)
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        self.logger.removeFilter(self)
+        if error is not None:
+            self.release()
+
+
 def shared_fields(output, target_class) -> dict:
     """The fields of a model output that `target_class` also has (cache, hidden states, attentions, image outputs:
     their names differ between transformers releases)."""
@@ -550,17 +585,19 @@ class SelfieModel(InternVLModel):
         position_ids: torch.LongTensor | None,
         has_seg: bool | None = None,
         token_masks: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> dict | torch.Tensor | None:
+    ) -> torch.Tensor | dict | None:
         """Attention mask for the LLM: the dual pathway in samples with `[SEG]` (full forwards only), else as given.
 
         `has_seg` says on the host whether any sample has a `[SEG]` (`SegmentationLayout.segmenting`); `None`
         reads it from the inputs (a host synchronisation on an accelerator). `token_masks` are the `[SEG]` and
         image token masks of `token_masks()` when known; else they are read from `input_ids` or `inputs_embeds`.
 
-        Returns `{"full_attention": mask}` built by `create_causal_mask` from a `[B, L]` (or no) padding mask, a
-        prebuilt mask (4-D, or a dict of them, as static-cache generation passes) with the pattern added, or
-        `attention_mask` unchanged when no sample segments, the mode is `"causal"`, or this is a cached decoding
-        step (keys already computed).
+        Returns the 4D mask built by `create_causal_mask` (a `BlockMask` for flex attention) from a `[B, L]` (or no)
+        padding mask, a prepared mask (4D, or a per-layer-type dict of them, as static-cache generation passes) with
+        the pattern added, or `attention_mask` unchanged when no sample segments, the mode is `"causal"`, or this is a
+        cached decoding step (keys already computed). A prepared 4D mask is what every text model InternVL carries
+        takes: its `create_causal_mask` returns it as is (Qwen2 / Qwen3 would also take a per-layer-type dict, Llama
+        would not).
         """
         if has_seg is False or self.config.seg_token_id is None or self.config.seg_attention == "causal":
             return attention_mask
@@ -575,6 +612,12 @@ class SelfieModel(InternVLModel):
         segmenting = seg_mask.any(dim=1)
         if not (bool(segmenting.any()) if has_seg is None else has_seg):
             return attention_mask
+        layer_types = set(getattr(self.config.text_config, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            raise ValueError(
+                f"SELFIE's dual-pathway attention is built for full-attention layers; this text model also has "
+                f"{sorted(layer_types - {'full_attention'})} layers (turn off its sliding window)."
+            )
         implementation = self.config.text_config._attn_implementation
         if implementation == "flash_attention_2":
             raise ValueError(
@@ -586,7 +629,8 @@ class SelfieModel(InternVLModel):
             valid_keys = (prebuilt if prebuilt.dtype == torch.bool else prebuilt == 0).any(-2)[:, 0]
             queries, keys = dual_pathway_pattern(image_mask, seg_mask, segmenting, self.config.seg_attention)
             keys = keys & valid_keys[:, : keys.shape[1]]
-            return {"full_attention": add_to_dense_mask(prebuilt, queries, keys, inputs_embeds.dtype)}
+            mask = add_to_dense_mask(prebuilt, queries, keys, inputs_embeds.dtype)
+            return {**attention_mask, "full_attention": mask} if isinstance(attention_mask, dict) else mask
         pattern = dual_pathway_pattern(image_mask, seg_mask, segmenting, self.config.seg_attention, attention_mask)
         mask_kwargs = dict(
             config=self.config.text_config,
@@ -602,7 +646,7 @@ class SelfieModel(InternVLModel):
             # pattern with tensor ops (the mask-function path evaluates it under vmap, ~10x slower here).
             mask = create_causal_mask(**mask_kwargs, allow_is_causal_skip=False)
             mask = add_to_dense_mask(mask, *pattern, inputs_embeds.dtype)
-        return {"full_attention": mask}
+        return mask
 
     @can_return_tuple
     @deprecated_cache_name
@@ -677,13 +721,15 @@ class SelfieModel(InternVLModel):
 class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
     """InternVL3 that also returns one mask per `[SEG]` token, from one forward pass and no mask decoder.
 
-    Chat without `[SEG]` is exactly InternVL (same logits, `generate()` works). The auto class of this head is
-    `AutoModelForImageTextToText`; `AutoModel` gives the base [`SelfieModel`].
+    Chat without `[SEG]` is exactly InternVL (same logits, `generate()` works). The text model is whichever InternVL
+    carries (Qwen2 for InternVL3, Qwen3 for InternVL3.5, Llama for InternVL2.5 as transformers converts it);
+    `_no_split_modules` (InternVL's vision layer) gains its decoder layer in `post_init`, as transformers gathers the
+    sub-models' ones. The auto class of this head is `AutoModelForImageTextToText`; `AutoModel` gives the base
+    [`SelfieModel`].
     """
 
     config_class = SelfieConfig
     config: SelfieConfig
-    _no_split_modules = ["InternVLVisionLayer", "Qwen2DecoderLayer"]
 
     def __init__(self, config: SelfieConfig):
         # InternVLPreTrainedModel's init, not InternVLForConditionalGeneration's (it would build an InternVLModel)
@@ -712,10 +758,13 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
         """
         want_info = kwargs.pop("output_loading_info", False)
         kwargs["key_mapping"] = {**INTERNVL_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
+        with HeldLoadReport() as held:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
         missing = [key for key in info["missing_keys"] if not key.startswith("seg_head.")]
+        if missing or info["unexpected_keys"] or info["mismatched_keys"]:
+            held.release()  # more than the new head, which is logged below, once: transformers' report is shown
         if missing:
             shown = ", ".join(sorted(missing)[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
             message = (
@@ -727,11 +776,12 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
                     "checkpoint? (With output_loading_info=True they are initialised at random and reported instead.)"
                 )
             logger.warning(f"{message}; they are initialised at random.")
-        if any(key.startswith("seg_head.") for key in info["missing_keys"]):
-            count = sum(p.numel() for p in model.seg_head.parameters())
+        fresh = sorted({".".join(key.split(".")[:2]) for key in info["missing_keys"] if key.startswith("seg_head.")})
+        if fresh:
+            count = sum(p.numel() for name in fresh for p in model.get_submodule(name).parameters())
             logger.warning(
-                f"SELFIE modules initialised from scratch (not in the checkpoint): seg_head.pus_llm, "
-                f"seg_head.pus_vision, seg_head.proj_out ({count:,} parameters). Train them before use."
+                f"SELFIE modules initialised from scratch (not in the checkpoint): {', '.join(fresh)} ({count:,} "
+                "parameters). Train them before use."
             )
         if seg_token_id is not None:
             model.config.seg_token_id = seg_token_id
@@ -801,11 +851,8 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
             `pred_masks` (list of `[n_seg, H, W]` per sample) and, with `with_aux`, the low-resolution logits in the
             same layout (else `None`).
         """
-        length = seg_tokens.shape[1]
         flat_hidden = hidden_states.flatten(0, 1)
-        seg_index = first_true_indices(seg_tokens.flatten(), sum(seg_layout.seg_counts))  # sample-major
-        predicting = seg_index - 1 + (seg_index % length == 0).long()  # the state that predicts [SEG]
-        seg_vectors = self.seg_head.seg_embeddings(flat_hidden[predicting])
+        seg_vectors = self.seg_head.seg_embeddings(flat_hidden[self.seg_state_index(seg_tokens, seg_layout)])
         tokens = self.config.tokens_per_tile_side**2
         image_index = first_true_indices(image_tokens.flatten(), image_features.shape[0] * tokens).view(-1, tokens)
 
@@ -839,6 +886,49 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
                 for b, sample_low in zip(samples, low):
                     aux_masks[b] = sample_low
         return pred_masks, aux_masks
+
+    def seg_state_index(self, seg_tokens: torch.Tensor, seg_layout: SegmentationLayout) -> torch.LongTensor:
+        """`[S]` flat positions (in the flattened `[B, L]` batch) of the hidden states that predict each `[SEG]`,
+        sample-major: the token before each `[SEG]` (the `[SEG]` itself when it opens a row). `seg_tokens`: `[B, L]`
+        bool, padding excluded ([`SelfieModel.token_masks`])."""
+        seg_index = first_true_indices(seg_tokens.flatten(), sum(seg_layout.seg_counts))
+        return seg_index - 1 + (seg_index % seg_tokens.shape[1] == 0).long()
+
+    def presence_logits(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        seg_tokens: torch.Tensor,
+        hidden_states: torch.Tensor,
+        pred_masks: list[torch.Tensor],
+        seg_layout: SegmentationLayout,
+    ) -> list[torch.Tensor]:
+        """Whether each `[SEG]`'s object is in the image: one `[n_seg]` logit tensor per sample.
+
+        The logit of the mask's most confident pixel; with `config.presence_head`, the smaller of that and the
+        head's logit for the hidden state that predicts the `[SEG]`; minus `UNKNOWN_TOKEN_PRESENCE_PENALTY` for
+        every `config.unk_token_id` token before the `[SEG]` (a word the vocabulary lacks). So the score is below
+        0.5 whenever the mask is empty at the default threshold, the head judges the object absent, or the query
+        holds an unknown word.
+
+        Args:
+            input_ids, attention_mask: `[B, L]` (without `input_ids`, given embeddings, no unknown-word penalty).
+            seg_tokens: `[B, L]` bool `[SEG]` mask, padding excluded ([`SelfieModel.token_masks`]).
+            hidden_states: `[B, L, D]` final-norm LLM states.
+            pred_masks: `predict_masks`' logits, `[n_seg, H, W]` per sample.
+            seg_layout: the batch's [`SegmentationLayout`].
+        """
+        logits = torch.cat([masks.flatten(1).amax(1) for masks in pred_masks])  # sample-major, [S]
+        predicting = self.seg_state_index(seg_tokens, seg_layout)
+        if self.seg_head.presence is not None:
+            head = self.seg_head.presence(hidden_states.flatten(0, 1)[predicting])[:, 0]
+            logits = torch.minimum(logits, head.to(logits.dtype))
+        if self.config.unk_token_id is not None and input_ids is not None:
+            unknown = input_ids == self.config.unk_token_id
+            if attention_mask is not None:
+                unknown = unknown & attention_mask.bool()
+            logits = logits - UNKNOWN_TOKEN_PRESENCE_PENALTY * unknown.cumsum(1).flatten()[predicting].to(logits.dtype)
+        return list(logits.split(list(seg_layout.seg_counts)))
 
     def mask_loss(
         self, pred_masks: list[torch.Tensor], aux_masks: list[torch.Tensor], mask_labels: list[torch.Tensor]
@@ -891,9 +981,13 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
             mask_threshold: logit threshold of the returned masks.
             presence_threshold: masks whose presence score is lower come back empty.
             return_logits: return the mask logits (float) instead of bool masks.
-            return_scores: also return each mask's presence score, `sigmoid(presence_logit)`.
+            return_scores: also return each mask's presence score, `sigmoid(presence_logit)` (see
+                [`SelfieForSegmentation.presence_logits`]).
         Returns:
             One `[height, width]` mask per query, at its image's own size; with `return_scores`, `(masks, scores)`.
+
+        Queries are normalised as the processor's `query_normalization` says; words the vocabulary lacks are named in
+        one [`UnknownWordsWarning`].
         """
         from .processing_selfie import image_size_of, post_process_masks
 
@@ -903,6 +997,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
         if len(images) != len(queries):
             raise ValueError(f"{len(images)} images for {len(queries)} queries: give one image per query.")
         inputs = processor(images=images, queries=queries, query_kind=query_kind)
+        processor.warn_unknown_words(queries, query_kind)
         layout = SegmentationLayout.from_inputs(self.config, inputs["input_ids"], inputs["attention_mask"],
                                                 inputs["tile_grid"])  # on the CPU: no device read in the forward
         inputs = inputs.to(self.device)
@@ -948,6 +1043,11 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
         from .processing_selfie import image_size_of, post_process_masks
 
         processor.check_model(self.config)
+        messages = [  # user turns written as the model's training text was (the processor's query_normalization)
+            {**turn, "content": processor.normalize_query(turn["content"], "instruction")} if turn["role"] == "user"
+            else turn
+            for turn in messages
+        ]
         prompt = processor.render_conversation(messages, with_image=image is not None, add_generation_prompt=True)
         inputs = processor(images=[image] if image is not None else None, text=[prompt]).to(self.device)
         if "pixel_values" in inputs:
@@ -1025,7 +1125,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
-        pred_masks = aux_masks = None
+        pred_masks = aux_masks = presence_logits = None
         if seg_layout is not None and seg_layout.segmenting and outputs.image_features is not None:
             pred_masks, aux_masks = self.predict_masks(
                 *token_masks,
@@ -1034,6 +1134,9 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
                 outputs.image_features_hq,
                 seg_layout,
                 with_aux=mask_labels is not None,
+            )
+            presence_logits = self.presence_logits(
+                input_ids, attention_mask, token_masks[0], hidden_states, pred_masks, seg_layout
             )
 
         loss = text_loss = bce_loss = dice_loss = None
@@ -1049,7 +1152,6 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
             mask_loss = self.config.bce_loss_weight * bce_loss + self.config.dice_loss_weight * dice_loss
             loss = mask_loss if loss is None else loss + mask_loss
 
-        presence_logits = None if pred_masks is None else [masks.flatten(1).amax(1) for masks in pred_masks]
         return SelfieSegmentationOutput(
             loss=loss,
             logits=logits,

@@ -1,5 +1,6 @@
-"""The overlay picture of `selfie-segment`, the demo page and the README grid: the mask tinted over the image, its
-outline drawn, and the prompt as a caption in a band underneath.
+"""The overlay picture of `selfie-segment`, the demo page and the README grid: the mask in its own colours, the rest
+of the image dimmed to grey, an outline around the mask in a colour chosen against the image, and the prompt as a
+caption in a band underneath. An empty mask leaves the whole picture dimmed.
 
 Captions are set in the first font of `CAPTION_FONTS` found on the machine. The first, WenQuanYi Micro Hei (Debian
 package `fonts-wqy-microhei`, installed by `.ci/browser.sh`), covers Latin, Greek, Cyrillic, CJK and Hangul; the
@@ -13,7 +14,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-OVERLAY_COLOUR = (255, 0, 180)
+# The outline takes the one of these that stands out most from the colours it runs along (the mask and the dimmed
+# picture around it). No magenta: over red, pink or purple it reads as one more shade of them.
+OUTLINE_COLOURS = ((0, 255, 255), (255, 255, 0), (0, 255, 0), (255, 255, 255), (0, 0, 0))
+BACKGROUND_SATURATION = 0.35  # how much colour the picture outside the mask keeps (0: grey)
+BACKGROUND_BRIGHTNESS = 0.6  # and how bright it stays
+COLOUR_SAMPLES = 20_000
 CAPTION_FONTS = (
     "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",  # fonts-wqy-microhei: Latin, Greek, Cyrillic, CJK, Hangul
     "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",  # fonts-noto-cjk: the same scripts
@@ -66,37 +72,62 @@ def wrap_caption(text: str, font: ImageFont.FreeTypeFont, width: float, max_line
     return lines
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """Pixels of `mask` with at least one 4-neighbour outside it (the image border counts as inside)."""
-    padded = np.pad(mask, 1, mode="edge")
-    interior = padded[2:, 1:-1] & padded[:-2, 1:-1] & padded[1:-1, 2:] & padded[1:-1, :-2]
-    return mask & ~interior
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """`mask` grown by a square of `radius` pixels each way: per axis, OR-ed with shifted copies whose reach
+    doubles each time (log2(radius) steps, fast on photos)."""
+    grown = np.pad(mask, radius)  # a margin the shifts never fill up, so np.roll wraps nothing in
+    for axis in (0, 1):
+        reach = 0
+        while reach < radius:
+            step = min(2 * reach + 1, radius - reach)
+            grown = grown | np.roll(grown, step, axis) | np.roll(grown, -step, axis)
+            reach += step
+    return grown[radius : radius + mask.shape[0], radius : radius + mask.shape[1]]
 
 
-def render_overlay(image: Image.Image, mask, caption: str, alpha: float = 0.55) -> Image.Image:
-    """The image with the mask tinted over it, its outline drawn, and the caption in a band underneath.
+def dim_background(image: Image.Image) -> Image.Image:
+    """The RGB `image` turned towards grey (`BACKGROUND_SATURATION`) and darkened (`BACKGROUND_BRIGHTNESS`)."""
+    grey = image.convert("L").convert("RGB")
+    return Image.blend(grey, image, BACKGROUND_SATURATION).point(lambda value: round(value * BACKGROUND_BRIGHTNESS))
+
+
+def outline_colour(pixels: np.ndarray) -> tuple[int, int, int]:
+    """The colour of `OUTLINE_COLOURS` farthest from `pixels` (`[N, 3]` RGB, the colours the outline runs
+    along): the one whose distance to its nearest 5% of them is largest."""
+    candidates = np.asarray(OUTLINE_COLOURS, dtype=np.float32)[:, None]
+    distances = np.linalg.norm(pixels.astype(np.float32)[None] - candidates, axis=-1)
+    return OUTLINE_COLOURS[int(np.argmax(np.percentile(distances, 5, axis=1)))]
+
+
+def render_overlay(image: Image.Image, mask, caption: str) -> Image.Image:
+    """The image with the mask in its own colours and the rest dimmed, the mask outlined in the colour of
+    `OUTLINE_COLOURS` that stands out most there, and the caption in a band underneath.
 
     Args:
         image: RGB image of size `(W, H)`.
         mask: bool `[H, W]` (numpy, or a CPU tensor) at the image's size.
         caption: text shown under the picture (the prompt), wrapped to the image's width in up to
             `CAPTION_LINES` lines and ellipsised beyond them.
-        alpha: opacity of the tint.
     Returns:
-        An RGB image `W` wide: the tinted picture on top of a white caption band of fixed height (`CAPTION_LINES`
-        lines, whatever the caption), so overlays of one image all have the same size.
+        An RGB image `W` wide: the picture on top of a white caption band of fixed height (`CAPTION_LINES` lines,
+        whatever the caption), so overlays of one image all have the same size. The outline, `max(2, min(W, H) //
+        100)` px wide, lies outside the mask, so every mask pixel keeps the image's colour.
     """
     mask = np.asarray(mask, dtype=bool)
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
-    tint = np.asarray(OVERLAY_COLOUR, dtype=np.float32)
-    pixels[mask] = (1 - alpha) * pixels[mask] + alpha * tint
-    pixels[_outline(mask)] = tint
+    image = image.convert("RGB")
+    pixels = np.array(Image.composite(image, dim_background(image), Image.fromarray(mask)))
+    width = max(2, min(mask.shape) // 100)
+    outline = _dilate(mask, width) & ~mask
+    if outline.any():
+        around = np.flatnonzero(_dilate(mask, 3 * width))  # the mask and the dimmed picture near the outline
+        around = around[:: max(1, around.size // COLOUR_SAMPLES)]
+        pixels[outline] = outline_colour(pixels.reshape(-1, 3)[around])
 
     font = caption_font(max(12, image.width // 28))
     ascent, descent = font.getmetrics()
     line_height, margin = ascent + descent + 2, max(3, font.size // 3)
     canvas = Image.new("RGB", (image.width, image.height + CAPTION_LINES * line_height + 2 * margin), "white")
-    canvas.paste(Image.fromarray(pixels.astype(np.uint8)), (0, 0))
+    canvas.paste(Image.fromarray(pixels), (0, 0))
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(wrap_caption(caption, font, image.width - 2 * margin)):
         draw.text((margin, image.height + margin + i * line_height), line, fill=(0, 0, 0), font=font)

@@ -7,6 +7,8 @@
     [{"mask": <PIL.Image L>, "score": 0.97, "label": "red circle"}, ...]
 """
 
+import os
+
 import numpy as np
 import torch
 from PIL import Image
@@ -14,6 +16,7 @@ from transformers import AutoModelForImageTextToText, Pipeline
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .io_utils import read_image, rgb_image
 from .processing_selfie import post_process_masks
 
 
@@ -22,7 +25,8 @@ class ReferringSegmentationPipeline(Pipeline):
 
     Call with `image` (PIL image, path or URL) and `text` (a phrase or a list). Options: `query_kind`
     (`"phrase"` or `"instruction"`), `mask_threshold` (logit, 0.0) and `presence_threshold` (0.5): a phrase
-    whose presence score is below it gets an empty mask. Returns one `{"mask", "score", "label"}` per phrase:
+    whose presence score is below it gets an empty mask; words the model's vocabulary lacks are named in an
+    `UnknownWordsWarning`. Returns one `{"mask", "score", "label"}` per phrase:
     `mask` a binary PIL image (mode "L", 0/255) at the image's size, `score` the presence score.
     """
 
@@ -51,8 +55,14 @@ class ReferringSegmentationPipeline(Pipeline):
         if text is None or (isinstance(text, list) and not text):
             raise ValueError("referring-segmentation needs text=: a phrase or a list of phrases to segment.")
         labels = [text] if isinstance(text, str) else list(text)
-        image = load_image(image)
+        if isinstance(image, Image.Image):
+            image = rgb_image(image)
+        elif isinstance(image, (str, os.PathLike)) and os.path.isfile(image):
+            image = read_image(image)  # as shown; transformers' load_image clips 16-bit images at 255
+        else:
+            image = load_image(image)  # a URL or base64 text
         inputs = self.processor(images=[image] * len(labels), queries=labels, query_kind=query_kind)
+        self.processor.warn_unknown_words(labels, query_kind)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return {"inputs": inputs, "labels": labels, "size": (image.height, image.width)}
 

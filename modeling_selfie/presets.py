@@ -1,4 +1,9 @@
-"""Shipped model presets (`configuration/selfie-{tiny,2b,8b}.json`) and a tiny model + processor factory."""
+"""Shipped model presets (`configuration/selfie-*.json`) and a tiny model + processor factory.
+
+`selfie-2b` / `selfie-8b` have the dimensions of the paper's InternVL3-2B / -8B bases (Qwen2 text model),
+`selfie-internvl3.5-{2b,8b}` those of InternVL3.5 (Qwen3), `selfie-internvl2.5-{2b,8b}` those of InternVL2.5 as
+transformers' InternVL conversion stores it (its InternLM2 LLM as Llama; the paper's Tab. 10 base).
+"""
 
 import json
 from importlib import resources
@@ -10,11 +15,19 @@ from .modeling_selfie import SelfieForSegmentation
 from .processing_selfie import SelfieImageProcessor, SelfieProcessor
 from .tokenization import build_word_level_tokenizer
 
-PRESETS = ("selfie-tiny", "selfie-2b", "selfie-8b")
+PRESETS = (
+    "selfie-tiny",
+    "selfie-2b",
+    "selfie-8b",
+    "selfie-internvl3.5-2b",
+    "selfie-internvl3.5-8b",
+    "selfie-internvl2.5-2b",
+    "selfie-internvl2.5-8b",
+)
 
 
 def preset_config(name: str, **overrides) -> SelfieConfig:
-    """`SelfieConfig` of a shipped preset (`selfie-tiny`, `selfie-2b`, `selfie-8b`), with field overrides; a dict
+    """`SelfieConfig` of a shipped preset (one of `PRESETS`), with field overrides; a dict
     given for a sub-config (`text_config={"num_hidden_layers": 3}`) updates the preset's fields of it."""
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose one of {PRESETS}.")

@@ -3,6 +3,8 @@
 
 import random
 import re
+import unicodedata
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -24,15 +26,21 @@ from transformers.image_utils import (
 from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
+from .io_utils import rgb_image, shown_size
+
 SEG_TOKEN = "[SEG]"
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 SELF1E_SYSTEM_MESSAGE = "You are an helpful assistant."  # (sic) the released SELF1E's system turn
-# How the first user turn starts and whether phrases are normalised (the authors' evaluation writes "<image>\n "
-# and lowercases RefCOCO phrases; InternVL's chat format writes "<image>\n").
+# How the first user turn starts (the authors' evaluation writes "<image>\n "
+# and the query as its dataset gives it: their RefCOCO loader lowercases, ReasonSeg text stays as written;
+# InternVL's chat format writes "<image>\n").
 PROMPT_STYLES = {
-    "self1e": {"image_prefix": "{image}\n ", "lowercase_phrases": True},
-    "internvl": {"image_prefix": "{image}\n", "lowercase_phrases": False},
+    "self1e": {"image_prefix": "{image}\n "},
+    "internvl": {"image_prefix": "{image}\n"},
 }
+# How queries are rewritten before they enter the prompt (`normalize_query`): as given, or as plain words.
+QUERY_NORMALIZATIONS = (None, "words")
+_QUERY_WORD = re.compile(r"[^\W_]+")  # runs of letters and digits: punctuation, hyphens, underscores split words
 # InternVL's image tokens, for tokenizers whose config does not name them (the original InternVL3 folders).
 IMAGE_TOKEN_ROLES = {
     "start_image_token": "<img>",
@@ -94,6 +102,31 @@ def segmentation_question(text: str, kind: str = "phrase", rng: random.Random | 
     if rng is None:
         return VALIDATION_QUESTIONS[kind].format(text=text)
     return rng.choice(LONG_QUESTIONS if kind == "instruction" else SHORT_QUESTIONS).format(text=text)
+
+
+def normalize_query(text: str, kind: str = "phrase", normalization: str | None = None) -> str:
+    """A query written as a model's training text was (`SelfieProcessor(query_normalization=...)`).
+
+    `normalization=None` returns `text` unchanged. `"words"` (the RefShapes demo model's training text) keeps the
+    words only: Unicode NFKC, lower case, runs of letters and digits joined by one space (punctuation, hyphens,
+    underscores and repeated spaces become one space). A phrase is just these words ("Red-Circle!" ->
+    "red circle"); an instruction is a sentence: its first letter upper case and a final "?" (or "." when the text
+    ended with one), as "Which shape has three corners?".
+    """
+    if normalization is None:
+        return text
+    if normalization not in QUERY_NORMALIZATIONS:
+        raise ValueError(f"query_normalization={normalization!r} is not one of {list(QUERY_NORMALIZATIONS)}.")
+    words = " ".join(_QUERY_WORD.findall(unicodedata.normalize("NFKC", text).lower()))
+    if not words:
+        raise ValueError(f"The query {text!r} holds no word (letters or digits) to segment.")
+    if kind == "phrase":
+        return words
+    return words[0].upper() + words[1:] + ("." if text.rstrip().endswith(".") else "?")
+
+
+class UnknownWordsWarning(UserWarning):
+    """A query holds words the model's word-level vocabulary lacks (its tokenizer reads them as `<unk>`)."""
 
 
 def segmentation_answer(rng: random.Random | None = None) -> str:
@@ -214,9 +247,12 @@ class SelfieProcessor(InternVLProcessor):
         system_message (`str`, *optional*, defaults to the released SELF1E's): system turn of the chat (`""` leaves
             it out).
         prompt_style (`str`, *optional*, defaults to `"self1e"`): `"self1e"` writes the first user turn as the
-            authors' evaluation does (`<image>\n ` then the question, phrases stripped and lowercased); `"internvl"`
+            authors' evaluation does (`<image>\n ` then the question, the query stripped); `"internvl"`
             as InternVL's chat format (`<image>\n`, phrases as given). Saved with the processor, so a model keeps the
             prompt it was trained with.
+        query_normalization (`str`, *optional*): how every query (and `chat` user turn) is rewritten first, as the
+            model's training text was written: `None` (as given) or `"words"` (lower-case words, no punctuation;
+            see [`normalize_query`]). Saved with the processor; independent of `prompt_style`.
 
     `SelfieProcessor.from_pretrained` also reads InternVL3 folders (`-hf` or original): SELFIE tiling with the
     folder's tile size and normalisation, its tokenizer with `[SEG]` added.
@@ -240,10 +276,15 @@ class SelfieProcessor(InternVLProcessor):
         chat_template=None,
         system_message: str = SELF1E_SYSTEM_MESSAGE,
         prompt_style: str = "self1e",
+        query_normalization: str | None = None,
         **kwargs,
     ):
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"prompt_style={prompt_style!r} is not one of {list(PROMPT_STYLES)}.")
+        if query_normalization not in QUERY_NORMALIZATIONS:
+            raise ValueError(
+                f"query_normalization={query_normalization!r} is not one of {list(QUERY_NORMALIZATIONS)}."
+            )
         if tokenizer is not None and tokenizer.convert_tokens_to_ids(SEG_TOKEN) in (None, tokenizer.unk_token_id):
             tokenizer.add_tokens([AddedToken(SEG_TOKEN, special=True, normalized=False)], special_tokens=True)
         # InternVLProcessor.__init__ also takes a video processor, which needs torchvision; SELFIE has no video
@@ -258,6 +299,7 @@ class SelfieProcessor(InternVLProcessor):
         self.multimodal_pattern = re.compile(f"(?P<image>{re.escape(self.image_token)})")
         self.system_message = system_message
         self.prompt_style = prompt_style
+        self.query_normalization = query_normalization
         self.seg_token = SEG_TOKEN
         self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
         self._assistant_header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
@@ -348,11 +390,42 @@ class SelfieProcessor(InternVLProcessor):
             parts.append("<|im_start|>assistant\n")
         return "".join(parts)
 
+    def normalize_query(self, query: str, kind: str = "phrase") -> str:
+        """`query` as this processor's `query_normalization` writes it (see [`normalize_query`])."""
+        return normalize_query(query, kind, self.query_normalization)
+
+    def unknown_words(self, query: str, kind: str = "phrase") -> list[str]:
+        """The words of the (normalised) query that the tokenizer reads as its unknown token, in order, once each:
+        words a word-level vocabulary lacks. Empty for tokenizers without an unknown token (byte-level BPE has no
+        unknown words) and for slow tokenizers, which give no character offsets."""
+        text = self.normalize_query(query, kind)
+        unknown_id = self.tokenizer.unk_token_id
+        if unknown_id is None or not self.tokenizer.is_fast:
+            return []
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = [span for token, span in zip(encoding["input_ids"], encoding["offset_mapping"]) if token == unknown_id]
+        return list(dict.fromkeys(text[start:end] for start, end in spans))
+
+    def warn_unknown_words(self, queries: Sequence[str], kind: str = "phrase") -> list[str]:
+        """Issue one [`UnknownWordsWarning`] naming the words of `queries` the vocabulary lacks (none: no warning);
+        returns the words."""
+        found = {query: self.unknown_words(query, kind) for query in queries}
+        words = list(dict.fromkeys(word for query_words in found.values() for word in query_words))
+        if words:
+            where = "; ".join(f"{', '.join(map(repr, ws))} in {query!r}" for query, ws in found.items() if ws)
+            warnings.warn(
+                f"the model does not know the word(s) {where}: it reads them as <unk>, so those masks are "
+                "guesses and their presence scores are lowered",
+                UnknownWordsWarning,
+                stacklevel=3,
+            )
+        return words
+
     def segmentation_conversation(self, query: str, kind: str = "phrase") -> list[dict]:
-        """The paper's validation conversation for one query (Sec. 9.2), answered "[SEG].". Under the `"self1e"`
-        prompt style a phrase is stripped and lowercased, as the authors' RefCOCO loader does."""
-        if kind == "phrase" and PROMPT_STYLES[self.prompt_style]["lowercase_phrases"]:
-            query = query.strip().lower()
+        """The paper's validation conversation for one query (Sec. 9.2), answered "[SEG].". The query is first
+        normalised as `query_normalization` says, then stripped (as the authors' loaders do; lowercasing RefCOCO
+        sentences is their loader's, `ReferringDataset(lowercase=True)`)."""
+        query = self.normalize_query(query, kind).strip()
         return [
             {"role": "user", "content": segmentation_question(query, kind)},
             {"role": "assistant", "content": segmentation_answer()},
@@ -398,6 +471,8 @@ class SelfieProcessor(InternVLProcessor):
             conversations = [self.segmentation_conversation(query, query_kind or "phrase") for query in queries]
         if images is not None and not isinstance(images, (list, tuple)):
             images = [images]
+        if images is not None:  # PIL images as shown: EXIF orientation applied, 16-bit scaled to 8-bit RGB
+            images = [rgb_image(image) if isinstance(image, Image.Image) else image for image in images]
         if conversations is not None:
             has_image = [image is not None for image in images] if images is not None else [False] * len(conversations)
             if images is not None and len(images) != len(conversations):
@@ -547,9 +622,9 @@ def internvl_tokens_per_tile(config: dict) -> int:
 
 
 def image_size_of(image) -> tuple[int, int]:
-    """(height, width) of a PIL image, HWC numpy array or CHW tensor."""
+    """(height, width) of a PIL image (as shown: turned by its EXIF orientation), HWC numpy array or CHW tensor."""
     if isinstance(image, Image.Image):
-        return image.height, image.width
+        return shown_size(image)
     if isinstance(image, torch.Tensor):
         return tuple(image.shape[-2:])
     return tuple(np.asarray(image).shape[:2])
@@ -562,7 +637,9 @@ __all__ = [
     "SELF1E_SYSTEM_MESSAGE",
     "SelfieImageProcessor",
     "SelfieProcessor",
+    "UnknownWordsWarning",
     "image_size_of",
+    "normalize_query",
     "post_process_masks",
     "segmentation_question",
     "select_tile_grid",

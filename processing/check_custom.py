@@ -10,7 +10,7 @@ every record, image, mask (PNG, COCO polygons, RLE) and label map; prints one li
 
 import sys
 
-from modeling_selfie.data.custom import check_main
+from modeling_selfie.data.registry import check_custom_main
 
 if __name__ == "__main__":
-    sys.exit(check_main())
+    sys.exit(check_custom_main())

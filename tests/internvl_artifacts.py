@@ -4,8 +4,8 @@
   special tokens and InternVL's image tokens at their real relative positions, saved with a hand-written
   `tokenizer_config.json` as the Hub's InternVL3 folders hold it (with or without the `*_image_token` roles).
 * `write_internvl3_hf_folder`: a tiny InternVL3 written by transformers' own `InternVLForConditionalGeneration`
-  (model_type `internvl`), its weights in one of the key layouts met in the wild, with the `-hf` repositories'
-  processor files (GotOcr2 image processor: 12 tiles + thumbnail).
+  (model_type `internvl`; Qwen2, Qwen3 or Llama text model), its weights in one of the key layouts met in the wild,
+  with the `-hf` repositories' processor files (GotOcr2 image processor: 12 tiles + thumbnail).
 * `write_original_internvl3_folder`: the original (`internvl_chat`) InternVL3 folder's processor-side files:
   config.json, CLIP-style preprocessor_config.json, tokenizer without image-token roles.
 """
@@ -92,8 +92,16 @@ def write_qwen2_internvl_tokenizer(folder: Path, image_roles: bool = True) -> di
     return ids
 
 
-def internvl3_config(vocab_size: int, image_token_id: int, tie_word_embeddings: bool = False) -> InternVLConfig:
-    """A tiny InternVL3 config (56 px tiles, 14 px patches: 4 LLM tokens per tile), written out by hand."""
+# The text models transformers' InternVL carries: Qwen2 (InternVL3), Qwen3 (InternVL3.5, its own head_dim and q/k
+# norms) and Llama (InternVL2.5's InternLM2 as transformers' conversion stores it).
+TEXT_MODELS = {"qwen2": {}, "qwen3": {"head_dim": 16}, "llama": {}}
+
+
+def internvl3_config(
+    vocab_size: int, image_token_id: int, tie_word_embeddings: bool = False, text_model: str = "qwen2"
+) -> InternVLConfig:
+    """A tiny InternVL config (56 px tiles, 14 px patches: 4 LLM tokens per tile) with a `text_model` LLM (one of
+    `TEXT_MODELS`), written out by hand."""
     return InternVLConfig(
         vision_config={
             "hidden_size": 32,
@@ -106,7 +114,8 @@ def internvl3_config(vocab_size: int, image_token_id: int, tie_word_embeddings: 
             "use_mean_pooling": True,
         },
         text_config={
-            "model_type": "qwen2",
+            "model_type": text_model,
+            **TEXT_MODELS[text_model],
             "hidden_size": 64,
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
@@ -145,9 +154,10 @@ def rename_keys(state: dict[str, torch.Tensor], rules) -> dict[str, torch.Tensor
 
 
 def write_internvl3_hf_folder(
-    folder: Path, layout: str = "hub", tie_word_embeddings: bool = False, seed: int = 0
+    folder: Path, layout: str = "hub", tie_word_embeddings: bool = False, seed: int = 0, text_model: str = "qwen2"
 ) -> InternVLForConditionalGeneration:
-    """A tiny InternVL3-hf folder: weights by `InternVLForConditionalGeneration`, tokenizer, processor files.
+    """A tiny InternVL3-hf folder: weights by `InternVLForConditionalGeneration`, tokenizer, processor files. The
+    LLM is `text_model` (`TEXT_MODELS`; the tokenizer is the Qwen2-style one whatever the LLM).
 
     `layout`: `"saved"` keeps what this transformers release's `save_pretrained` wrote, `"hub"` renames the keys to
     the `-hf` repositories' layout (`vision_tower.*`, `multi_modal_projector.*`, `language_model.model.*`,
@@ -160,7 +170,7 @@ def write_internvl3_hf_folder(
     vocab_size = ids["</box>"] + 1  # as the Hub's config: the tokenizer's <video> has no embedding row
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(
-        internvl3_config(vocab_size, ids["<IMG_CONTEXT>"], tie_word_embeddings)
+        internvl3_config(vocab_size, ids["<IMG_CONTEXT>"], tie_word_embeddings, text_model)
     ).eval()
     for parameter in model.parameters():  # visible numbers (the default init is N(0, 0.02^2))
         torch.nn.init.normal_(parameter, std=0.3)

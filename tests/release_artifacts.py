@@ -24,7 +24,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from .helpers import REFERENCE
 
@@ -207,20 +207,107 @@ def write_release_folder(
     layout: str = "single",
     marker: Path | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    llm: str = "qwen2",
 ) -> dict[str, torch.Tensor]:
     """A released SELF1E folder (`ckpt_model`) trained from the original InternVL3 tokenizer whose special-token ids
     are `token_ids` (as `tests.internvl_artifacts.write_original_internvl3_folder` returns them): vocabulary rows =
-    that tokenizer's length + 2 ([SEG], [SEGT]).
+    that tokenizer's length + 2 ([SEG], [SEGT]). `llm`: the fixture's Qwen2, or another LLM of the same sizes
+    (`swap_llm`).
 
     Returns the tensors written (original names)."""
     folder.mkdir(parents=True, exist_ok=True)
     vocab_size = max(token_ids.values()) + 1 + SEG_TOKENS
     state = released_tensors(vocab_size, dtype)
     config = release_config(vocab_size, token_ids["<|im_end|>"], token_ids["<|endoftext|>"])
+    if llm != "qwen2":
+        state = swap_llm(state, config, llm)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     write_weights(folder, state, layout)
     write_training_args(folder, marker or folder.parent / "training_args_was_unpickled")
     return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Other LLMs of InternVL releases
+# ----------------------------------------------------------------------------------------------------------------
+
+# InternLM2's original names (its remote code `modeling_internlm2.py`) for Llama's; q, k and v are packed apart.
+INTERNLM2_NAMES = {
+    "model.embed_tokens.": "model.tok_embeddings.",
+    "self_attn.o_proj.": "attention.wo.",
+    "mlp.gate_proj.": "feed_forward.w1.",
+    "mlp.down_proj.": "feed_forward.w2.",
+    "mlp.up_proj.": "feed_forward.w3.",
+    "input_layernorm.": "attention_norm.",
+    "post_attention_layernorm.": "ffn_norm.",
+    "lm_head.": "output.",
+}
+QWEN2_ONLY_FIELDS = ("layer_types", "max_window_layers", "sliding_window", "use_sliding_window")
+
+
+def internlm2_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """InternLM2's packed `attention.wqkv.weight`: for each key-value head, its group of query heads, then its key
+    head, then its value head (rows of `head_dim` each)."""
+    groups = zip(q.chunk(kv_heads), k.chunk(kv_heads), v.chunk(kv_heads))  # query head i uses key head i // group
+    return torch.cat([torch.cat([q_group, k_head, v_head]) for q_group, k_head, v_head in groups])
+
+
+def internlm2_layout(llama_state: dict[str, torch.Tensor], kv_heads: int) -> dict[str, torch.Tensor]:
+    """A `LlamaForCausalLM` state dict under InternLM2's original names, q / k / v packed into `wqkv`."""
+    packed = {}
+    for key, tensor in llama_state.items():
+        if ".self_attn.k_proj." in key or ".self_attn.v_proj." in key:
+            continue
+        if ".self_attn.q_proj." in key:
+            k, v = (llama_state[key.replace("q_proj", name)] for name in ("k_proj", "v_proj"))
+            packed[key.replace("self_attn.q_proj", "attention.wqkv")] = internlm2_wqkv(tensor, k, v, kv_heads)
+            continue
+        for name, original in INTERNLM2_NAMES.items():
+            key = key.replace(name, original)
+        packed[key] = tensor
+    return packed
+
+
+def tiny_llm(llm_config: dict, llm: str, seed: int = 3):
+    """A random `Qwen3ForCausalLM` (`llm="qwen3"`) or `LlamaForCausalLM` (`"internlm2"`: InternLM2 is a Llama with
+    other names) with the sizes of `llm_config`; the same arguments give the same weights."""
+    sizes = {key: llm_config[key] for key in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling")}  # fmt: skip
+    torch.manual_seed(seed)
+    if llm == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(**sizes, head_dim=16, tie_word_embeddings=False))
+    if llm == "internlm2":
+        return LlamaForCausalLM(LlamaConfig(**sizes, tie_word_embeddings=False))
+    raise ValueError(llm)
+
+
+def swap_llm(state: dict[str, torch.Tensor], config: dict, llm: str) -> dict[str, torch.Tensor]:
+    """`state` with its LLM replaced by `tiny_llm(config["llm_config"], llm)`, and `config["llm_config"]` updated
+    as that release writes it: `"qwen3"` (InternVL3.5: own head_dim, q / k norms) or `"internlm2"` (InternVL2 / 2.5:
+    the Llama under InternLM2's original names and packed `wqkv`, remote-code config)."""
+    llm_config = config["llm_config"]
+    if llm == "internlm2":
+        llm_config["rope_scaling"] = {"type": "dynamic", "factor": 2.0}  # InternLM2.5's
+    model = tiny_llm(llm_config, llm)
+    if llm == "qwen3":
+        llm_config.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=16)
+        tensors = model.state_dict()
+    else:
+        for field in QWEN2_ONLY_FIELDS:
+            llm_config.pop(field, None)
+        llm_config.update(
+            model_type="internlm2",
+            architectures=["InternLM2ForCausalLM"],
+            auto_map={"AutoConfig": "configuration_internlm2.InternLM2Config",
+                      "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+            attn_implementation="eager",
+            bias=False,
+        )  # fmt: skip
+        tensors = internlm2_layout(model.state_dict(), llm_config["num_key_value_heads"])
+    dtype = state["language_model.lm_head.weight"].dtype
+    others = {key: tensor for key, tensor in state.items() if not key.startswith("language_model.")}
+    return {**others, **{f"language_model.{key}": t.to(dtype).contiguous() for key, t in tensors.items()}}
 
 
 # ----------------------------------------------------------------------------------------------------------------

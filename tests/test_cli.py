@@ -163,12 +163,16 @@ def test_output_naming_a_folder_writes_inside_it(model_dir, tmp_path, monkeypatc
     assert not (tmp_path / "new_mask.png").exists() and not (tmp_path / "existing_mask.png").exists()
 
 
-@pytest.mark.parametrize("device", ["cuda:99", "foo", "meta"])
-def test_unusable_device_is_one_error_line(tmp_path, capsys, device):
+@pytest.mark.parametrize("device", ["cuda:99", "foo", "meta", "mps", "xla"])
+def test_unusable_device_is_one_short_error_line(tmp_path, capsys, device):
     random_image(8, 8).save(tmp_path / "ok.png")
-    assert main([str(tmp_path / "ok.png"), "red", "--device", device]) == 2
+    try:
+        code = main([str(tmp_path / "ok.png"), "red", "--device", device])
+    except SystemExit as exit:  # found before torch loads (mps off macOS)
+        code = exit.code
+    assert code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: --device {device}") and "\n" not in err
+    assert err.startswith(f"error: --device {device}") and "\n" not in err and len(err) < 160, err
     assert not list(tmp_path.glob("*_mask.png"))
 
 
@@ -204,11 +208,32 @@ def test_help_and_argument_errors_answer_without_importing_torch(tmp_path):
         "except SystemExit as exit:\n"
         "    print(exit.code, sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n"
     )
-    for argv, code in [(["--help"], 0), ([], 2), (["a.png"], 2), (["--batch", "x.jsonl", "a.png"], 2)]:
+    random_image(8, 8).save(tmp_path / "ok.png")
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"image": "ok.png", "prompt": "red"}) + "\n")
+    (tmp_path / "a_file").write_text("")
+    bad_input = [
+        (["missing.png", "red circle"], "image not found: missing.png"),
+        (["ok.png", "red", " "], "is empty"),
+        (["none.jsonl", "red"], "image not found"),
+        (["--batch", "none.jsonl"], "batch file not found"),
+        (["ok.png", "red", "--output", "a_file/out/"], "a_file is a file, so the folder"),
+        (["ok.png", "red", "--output", "a_file/deeper/prefix"], "--output a_file/deeper/prefix: "),
+        (["ok.png", "red", "--json", "a_file/masks.json"], "--json a_file/masks.json: "),
+        (["--batch", "jobs.jsonl", "--output", "a_file"], "--output a_file: "),  # with --batch, a folder
+        (["ok.png", "red", "--model", "."], "not a model folder"),
+    ]
+    if sys.platform != "darwin":
+        bad_input.append((["ok.png", "red", "--device", "mps"], "--device mps cannot be used here"))
+    for argv, code in [(["--help"], 0), ([], 2), (["a.png"], 2), (["--batch", "x.jsonl", "a.png"], 2)] + [
+        (argv, 2) for argv, _ in bad_input
+    ]:
         result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=tmp_path)
         assert result.stdout.strip().splitlines()[-1] == f"{code} []", (argv, result.stdout, result.stderr)
         if code:
             assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+        message = dict((tuple(a), m) for a, m in bad_input).get(tuple(argv))
+        assert message is None or message in result.stderr, (argv, result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "jobs.jsonl", "ok.png"]  # nothing written
     help_text = subprocess.run([sys.executable, "-c", probe, "--help"], capture_output=True, text=True).stdout
     assert "--batch" in help_text and "--json" in help_text and "--device" in help_text
 
@@ -239,6 +264,40 @@ def test_bad_input_exits_non_zero_with_one_line(tmp_path, monkeypatch, capsys, s
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*_mask.png"))
+
+
+def test_a_file_that_cannot_be_written_is_one_error_line(model_dir, tmp_path, capsys):
+    random_image(16, 16).save(tmp_path / "ok.png")
+    (tmp_path / "out_mask.png").mkdir()  # in the way of the mask: the write itself fails, after the forward
+    code = main([str(tmp_path / "ok.png"), "red", "--model", str(model_dir), "--output", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {tmp_path / 'out_mask.png'}: ") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.png", "out_mask.png"]  # no staging file left
+
+
+def test_sixteen_bit_and_exif_rotated_images_are_segmented_as_shown(model_dir, tmp_path, forwards):
+    _, loaded = forwards
+    gray8 = np.random.default_rng(0).integers(0, 256, (24, 40), dtype=np.uint16)
+    Image.fromarray(gray8 * 257).save(tmp_path / "gray16.png")  # 16-bit grayscale, written by PIL from numpy
+    pixels = np.asarray(random_image(40, 24))
+    exif = Image.Exif()
+    exif[0x0112] = 8  # "turn 90 degrees anticlockwise to show"
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", format="JPEG", exif=exif)
+    for name in ("gray16.png", "photo.jpg"):
+        assert main([str(tmp_path / name), "red", "--model", str(model_dir), "--output", str(tmp_path / name)]) == 0
+    model, processor = loaded[0]
+    shown_gray = Image.fromarray(gray8.astype(np.uint8)).convert("RGB")
+    expected = model.segment(processor, shown_gray, "red")[0].numpy()
+    assert np.array_equal(read_mask(tmp_path / "gray16.png_mask.png"), expected)
+    overlay = np.asarray(Image.open(tmp_path / "gray16.png_overlay.png").convert("RGB"))[:24]
+    assert overlay.std() > 10  # the picture, not a white sheet
+
+    stored = np.asarray(Image.open(tmp_path / "photo.jpg").convert("RGB"))
+    shown_photo = Image.fromarray(np.ascontiguousarray(np.rot90(stored)))  # anticlockwise
+    expected = model.segment(processor, shown_photo, "red")[0].numpy()
+    assert expected.shape == (40, 24) and np.array_equal(read_mask(tmp_path / "photo.jpg_mask.png"), expected)
+    assert Image.open(tmp_path / "photo.jpg_overlay.png").width == 24
 
 
 def test_module_entry_point_reports_bad_input_without_a_traceback(tmp_path):

@@ -106,7 +106,7 @@ def test_mask_construction_traces_as_one_graph_and_gives_the_same_masks():
     for got, want in zip(masks, expected.pred_masks):
         assert torch.equal(got, want)
     assert [a.shape[0] for a in aux] == [1, 0, 2, 1]
-    assert torch.equal(mask["full_attention"], attention(input_ids, attention_mask, embeds)["full_attention"])
+    assert torch.equal(mask, attention(input_ids, attention_mask, embeds))
 
 
 def test_compiled_forward_breaks_only_inside_transformers():
@@ -140,9 +140,10 @@ def test_segmentation_path_reads_no_device_values():
         hidden_states, embeds = torch.empty(batch, length, width), torch.empty(batch, length, width)
         image_features, image_features_hq = torch.empty(15, 4, width), torch.empty(13, 16, width)
 
-    masks, aux = meta.predict_masks(input_ids, attention_mask, hidden_states, image_features, image_features_hq,
-                                    layout, with_aux=True)
+    token_masks = meta.model.token_masks(input_ids, None, attention_mask)
+    masks, aux = meta.predict_masks(*token_masks, hidden_states, image_features, image_features_hq, layout,
+                                    with_aux=True)
     mask = meta.model.seg_attention_mask(input_ids, embeds, attention_mask, None, None, has_seg=True)
     assert [tuple(m.shape) for m in masks] == [(1, 16, 24), (0, 1, 1), (2, 8, 8), (1, 16, 24)]
     assert [tuple(m.shape) for m in aux] == [(1, 8, 12), (0, 1, 1), (2, 4, 4), (1, 8, 12)]
-    assert mask["full_attention"].shape == (batch, 1, length, length)
+    assert mask.shape == (batch, 1, length, length)

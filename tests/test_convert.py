@@ -22,6 +22,7 @@ from .internvl_artifacts import (
     write_qwen2_internvl_tokenizer,
 )
 from .release_artifacts import (
+    tiny_llm,
     write_lora_checkpoint,
     write_pickled_weights,
     write_release_folder,
@@ -80,13 +81,14 @@ def test_release_folder_converts_to_a_complete_folder_that_segments(tmp_path, ba
     assert processor.image_seq_length == model.config.image_seq_length == 4
     weights = (model.config.text_loss_weight, model.config.bce_loss_weight, model.config.dice_loss_weight)
     assert weights == (1.0, 2.0, 0.5)
-    # The authors' evaluation input (template internvl2_5), written out by hand.
+    # The authors' evaluation input (template internvl2_5), written out by hand; their RefCOCO loader lowercases the
+    # sentence, the processor keeps the query as given.
     expected = (
         "<|im_start|>system\nYou are an helpful assistant.<|im_end|>\n<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 4
         + "</img>\n What is red circle in this image? Please output segmentation mask.<|im_end|>\n"
         "<|im_start|>assistant\n[SEG].<|im_end|>\n"
     )
-    inputs = processor(images=[image], queries=["Red Circle"])
+    inputs = processor(images=[image], queries=[" red circle "])
     assert inputs["input_ids"][0].tolist() == processor.tokenizer(expected, add_special_tokens=False)["input_ids"]
     assert not release["marker"].exists()  # training_args.bin was never unpickled
     assert not (out / "training_args.bin").exists()
@@ -337,3 +339,62 @@ def test_flags_supply_missing_token_ids(tmp_path):
 def test_flags_must_agree_with_the_tokenizer(tmp_path, bases, release):
     with pytest.raises(ConversionError, match="--seg-token-id gives seg token id 5 but the tokenizer has 276"):
         convert_checkpoint(release["folder"], tmp_path / "out", base_tokenizer=bases["original"], seg_token_id=5)
+
+
+def test_an_internvl35_release_with_a_qwen3_llm_converts(tmp_path, bases):
+    released = write_release_folder(tmp_path / "release", bases["ids"], llm="qwen3")
+    out = convert_checkpoint(tmp_path / "release", tmp_path / "hf", base_tokenizer=bases["original"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["model_type"] == "qwen3" and config["text_config"]["head_dim"] == 16
+    converted = load_state(out)
+    same = {  # original name (after "language_model.") -> transformers name
+        "model.layers.1.self_attn.k_norm.weight": "model.language_model.layers.1.self_attn.k_norm.weight",
+        "model.layers.0.mlp.up_proj.weight": "model.language_model.layers.0.mlp.up_proj.weight",
+        "model.norm.weight": "model.language_model.norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    }
+    for original, name in same.items():
+        assert torch.equal(converted[name], released[f"language_model.{original}"]), name
+    assert sum(t.numel() for t in converted.values()) == sum(t.numel() for t in released.values())
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(model.model.language_model).__name__ == "Qwen3Model"
+    masks = model.segment(AutoProcessor.from_pretrained(out), random_image(90, 60), "the square")
+    assert masks[0].shape == (60, 90)
+
+
+def test_an_internvl25_release_with_internlm2_converts_to_llama(tmp_path, bases):
+    """InternLM2 in its original layout (`tok_embeddings`, packed `attention.wqkv`, `output`) becomes the Llama it
+    was written from: same tensors, same logits."""
+    released = write_release_folder(tmp_path / "release", bases["ids"], llm="internlm2")
+    assert "language_model.model.layers.0.attention.wqkv.weight" in released
+    out = convert_checkpoint(tmp_path / "release", tmp_path / "hf", base_tokenizer=bases["original"])
+    llm_config = json.loads((tmp_path / "release" / "config.json").read_text())["llm_config"]
+    llama = tiny_llm(llm_config, "internlm2").to(torch.bfloat16).eval()
+    text_config = json.loads((out / "config.json").read_text())["text_config"]
+    assert text_config["model_type"] == "llama" and text_config["rope_parameters"]["rope_type"] == "dynamic"
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    ours = model.state_dict()
+    for name, tensor in llama.state_dict().items():
+        assert torch.equal(ours[name.replace("model.", "model.language_model.", 1)], tensor), name
+    ids = torch.tensor([[5, 17, 200, 3, 99, 42]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, llama(input_ids=ids).logits)
+    masks = model.segment(AutoProcessor.from_pretrained(out), random_image(90, 60), "the square")
+    assert masks[0].shape == (60, 90)
+
+
+def test_a_release_whose_llm_is_not_mapped_is_refused_with_one_line(tmp_path, bases, capsys):
+    """InternVL2-4B's Phi-3 (packed `qkv_proj` and `gate_up_proj`) is not mapped."""
+    write_release_folder(tmp_path / "release", bases["ids"])
+    edit = json.loads((tmp_path / "release" / "config.json").read_text())
+    edit["llm_config"].update(model_type="phi3", architectures=["Phi3ForCausalLM"])
+    (tmp_path / "release" / "config.json").write_text(json.dumps(edit))
+    out = tmp_path / "out"
+    code = main(["--input", str(tmp_path / "release"), "--output", str(out),
+                 "--base-tokenizer", str(bases["original"])])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and error.startswith("error:") and "\n" not in error, error
+    assert "model_type='phi3' ['Phi3ForCausalLM']" in error
+    assert ("qwen2 (Qwen2ForCausalLM), qwen3 (Qwen3ForCausalLM), llama (LlamaForCausalLM), "
+            "internlm2 (InternLM2ForCausalLM)") in error
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -3,6 +3,7 @@ and no target; semantic label maps with class names; a recipe mixing them with r
 Inputs are written by hand: PNGs with PIL, RLEs with pycocotools."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -204,5 +205,61 @@ def test_check_script_reports_ok_then_the_broken_record(referring_root, semantic
     broken = subprocess.run([*script, str(referring_root / "refs.jsonl")], capture_output=True, text=True)
     lines = broken.stdout.strip().splitlines()
     assert broken.returncode == 1
-    assert lines[0].startswith("record 2: ") and "a_corner.png does not exist" in lines[0]
+    assert lines[0].startswith("record 2 mask 1: ") and "a_corner.png does not exist" in lines[0]
     assert lines[-1].startswith("error ") and "1 problem(s)" in lines[-1]
+
+
+def test_check_reports_every_problem_of_a_file_in_one_run(referring_root):
+    """Hand-written broken records: each is reported (structure, JSON, masks that would decode empty by mistake,
+    missing files), the good record still counts, and a missing file's hint is a command the checker accepts."""
+    lines = [
+        json.dumps({"image": "images/a.png", "expressions": ["left thing"], "mask": "masks/a_left.png"}),
+        json.dumps({"image": "images/a.png", "mask": None}),
+        '{"image": "images/a.png", "expressions": ["x"]',
+        json.dumps({"image": "images/a.png", "expressions": ["off the picture"],
+                    "mask": [[100, 100, 120, 100, 120, 130, 100, 130]]}),
+        json.dumps({"image": "images/b.png", "expressions": ["runs"], "mask": {"size": [H, W], "counts": [100, 50]}}),
+        json.dumps({"image": "images/none.png", "expressions": ["x"], "mask": None}),
+        json.dumps({"image": "images/a.png", "expressions": ["two"], "masks": ["masks/nope.png", POLYGON]}),
+        json.dumps({"image": "images/a.png", "expressions": ["line"], "mask": [[5, 5, 20, 5, 35, 5]]}),
+    ]  # fmt: skip
+    path = referring_root / "broken.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    report = check_custom(path)
+    assert report[0].startswith(f"{path}:3 is not valid JSON: ")
+    assert report[1] == "record 1 needs 'expressions', a non-empty list of strings."
+    assert report[2].startswith("record 2: polygon 0 lies wholly outside the 60 x 40 image (x 100 to 120, y 100")
+    assert report[3].startswith("record 3: an uncompressed RLE's run lengths add up to 150, not height x width = 40 x")
+    assert report[4].startswith("record 4: ") and "none.png does not exist" in report[4]
+    assert report[5].startswith("record 5 mask 0: ") and "nope.png does not exist" in report[5]
+    assert report[6] == "record 6: the polygons cover no pixel (no area); give null for an expression that names " \
+        "nothing."
+    counts = "1 records, 1 expressions, 0 no-target records, 3 images"
+    assert report[7] == f"error {path} (referring): 7 problem(s); {counts}"
+    hint = re.search(r"run `python (.*?)`", report[4]).group(1).split()
+    assert hint[:2] == ["processing/check_custom.py", "--annotations"] and Path(hint[2]) == path
+    rerun = subprocess.run([sys.executable, *hint], capture_output=True, text=True, cwd=REPO)
+    assert rerun.returncode == 1 and rerun.stdout.strip().splitlines() == report, rerun.stderr  # not a usage error
+
+
+def test_masks_that_would_decode_empty_by_mistake_fail_in_training_too(referring_root):
+    path = referring_root / "quiet.json"
+    for mask in ([[100, 100, 120, 100, 120, 130]], {"size": [H, W], "counts": [H * W - 1]}):
+        path.write_text(json.dumps([{"image": "images/a.png", "expressions": ["x"], "mask": mask}]))
+        with pytest.raises(ValueError, match="quiet.json record 0: (polygon 0 lies wholly outside|an uncompressed)"):
+            CustomReferringDataset(path)[0]
+
+
+def test_check_reports_every_bad_sample_of_a_semantic_file(semantic_root):
+    root, _ = semantic_root
+    data = {"classes": [None, "road"],
+            "samples": [{"image": "scenes/0.jpg", "label": "scenes/0.png"}, {"image": "scenes/1.jpg"},
+                        {"image": "scenes/missing.jpg", "label": "scenes/missing.png"}, "scenes/2.jpg"]}  # fmt: skip
+    (root / "bad.json").write_text(json.dumps(data))
+    report = check_custom(root / "bad.json")
+    assert report[0] == f"{root / 'bad.json'} sample 1 needs 'image' and 'label' (paths)."
+    assert report[1] == f"{root / 'bad.json'} sample 3 needs 'image' and 'label' (paths)."
+    assert report[2].startswith("sample 1: ") and "missing.png does not exist" in report[2]
+    assert "--annotations" in report[2] and "--root" not in report[2]
+    summary = "3 problem(s); 1 images, 0 images without a named class, 1 classes"
+    assert report[3] == f"error {root / 'bad.json'} (semantic): {summary}"

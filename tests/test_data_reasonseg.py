@@ -1,12 +1,16 @@
-"""ReasonSeg loader: target / ignore / flag polygons, query kinds, one sample per query in evaluation."""
+"""ReasonSeg loader: target / ignore / flag polygons, query kinds, one sample per query in evaluation, and the
+authors' OpenCV drawing (`--protocol self1e`)."""
 
+import numpy as np
 import pytest
 
+from modeling_selfie.data.common import polygon_mask
+from modeling_selfie.data.rasterize import opencv_polygon_mask
 from modeling_selfie.data.reasonseg import ReasonSegDataset
 from modeling_selfie.data.sample import check_sample
 from modeling_selfie.processing_selfie import ANSWERS, segmentation_answer, segmentation_question
 
-from .data_fixtures import box_mask, inside_box, training_questions, write_reasonseg
+from .data_fixtures import box_mask, inside_box, training_questions, write_image, write_json, write_reasonseg
 
 
 @pytest.fixture
@@ -81,3 +85,32 @@ def test_first_query_only_gives_one_evaluation_sample_per_image(reasonseg):
     assert queries == ["What in this kitchen keeps food cold?", "the red cup"]
     with pytest.raises(ValueError, match="first_query_only selects evaluation samples"):
         ReasonSegDataset(root, "val", train=True, first_query_only=True)
+
+
+def test_opencv_polygons_truncate_points_and_follow_opencv_lines_and_scanlines():
+    """Computed by hand from OpenCV's rules (points cast to int32; 8-connected lines; rows y0 <= y < y1 of each
+    edge filled pairwise from ceil(left) to floor(right))."""
+    # (1.7, 1.2), (6.9, 1.2), (1.7, 5.9) -> (1, 1), (6, 1), (1, 5). The edge (6, 1)-(1, 5), drawn left to right
+    # from (1, 5): minor steps at k with (8k + 4) // 10 -> (1,5) (2,4) (3,3) (4,3) (5,2) (6,1). Scanlines between
+    # x = 1 and x = 6 - 1.25 (y - 1): rows 1..4 fill 1-6, 1-4, 1-3, 1-2; row 5 holds the outline only.
+    expected = np.zeros((8, 8), np.uint8)
+    for row, last in ((1, 6), (2, 5), (3, 4), (4, 2), (5, 1)):
+        expected[row, 1 : last + 1] = 1
+    triangle = [[1.7, 1.2], [6.9, 1.2], [1.7, 5.9]]
+    assert np.array_equal(opencv_polygon_mask(triangle, 8, 8), expected)
+    assert not np.array_equal(polygon_mask(triangle, 8, 8), expected)  # PIL on the float points differs
+    # a box past the right border: lines and fill clipped to the image, columns 2..5 of rows 1..4
+    clipped = np.zeros((6, 6), np.uint8)
+    clipped[1:5, 2:6] = 1
+    assert np.array_equal(opencv_polygon_mask([[2, 1], [9, 1], [9, 4], [2, 4]], 6, 6), clipped)
+
+
+def test_self1e_reasonseg_targets_are_drawn_as_opencv_does(tmp_path):
+    folder = tmp_path / "reason_seg" / "ReasonSeg" / "val"
+    write_image(folder / "c.jpg", 8, 8, seed=5)
+    shapes = [{"label": "target", "points": [[1.7, 1.2], [6.9, 1.2], [1.7, 5.9]], "shape_type": "polygon"}]
+    write_json(folder / "c.json", {"text": ["The Cup"], "is_sentence": False, "shapes": shapes})
+    default = ReasonSegDataset(tmp_path, "val")[0]
+    self1e = ReasonSegDataset(tmp_path, "val", first_query_only=True, opencv_polygons=True)[0]
+    assert self1e["masks"][0].sum() == 18 and default["masks"][0].sum() != 18
+    assert self1e["query"] == default["query"] == "The Cup"  # ReasonSeg text as written

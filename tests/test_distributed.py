@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "configuration" / "launch"
@@ -147,8 +146,7 @@ def fsdp_worker(output_dir: Path) -> None:
     reference_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
 
-    fsdp_config = yaml.safe_load((LAUNCH / "fsdp.yaml").read_text())["fsdp_config"]
-    wrapped = set(fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(","))
+    wrapped = set(model._no_split_modules)  # the units accelerate makes under fsdp.yaml (see the launch test)
     for module in model.modules():
         if type(module).__name__ in wrapped:
             fully_shard(module, mesh=mesh)
@@ -380,14 +378,25 @@ def test_deepspeed_configs_pass_the_installed_deepspeed_schema(stage):
         DeepSpeedConfig(misspelt)
 
 
-def test_fsdp_launch_config_wraps_model_layers():
+@pytest.mark.parametrize("text_model, decoder_layer", [("qwen2", "Qwen2DecoderLayer"), ("llama", "LlamaDecoderLayer")])
+def test_fsdp_launch_config_wraps_model_layers(text_model, decoder_layer, monkeypatch):
+    """fsdp.yaml names no class: accelerate wraps the model's `_no_split_modules`, which follow its text model."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
     from modeling_selfie.presets import tiny_model_and_processor
+    from modeling_selfie.training import apply_lora
 
     env = accelerate_launch_env("fsdp.yaml")
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
-    wrapped = set(env["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(","))
-    model_classes = {type(module).__name__ for module in tiny_model_and_processor(WORDS)[0].modules()}
-    assert wrapped == {"InternVLVisionLayer", "Qwen2DecoderLayer"} and wrapped <= model_classes
+    assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP" and "FSDP_TRANSFORMER_CLS_TO_WRAP" not in env
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    model = tiny_model_and_processor(WORDS, text_config={"model_type": text_model})[0]
+    plugin = FullyShardedDataParallelPlugin()
+    plugin.set_auto_wrap_policy(apply_lora(model, rank=2))  # what the trainer gives accelerate
+    wrapped = set(plugin.transformer_cls_names_to_wrap)
+    model_classes = {type(module).__name__ for module in model.modules()}
+    assert wrapped == {"InternVLVisionLayer", decoder_layer} and wrapped <= model_classes
 
 
 if __name__ == "__main__":

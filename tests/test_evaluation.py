@@ -20,6 +20,7 @@ from modeling_selfie.data.open_vocab import (
 )
 from modeling_selfie.evaluation import (
     ReferringMetrics,
+    authors_collate,
     SemanticMetrics,
     build_benchmark,
     chunked_argmax,
@@ -345,11 +346,15 @@ def saved_tiny(tmp_path_factory):
         ({"--dataset": "coco"}, "unknown dataset 'coco'"),
         ({"--data-root": "missing-data"}, "data root missing-data does not exist"),
         ({}, "ade150: missing"),
+        ({"--data-root": None}, "--dataset ade150 needs --data-root"),
+        ({"--dataset": "custom_referring"}, "--dataset custom_referring reads your own data: give --annotations"),
+        ({"--dataset": "custom_semantic", "--annotations": "none.json"}, "annotation file none.json does not exist"),
+        ({"--annotations": "refs.jsonl"}, "--annotations is for custom_referring and custom_semantic, not ade150"),
     ],
 )
 def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tmp_path, saved_tiny, capsys, change, message):
     args = {"--model": str(saved_tiny), "--dataset": "ade150", "--data-root": str(tmp_path)} | change
-    code = main([part for pair in args.items() for part in pair])
+    code = main([part for pair in args.items() if pair[1] is not None for part in pair])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error: ") and message in err and "\n" not in err
@@ -417,26 +422,66 @@ def test_boundary_iou_rewards_exact_contours_and_punishes_shifted_ones():
 # --------------------------------------------------------------------------------------------- protocols
 
 
+def f32(value) -> np.float32:
+    return np.float32(value)
+
+
 def test_ciou_of_a_split_without_foreground_is_one_by_default_and_zero_as_the_authors_compute_it():
     empty = np.zeros((3, 3), bool)
     default, self1e = ReferringMetrics(), ReferringMetrics("self1e")
     for metrics in (default, self1e):
-        metrics.update(np.stack([empty, empty]), np.stack([empty, empty]))
+        metrics.update(np.stack([empty, empty]), np.stack([empty, empty]))  # one image, two expressions
     assert default.compute() == {"cIoU": 1.0, "gIoU": 1.0, "count": 2, "N-acc": 1.0}
-    assert self1e.compute() == {"cIoU": 0.0, "gIoU": 1.0, "count": 2, "N-acc": 1.0}  # 0 / (0 + 1e-10)
+    # theirs: cIoU 0 / (0 + 1e-10); gIoU (1 + 1) / (2 + 1e-5), in float32
+    assert self1e.compute() == {"cIoU": 0.0, "gIoU": float(f32(2) / f32(2.00001)), "count": 2, "N-acc": 1.0}
     self1e.update(mask((3, 3), (0, 0), (1, 1), (2, 2)), empty)  # a false positive: union 3, intersection 0
-    assert self1e.compute()["cIoU"] == 0.0 and self1e.compute()["gIoU"] == pytest.approx(2 / 3)
+    assert self1e.compute()["cIoU"] == 0.0 and self1e.compute()["gIoU"] == float(f32(2) / f32(3.00001))
 
 
-def test_self1e_ciou_adds_1e_10_to_the_union():
+def test_self1e_giou_of_three_empty_expressions_is_the_authors_0_9999967():
+    """The issue's figure: the all-empty split of three expressions scores gIoU 0.9999967 in the authors' code
+    (sum 3 over count + 1e-5), 1.0 under the default protocol."""
+    empty = np.zeros((3, 5, 4), bool)
+    for name, expected in (("default", 1.0), ("self1e", 0.9999967)):
+        metrics = ReferringMetrics(name)
+        for image in range(3):  # three images of one expression each
+            metrics.update(empty[image], empty[image])
+        assert round(metrics.compute()["gIoU"], 7) == expected
+
+
+def test_self1e_metrics_are_the_authors_float32_arithmetic():
     metrics = ReferringMetrics("self1e")
-    metrics.update(np.ones((4, 4), bool), np.ones((4, 4), bool))
-    metrics.update(mask((4, 4), (0, 0), (0, 1)), mask((4, 4), (0, 0)))
+    metrics.update(np.ones((4, 4), bool), np.ones((4, 4), bool))  # I 16, U 16
+    metrics.update(mask((4, 4), (0, 0), (0, 1)), mask((4, 4), (0, 0)))  # I 1, U 2
     result = metrics.compute()
-    assert result["cIoU"] == 17 / (18 + 1e-10) and result["cIoU"] < 17 / 18
-    assert result["gIoU"] == pytest.approx(0.75)
+    assert result["cIoU"] == float(f32(17) / f32(18)) and result["cIoU"] != 17 / 18  # + 1e-10 is lost in float32
+    iou_sum = f32(f32(16) / f32(16.00001)) + f32(f32(1) / f32(2.00001))
+    assert result["gIoU"] == float(f32(iou_sum) / f32(2.00001)) and result["gIoU"] < 0.75
     with pytest.raises(ValueError, match="Unknown evaluation protocol 'lisa'"):
         ReferringMetrics("lisa")
+
+
+def test_self1e_sums_each_batch_as_the_authors_meters():
+    """Per batch (one image's expressions) the IoUs are summed, divided by n and multiplied back in float32."""
+    pred = np.zeros((3, 2, 8), bool)
+    pred[0, 0, :1], pred[1, 0, :3], pred[2, :, :7] = True, True, True
+    target = np.zeros((3, 2, 8), bool)
+    target[0, 0, :2], target[1, 0, :3], target[2, :, :6] = True, True, True
+    metrics = ReferringMetrics("self1e")
+    metrics.update(pred, target)  # one batch of three expressions: I 1, 3, 12; U 2, 3, 14
+    ious = [f32(1) / f32(2.00001), f32(3) / f32(3.00001), f32(12) / f32(14.00001)]
+    total = f32(f32(f32(ious[0] + ious[1]) + ious[2]) / f32(3)) * f32(3)
+    assert metrics.iou_sum == float(f32(total)) and metrics.intersection == 16.0 and metrics.union == 19.0
+    assert metrics.compute()["gIoU"] == float(f32(total) / f32(3.00001))
+
+
+def test_authors_collate_pads_with_zero_and_masks_every_zero_id():
+    # two prompts, left- or right-padded with the tokenizer's pad id 9; the second holds a token of id 0 ("!")
+    input_ids = torch.tensor([[9, 9, 5, 6, 7], [5, 0, 6, 7, 8]])
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    out = authors_collate(input_ids, attention_mask)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 0, 0], [5, 0, 6, 7, 8]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 0, 1, 1, 1]]
 
 
 def test_reasonseg_under_self1e_keeps_the_first_query_of_each_image(tmp_path):
@@ -453,15 +498,20 @@ def test_reasonseg_under_self1e_keeps_the_first_query_of_each_image(tmp_path):
     assert np.array_equal(self1e[0]["ignore_masks"], default[0]["ignore_masks"])  # ignore regions: both protocols
 
 
-def write_refcoco_with_overlapping_polygons(root: Path) -> None:
-    """RefCOCO (REFER layout) with one val ref on an 8x8 image whose annotation is two overlapping polygons: the
-    boxes rows/cols 0..3 and 2..5 (16 pixels each, 4 shared)."""
+def write_overlapping_polygons_image(root: Path, dataset: str) -> None:
+    """An 8x8 COCO image for `dataset` (REFER layout) whose annotation 11 is two overlapping polygons: the boxes
+    rows/cols 0..3 and 2..5 (16 pixels each, 4 shared)."""
     image_dir = root / "refer_seg" / "images" / "mscoco" / "images" / "train2014"
     write_image(image_dir / coco_file_name(1), 8, 8, seed=1)
     annotation = {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0,
                   "segmentation": [box_polygon(0, 0, 4, 4), box_polygon(2, 2, 6, 6)]}  # fmt: skip
-    write_coco(root / "refer_seg" / "refcoco" / "instances.json", {1: coco_file_name(1)}, {1: (8, 8)}, [annotation],
+    write_coco(root / "refer_seg" / dataset / "instances.json", {1: coco_file_name(1)}, {1: (8, 8)}, [annotation],
                {1: "person"})  # fmt: skip
+
+
+def write_refcoco_with_overlapping_polygons(root: Path) -> None:
+    """RefCOCO with one val ref on `write_overlapping_polygons_image`'s annotation."""
+    write_overlapping_polygons_image(root, "refcoco")
     sentence = "The Man On The LEFT"
     ref = {"ref_id": 1, "ann_id": 11, "image_id": 1, "split": "val", "category_id": 1, "sent_ids": [1],
            "file_name": "COCO_train2014_000000000001_11.jpg",
@@ -486,12 +536,12 @@ def test_refcoco_under_self1e_drops_pixels_where_polygons_of_one_annotation_over
         metrics = ReferringMetrics(name)
         metrics.update(union, sample["masks"][0])
         scores[name] = metrics.compute()["gIoU"]
-    assert scores == {"default": 1.0, "self1e": 24 / 28}
+    assert scores == {"default": 1.0, "self1e": float(f32(f32(24) / f32(28.00001)) / f32(1.00001))}
 
 
-def test_self1e_scores_one_expression_per_forward(tiny):
+def test_self1e_refuses_a_batch_size(tiny):
     model, processor = tiny
-    with pytest.raises(ValueError, match="self1e scores 1 expression"):
+    with pytest.raises(ValueError, match="self1e scores the expressions of one image per forward"):
         evaluate_referring(model, processor, referring_samples(), batch_size=2, progress=False, protocol="self1e")
 
 
@@ -537,7 +587,10 @@ def test_cli_self1e_on_reasonseg_scores_first_queries_one_by_one_with_a_progress
     assert captured.out.startswith("reasonseg val: cIoU ") and "protocol self1e" in captured.out
     assert "referring" in captured.err and "100%" in captured.err and "2/2" in captured.err  # the tqdm bar
     results = json.loads(output.read_text())
-    assert (results["protocol"], results["batch_size"], results["count"]) == ("self1e", 1, 2)
+    assert (results["protocol"], results["batch_size"], results["count"]) == ("self1e", None, 2)
+    assert [record["query"] for record in results["expressions"]] == [
+        "What in this kitchen keeps food cold?", "the red cup"
+    ]  # fmt: skip
 
     model, processor = tiny  # the same weights as saved_tiny (preset, seed 0)
     expected = ReferringMetrics("self1e")
@@ -549,6 +602,17 @@ def test_cli_self1e_on_reasonseg_scores_first_queries_one_by_one_with_a_progress
         assert results["metrics"][key] == pytest.approx(value, abs=1e-6)
 
 
+def test_cli_self1e_warns_when_pillow_is_not_the_authors_resize(tmp_path, saved_tiny, capsys, monkeypatch):
+    import PIL
+
+    write_reasonseg(tmp_path / "data", "val")
+    args = ["--model", str(saved_tiny), "--dataset", "reasonseg", "--data-root", str(tmp_path / "data"), "--limit", "1"]
+    monkeypatch.setattr(PIL, "__version__", "13.0.0")
+    assert main(args + ["--protocol", "self1e"]) == 0
+    assert "warning: Pillow 13.0.0 resizes some images differently" in capsys.readouterr().err
+    assert main(args) == 0 and "warning" not in capsys.readouterr().err  # the default protocol does not promise it
+
+
 def test_cli_refuses_a_batch_size_the_self1e_protocol_does_not_use(tmp_path, saved_tiny, capsys):
     write_refcoco_with_overlapping_polygons(tmp_path)
     code = main([
@@ -556,4 +620,135 @@ def test_cli_refuses_a_batch_size_the_self1e_protocol_does_not_use(tmp_path, sav
         "--batch-size", "4",
     ])  # fmt: skip
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("error: --batch-size: protocol self1e scores 1 expression") and "\n" not in err
+    assert code == 2 and err.startswith("error: --batch-size: protocol self1e scores the expressions of one image")
+    assert "\n" not in err
+
+
+# ------------------------------------------------------------------------ self1e: ids, padding, batches, targets
+
+HAND_VOCAB = (
+    "!", "<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>", "[SEG]",
+    "\n", "system", "user", "assistant", ".", "?", "What", "is", "in", "this", "image", "Please", "output",
+    "segmentation", "mask", "the", "red", "cup", "Red", "Cup", "You", "are", "an", "helpful",
+)  # fmt: skip  -- "!" is id 0, as in Qwen2's vocabulary
+
+
+@pytest.fixture(scope="module")
+def hand_vocab():
+    """A tiny model and its processor (the authors' system message and prompt style) over `HAND_VOCAB`, whose
+    ids are the positions in that tuple."""
+    from modeling_selfie import SelfieForSegmentation, SelfieImageProcessor, SelfieProcessor
+    from modeling_selfie.presets import preset_config, variance_preserving_init_
+    from modeling_selfie.tokenization import build_word_level_tokenizer
+
+    tokenizer = build_word_level_tokenizer((), vocab={token: i for i, token in enumerate(HAND_VOCAB)})
+    processor = SelfieProcessor(SelfieImageProcessor(size={"height": 56, "width": 56}), tokenizer, image_seq_length=4)
+    config = preset_config("selfie-tiny", image_token_id=7, seg_token_id=9)
+    config.text_config.vocab_size = len(HAND_VOCAB)
+    torch.manual_seed(0)
+    model = SelfieForSegmentation(config)
+    variance_preserving_init_(model)
+    return model.eval(), processor
+
+
+def authors_ids(query: list[int]) -> list[int]:
+    """By hand: `<|im_start|>system\\nYou are an helpful assistant.<|im_end|>\\n<|im_start|>user\\n<img>` + 4 x
+    `<IMG_CONTEXT>` + `</img>\\n What is {query} in this image? Please output segmentation mask.<|im_end|>\\n
+    <|im_start|>assistant\\n[SEG].<|im_end|>\\n`."""
+    return [3, 11, 10, 30, 31, 32, 33, 13, 14, 4, 10, 3, 12, 10, 5, 7, 7, 7, 7, 6, 10, 16, 17, *query, 18, 19, 20, 15,
+            21, 22, 23, 24, 14, 4, 10, 3, 13, 10, 9, 14, 4, 10]  # fmt: skip
+
+
+def test_self1e_prompt_ids_keep_the_query_as_its_dataset_gives_it(hand_vocab):
+    _, processor = hand_vocab
+    image = random_image(40, 30)
+    for query, ids in (("the Red Cup", [25, 28, 29]), ("  the red cup ", [25, 26, 27])):  # stripped, not lowercased
+        inputs = processor(images=[image], conversations=[processor.segmentation_conversation(query)])
+        assert inputs["input_ids"][0].tolist() == authors_ids(ids)
+
+
+def test_self1e_masks_a_zero_id_token_out_of_attention_as_the_authors_collate_does(hand_vocab):
+    model, processor = hand_vocab
+    image = random_image(40, 30, seed=2)
+    conversation = processor.segmentation_conversation("the cup !")
+    inputs = processor(images=[image], conversations=[conversation])
+    expected_ids = authors_ids([25, 27, 0])
+    assert inputs["input_ids"][0].tolist() == expected_ids
+    theirs = inputs["attention_mask"].clone()
+    theirs[0, expected_ids.index(0)] = 0  # their mask: input_ids != 0, the "!" (id 0) masked like padding
+    with torch.no_grad():
+        logits = model(**{**inputs, "attention_mask": theirs}).pred_masks[0]
+        correct = model(**inputs).pred_masks[0]
+    size = [(30, 40)]
+    authors = processor.post_process_masks([logits], size, binarize=False)[0]
+    (self1e,) = segment_images(model, processor, [image], binarize=False, conversations=[conversation],
+                               zero_id_is_padding=True)  # fmt: skip
+    (default,) = segment_images(model, processor, [image], binarize=False, conversations=[conversation])
+    assert torch.allclose(self1e, authors, atol=1e-6)
+    assert torch.allclose(default, processor.post_process_masks([correct], size, binarize=False)[0], atol=1e-6)
+    assert (self1e - default).abs().max() > 1e-3
+
+
+def test_self1e_scores_one_image_per_forward_right_padded_with_zero(hand_vocab, monkeypatch):
+    model, processor = hand_vocab
+    images = {"a": random_image(40, 30, seed=3), "b": random_image(24, 36, seed=4)}
+    rng = np.random.default_rng(0)
+    samples = [
+        {"image": images[key], "image_id": key, "query": query, "query_kind": "phrase",
+         "masks": (rng.random((1, images[key].height, images[key].width)) > 0.5).astype(np.uint8)}
+        for key, query in (("a", "the red cup"), ("a", "the cup"), ("b", "red"))
+    ]  # fmt: skip
+    batches = []
+    original = model.forward
+
+    def forward(**kwargs):
+        batches.append((kwargs["input_ids"].clone(), kwargs["attention_mask"].clone()))
+        return original(**kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    result = evaluate_referring(model, processor, samples, progress=False, protocol="self1e")
+    monkeypatch.undo()
+
+    assert [ids.shape[0] for ids, _ in batches] == [2, 1]  # image a's two expressions, then image b's one
+    first_ids, first_mask = batches[0]
+    assert first_ids[1].tolist() == authors_ids([25, 27]) + [0]  # the shorter prompt right-padded with id 0
+    length = len(authors_ids([25, 26, 27]))
+    assert first_mask.tolist() == [[1] * length, [1] * (length - 1) + [0]]
+    expected = ReferringMetrics("self1e")
+    for key in ("a", "b"):  # the authors' meters: one update per image
+        group = [sample for sample in samples if sample["image_id"] == key]
+        preds = segment_images(model, processor, [s["image"] for s in group],
+                               conversations=[processor.segmentation_conversation(s["query"]) for s in group])
+        expected.update(torch.stack([p[0] for p in preds]), np.stack([s["masks"][0] for s in group]))
+    assert result == expected.compute()
+
+
+def write_grefcoco_with_overlapping_polygons(root: Path) -> None:
+    """gRefCOCO with one val ref on `write_overlapping_polygons_image`'s annotation, and a no-target ref."""
+    write_overlapping_polygons_image(root, "grefcoco")
+    refs = [
+        {"ref_id": 1, "ann_id": [11], "image_id": 1, "split": "val", "category_id": [1], "no_target": False,
+         "sentences": [{"sent": "Both Boxes", "raw": "Both Boxes", "tokens": [], "sent_id": 1}]},
+        {"ref_id": 2, "ann_id": [-1], "image_id": 1, "split": "val", "category_id": [], "no_target": True,
+         "sentences": [{"sent": "a dog", "raw": "a dog", "tokens": [], "sent_id": 2}]},
+    ]  # fmt: skip
+    (root / "refer_seg" / "grefcoco" / "grefs(unc).json").write_text(json.dumps(refs))
+
+
+def test_grefcoco_under_self1e_keeps_pixels_where_polygons_of_one_annotation_overlap(tmp_path):
+    write_grefcoco_with_overlapping_polygons(tmp_path)
+    union = np.zeros((8, 8), np.uint8)
+    union[0:4, 0:4] = union[2:6, 2:6] = 1  # their gRefCOCO branch ORs the polygon masks: 28 pixels
+    for protocol in ("default", "self1e"):
+        samples = build_benchmark("grefcoco", "val", tmp_path, protocol=protocol)
+        assert np.array_equal(samples[0]["masks"][0], union) and not samples[1]["masks"].any()
+    assert build_benchmark("grefcoco", "val", tmp_path, protocol="self1e")[0]["query"] == "both boxes"
+
+
+def test_cli_names_a_bad_record_of_your_own_data(tmp_path, saved_tiny, capsys):
+    (tmp_path / "refs.jsonl").write_text('{"image": "a.png", "expressions": ["the cup"]}\n')  # no mask
+    code = main(["--model", str(saved_tiny), "--dataset", "custom_referring", "--annotations",
+                 str(tmp_path / "refs.jsonl")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: cannot read custom_referring from ") and "record 0" in err
+    assert "'mask'" in err and "\n" not in err

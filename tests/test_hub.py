@@ -47,13 +47,19 @@ def test_saved_checkpoint_loads_as_remote_code_without_the_package(tmp_path):
     assert {"modeling_selfie.py", "configuration_selfie.py", "processing_selfie.py"} <= {
         p.name for p in (tmp_path / "ckpt").iterdir()
     }
+    assert_remote_code_segments_as(model, processor, tmp_path / "ckpt", tmp_path)
+
+
+def assert_remote_code_segments_as(model, processor, folder, workdir):
+    """Load `folder` with `trust_remote_code` in a fresh process that cannot import this package: the classes come
+    from the folder, and the mask logits of one query equal `model`'s."""
     image = random_image(80, 64)
-    image.save(tmp_path / "image.png")
-    script = tmp_path / "check.py"
+    image.save(workdir / "image.png")
+    script = workdir / "check.py"
     script.write_text(REMOTE_CHECK)
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "ckpt"), str(tmp_path / "image.png")],
-        capture_output=True, text=True, cwd=tmp_path,
+        [sys.executable, str(script), str(folder), str(workdir / "image.png")],
+        capture_output=True, text=True, cwd=workdir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     remote = json.loads(result.stdout.strip().splitlines()[-1])

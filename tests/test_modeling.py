@@ -85,7 +85,7 @@ def test_dual_pathway_mask_matches_reference_rule(attn):
                                   or_mask_function=dual_pathway_mask_function(*pattern))
     else:
         model.set_attn_implementation(attn)
-        mask = model.model.seg_attention_mask(input_ids, embeds, attention_mask, None, None)["full_attention"]
+        mask = model.model.seg_attention_mask(input_ids, embeds, attention_mask, None, None)
         if mask.dtype != torch.bool:  # an additive float mask (eager, and sdpa once the pattern is added): 0 = attend
             mask = mask == 0
     expected = reference_dual_pathway(input_ids, attention_mask, image_id, seg_id)

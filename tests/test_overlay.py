@@ -1,5 +1,6 @@
-"""The overlay picture shared by `selfie-segment`, the demo page and the README grid: tint, outline, and a caption
-that shows every script people type (not the font's missing-glyph box) and stays inside the picture."""
+"""The overlay picture shared by `selfie-segment`, the demo page and the README grid: the mask in its own colours, the
+rest dimmed, an outline in a colour that stands out there, and a caption that shows every script people type (not
+the font's missing-glyph box) and stays inside the picture."""
 
 import numpy as np
 import pytest
@@ -80,13 +81,49 @@ def test_overlays_of_one_image_have_one_size_whatever_the_caption():
     assert len(sizes) == 1 and sizes.pop()[0] == 120
 
 
-def test_overlay_tints_only_the_mask_and_outlines_it():
-    image = Image.new("RGB", (20, 10), (0, 0, 0))
-    mask = np.zeros((10, 20), dtype=bool)
-    mask[2:8, 5:15] = True
-    picture = np.array(render_overlay(image, mask, "x"))[:10]
-    assert picture[mask].any(axis=-1).all() and not picture[~mask].any()
-    assert (picture[2, 5:15] == overlay.OVERLAY_COLOUR).all() and not (picture[4, 7] == overlay.OVERLAY_COLOUR).all()
+def picture_of(image: Image.Image, mask: np.ndarray) -> np.ndarray:
+    return np.asarray(render_overlay(image, mask, "x"), dtype=np.int16)[: image.height]
+
+
+def test_the_mask_keeps_its_colours_the_rest_is_dimmed_and_an_outline_runs_around_it():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    mask = np.zeros((60, 80), dtype=bool)
+    mask[20:40, 30:50] = True
+    picture = picture_of(Image.fromarray(pixels), mask)
+    assert np.array_equal(picture[mask], pixels[mask])  # every mask pixel as in the image
+    ring = np.zeros_like(mask)
+    ring[18:42, 28:52] = True
+    ring &= ~mask  # 2 px around the mask (80x60: the thinnest outline)
+    assert len(np.unique(picture[ring], axis=0)) == 1 and tuple(picture[ring][0]) in overlay.OUTLINE_COLOURS
+    far = np.ones_like(mask)
+    far[10:50, 20:60] = False
+    outside, before = picture[far], pixels[far].astype(np.int16)
+    assert (outside.sum(-1) < before.sum(-1)).mean() > 0.95  # darker
+    assert np.ptp(outside, axis=-1).mean() < 0.5 * np.ptp(before, axis=-1).mean()  # greyer
+
+
+RED, PINK, BLUE, YELLOW = (215, 38, 38), (255, 105, 180), (35, 80, 215), (240, 205, 30)
+
+
+@pytest.mark.parametrize("colour", [RED, PINK, BLUE, YELLOW])
+def test_the_outline_colour_stands_out_from_the_shape_and_its_surroundings(colour):
+    pixels = np.full((100, 120, 3), 245, dtype=np.uint8)
+    mask = np.zeros((100, 120), dtype=bool)
+    mask[30:70, 40:80] = True
+    pixels[mask] = colour
+    picture = picture_of(Image.fromarray(pixels), mask)
+    outline = tuple(int(v) for v in picture[28, 60])
+    assert outline in overlay.OUTLINE_COLOURS
+    assert np.linalg.norm(np.subtract(outline, colour)) > 200  # far from the shape
+    assert np.linalg.norm(np.subtract(outline, picture[5, 5])) > 100  # and from the dimmed picture around it
+
+
+def test_an_empty_mask_dims_the_whole_picture_without_an_outline():
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    picture = picture_of(image, np.zeros((40, 50), dtype=bool))
+    assert np.array_equal(picture, np.asarray(overlay.dim_background(image)))
+    assert picture.sum() < 0.7 * np.asarray(image, dtype=np.int64).sum()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from modeling_selfie import SelfieForSegmentation, SelfieImageProcessor
 from modeling_selfie.convert import convert_checkpoint
 
-from .helpers import REFERENCE
+from .helpers import FIXTURES, REFERENCE
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +98,26 @@ def test_tiling_matches_reference(size):
     assert torch.equal(pixel_values[:, :, ::16, ::16], stored["pixel_values_stride16"])
     sums = pixel_values.double().sum(dim=(2, 3))
     assert torch.allclose(sums, stored["pixel_values_sum_per_tile_channel"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("size", [448, 56])
+def test_tiles_of_a_portrait_image_equal_pillow_12_1_1s_bit_for_bit(size):
+    """The installed Pillow (setup.py: >=12.1.1,<13) tiles as the authors' Pillow 12.1.1 did. Pillow 13 resizes
+    this image differently (the authors' own 700x400 fixture happens not to show it); tiles made by
+    `tests/fixtures/pillow_12_1_1/make_tiles.py` under Pillow 12.1.1."""
+    folder = FIXTURES / "pillow_12_1_1"
+    case = json.loads((folder / "case.json").read_text())["cases"][str(size)]
+    processor = SelfieImageProcessor(size={"height": size, "width": size}, max_patches=case["max_tiles"])
+    image = Image.open(folder / "portrait_300x640.png").convert("RGB")
+
+    out = processor(image, return_tensors="pt")
+
+    cols, rows = case["grid_cols_rows"]
+    assert out["tile_grid"].tolist() == [[rows, cols]]
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    for t, png in enumerate(case["tiles"]):
+        tile = torch.from_numpy(np.array(Image.open(folder / png).convert("RGB"))).permute(2, 0, 1)
+        ours = (out["pixel_values"][t] * std + mean) * 255
+        assert (ours.round() - tile).abs().max() == 0, f"tile {t} differs from Pillow 12.1.1's {png}"
+        assert torch.equal(out["pixel_values"][t], (tile.float() / 255 - mean) / std)

@@ -87,9 +87,12 @@ def expected_self1e_ids(tokenizer, phrase: str, tokens_per_tile: int) -> list[in
 def test_self1e_prompt_is_the_authors_token_for_token(hf_folder):
     processor = SelfieProcessor.from_pretrained(hf_folder)
     assert processor.prompt_style == "self1e" and processor.system_message == SELF1E_SYSTEM_MESSAGE
-    inputs = processor(images=[picture()], queries=["  The Man on the LEFT "])
-    expected = expected_self1e_ids(processor.tokenizer, "the man on the left", 4)
-    assert inputs["input_ids"][0].tolist() == expected
+    inputs = processor(images=[picture(), picture()], queries=["  the man on the left ", "The Man on the LEFT"])
+    ids = [row[mask.bool()].tolist() for row, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+    assert ids[0] == expected_self1e_ids(processor.tokenizer, "the man on the left", 4)
+    # stripped, case kept: lowercasing is their RefCOCO loader's (ReferringDataset(lowercase=True)), ReasonSeg
+    # phrases keep their case
+    assert ids[1] == expected_self1e_ids(processor.tokenizer, "The Man on the LEFT", 4)
 
 
 def test_self1e_instruction_prompt_keeps_case(hf_folder):

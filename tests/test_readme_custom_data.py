@@ -80,7 +80,50 @@ def test_readme_fine_tune_on_your_own_data(tmp_path):
     assert {"settings.json", "settings.md", "README.md"} <= {p.name for p in final.iterdir()}
     settings = json.loads((final / "settings.json").read_text())["settings"]
     assert settings["lora_rank"] == {"value": 64, "from": "recipe"}
+    assert settings["model_max_length"] == {"value": 512, "from": "recipe"}  # from self1e-seg, which it extends
+    assert settings["activation_checkpointing"] == {"value": True, "from": "recipe"}
+    assert "resume_from_checkpoint" not in settings and "data_root" not in settings
     assert settings["per_device_train_batch_size"] == {"value": 2, "from": "flag"}
     assert settings["datasets"]["value"] == ["custom_referring", "custom_semantic"]
     written = [p.name for p in (tmp_path / "runs" / "try").iterdir() if p.name.startswith("mug")]
     assert any(name.endswith(".png") for name in written), written
+
+
+def test_readme_evaluate_on_your_own_data(tmp_path):
+    """The section's evaluate commands on its own annotation examples, with a tiny random model as the fine-tune."""
+    from modeling_selfie.presets import tiny_model_and_processor
+
+    section = readme_section()
+    (refs,) = code_blocks(section, "jsonl")
+    scenes_text = code_blocks(section, "json")[0]
+    (commands,) = [block for block in code_blocks(section, "bash") if "modeling_selfie.evaluate" in block]
+    data = tmp_path / "my_data"
+    data.mkdir()
+    records = [json.loads(line) for line in refs.splitlines() if line.strip()]
+    (data / "refs.jsonl").write_text(refs)
+    (data / "scenes.json").write_text(scenes_text)
+    draw_files(data, records, json.loads(scenes_text))
+    model, processor = tiny_model_and_processor(("mug", "plate", "dog", "floor", "table", "red", "right", "half"))
+    model.save_pretrained(tmp_path / "runs" / "try" / "final")
+    processor.save_pretrained(tmp_path / "runs" / "try" / "final")
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    commands = commands.replace("python ", f"{sys.executable} ")
+    run = subprocess.run(["bash", "-e", "-c", commands], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    scores = json.loads((tmp_path / "runs" / "try" / "refs_scores.json").read_text())
+    expressions = scores["expressions"]
+    assert scores["count"] == len(expressions) == 6 and set(scores["metrics"]) == {"cIoU", "gIoU", "count", "N-acc",
+                                                                                   "T-acc"}  # fmt: skip
+    assert [e["query"] for e in expressions] == [text for r in records for text in r["expressions"]]
+    assert [e["target_empty"] for e in expressions] == [False] * 5 + [True]  # "a dog": "mask": null
+    union = sum(e["union"] for e in expressions)
+    assert scores["metrics"]["cIoU"] == (sum(e["intersection"] for e in expressions) / union if union else 1.0)
+    assert abs(scores["metrics"]["gIoU"] - sum(e["iou"] for e in expressions) / 6) < 1e-12
+    assert scores["metrics"]["N-acc"] == float(expressions[5]["pred_empty"])
+    assert scores["metrics"]["T-acc"] == sum(not e["pred_empty"] for e in expressions[:5]) / 5
+    semantic = json.loads((tmp_path / "runs" / "try" / "scenes_scores.json").read_text())
+    assert semantic["count"] == 1 and set(semantic["metrics"]["per_class_IoU"]) == {"floor", "table"}
+    assert 0.0 <= semantic["metrics"]["mIoU"] <= 1.0 and "expressions" not in semantic

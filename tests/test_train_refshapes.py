@@ -52,6 +52,16 @@ def test_unknown_warmup_kind_is_refused(script):
         script.main(["--warmup-kinds", "colour=1"])
 
 
+def test_device_cuda_without_a_gpu_is_one_error_line(script, tmp_path, capsys):
+    """`--device cuda` (the GPU lease's command) on a torch that sees no GPU: one `error:` line, before any work."""
+    assert not torch.cuda.is_available()
+    with pytest.raises(SystemExit) as stop:
+        script.main(["--device", "cuda", "--run-dir", str(tmp_path / "run"), "--output", str(tmp_path / "model")])
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --device cuda: no GPU is visible to torch ") and not (tmp_path / "run").exists()
+
+
 def test_a_grid_the_tile_cannot_hold_is_refused(script, tmp_path):
     with pytest.raises(SystemExit):
         script.main(["--patch-size", "13", "--run-dir", str(tmp_path)])
@@ -63,7 +73,7 @@ def test_a_short_run_writes_a_loadable_model_with_its_card(script, tmp_path):
     chat = "## Chat\n\nWritten by hand: `model.chat(...)` answers in words.\n"
     (output / "README.md").write_text(f"# old card\n\n## How it was made\n\nold numbers\n\n{chat}")
     run(script, "--output", str(output), "--run-dir", str(tmp_path / "run"), "--downsample-ratio", "0.25",
-        "--vision-width", "64", "--llm-width", "96", "--train-kinds", "position=1,no_target=2")
+        "--vision-width", "64", "--llm-width", "96", "--train-kinds", "position=1,no_target=2", "--device", "cpu")
     model = SelfieForSegmentation.from_pretrained(output)
     processor = SelfieProcessor.from_pretrained(output)
     assert processor.seg_token_id == model.config.seg_token_id
@@ -157,3 +167,21 @@ def test_a_run_can_start_from_the_weights_of_an_earlier_one(script, interrupted_
     assert "3 steps in 2 stages of 2 + 1 steps" in card and "--init-from MODEL_OF_THE_STAGE_BEFORE" in card
     with pytest.raises(SystemExit):  # weights of another design
         script.main(["--init-from", str(earlier), "--downsample-ratio", "0.5", "--run-dir", str(tmp_path / "other")])
+
+
+def test_the_gpu_lease_command_runs_on_the_cpu(script, tmp_path):
+    """The docstring's command that continues the shipped model on a GPU, with the device, budget and sizes
+    turned down (later flags win): it starts from the shipped weights, stops on its budget with a checkpoint to
+    resume from, and writes a model whose card has the learning curve."""
+    command = script.__doc__.split("in the next lease):")[1].split("\n\n")[1].replace("\\\n", " ").split()
+    assert command[:3] == ["python", "examples/train_refshapes.py", "--device"] and "--init-from" in command
+    argv = [str(SCRIPT.parents[1] / arg) if arg.startswith("modeling_selfie/") else arg for arg in command[2:]]
+    output = tmp_path / "model"
+    run(script, *argv, "--device", "cpu", "--minutes", "0", "--eval-size", "8", "--batch-size", "2",
+        "--data-workers", "0", "--curve-every", "1", "--curve-size", "4", "--run-dir", str(tmp_path / "run"),
+        "--output", str(output))  # fmt: skip
+    assert (tmp_path / "run" / "checkpoint-1").is_dir()
+    card = (output / "README.md").read_text()
+    assert "## Learning curve" in card and "--init-from MODEL_OF_THE_STAGE_BEFORE" in card
+    stages = json.loads((output / "eval_results.json").read_text())["training"]
+    assert len(stages) >= 2 and stages[-1]["steps"] == 1

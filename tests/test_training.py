@@ -12,11 +12,13 @@ from transformers import TrainingArguments
 from modeling_selfie import SelfieForSegmentation, SelfieProcessor
 from modeling_selfie.presets import tiny_model_and_processor
 from modeling_selfie.training import (
+    LOCAL_SETTINGS,
     SelfieDataCollator,
     SelfieTrainer,
     SelfieTrainingArguments,
     _unsharded_copy,
     apply_lora,
+    cpu_threads,
     main,
     merge_and_save,
     resolve_settings,
@@ -354,7 +356,7 @@ def test_shipped_recipes_are_the_authors_command_lines(recipe, rates):
     assert (script.vision_lora_rank, script.vision_lora_alpha) == (128, 256)
     assert run.recipe["sample_rates"] == rates and run.recipe["seed"] == 0
     for key in ("per_device_train_batch_size", "learning_rate", "vision_learning_rate", "lora_rank",
-                "vision_lora_rank", "model_max_length", "gradient_checkpointing", "sample_rates"):
+                "vision_lora_rank", "model_max_length", "activation_checkpointing", "sample_rates"):
         assert run.sources[key] == "recipe", key
 
 
@@ -370,6 +372,46 @@ def test_flags_override_only_the_keys_given(tmp_path):
     assert run.recipe["sample_rates"] == {"vqa": 3} and run.sources["sample_rates"] == "flag"
     table = run.table()
     assert "| lora_rank " in table and "| flag " in table and table.count("\n") == len(run.rows()) + 1
+
+
+def test_own_data_with_a_shipped_recipes_training_block(tmp_path):
+    """A recipe that `"extends"` a shipped one keeps its training block and changes only the keys it gives;
+    `--datasets FILE` swaps a recipe's datasets and sample rates for the file's."""
+    own = [{"name": "custom_referring", "annotations": "refs.jsonl", "rate": 4}]
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"name": "mine", "extends": "self1e-seg", "datasets": own,
+                                "training": {"lora_rank": 16, "lora_alpha": 32}}))
+    base = ["--model", "m", "--data-root", "d", "--output-dir", "o"]
+    run = resolve_settings([*base, "--recipe", str(path)])
+    assert run.recipe["datasets"] == own and run.recipe["name"] == "mine" and run.values["datasets"] == [own[0]["name"]]
+    assert run.recipe["sample_rates"] == {"semantic": 6, "referring": 20, "reasoning": 6, "vqa": 1}
+    assert "description" not in run.recipe and "notes" not in run.recipe and "extends" not in run.recipe
+    assert (run.script.lora_rank, run.script.lora_alpha, run.script.vision_lora_rank) == (16, 32, 128)
+    assert (run.training.per_device_train_batch_size, run.training.gradient_accumulation_steps) == (5, 8)
+    assert run.values["activation_checkpointing"] is True and run.sources["model_max_length"] == "recipe"
+
+    datasets = tmp_path / "my_datasets.json"
+    datasets.write_text(json.dumps({"datasets": own, "sample_rates": {"referring": 3}}))
+    run = resolve_settings([*base, "--recipe", "self1e", "--datasets", str(datasets)])
+    assert run.recipe["datasets"] == own and run.recipe["sample_rates"] == {"referring": 3}
+    assert (run.script.lora_rank, run.training.learning_rate) == (128, 1e-4)  # self1e's training block
+    assert run.sources["datasets"] == run.sources["sample_rates"] == "flag: my_datasets.json"
+    datasets.write_text(json.dumps({"datasets": own, "rates": {}}))
+    with pytest.raises(ValueError, match="my_datasets.json.*unknown key.*'rates'"):
+        resolve_settings([*base, "--recipe", "self1e", "--datasets", str(datasets)])
+    path.write_text(json.dumps({"extends": "self2e", "datasets": own}))
+    with pytest.raises(FileNotFoundError, match="'self2e' is neither a file nor a shipped recipe .*self1e-seg"):
+        resolve_settings([*base, "--recipe", str(path)])
+
+
+@pytest.mark.parametrize(
+    "cores, processes, environ, load, threads",
+    [(8, 1, {}, 0.0, 8), (8, 4, {}, 0.3, 2), (8, 3, {}, 0.0, 2), (2, 4, {}, 0.0, 1),  # cores shared by processes
+     (2, 1, {}, 9.2, 1), (8, 2, {}, 4.7, 2), (16, 1, {}, 40.0, 1),  # other work keeps cores busy
+     (8, 1, {"OMP_NUM_THREADS": "3"}, 0.0, None), (8, 1, {"OMP_NUM_THREADS": ""}, 0.0, 8)],  # the user's choice
+)
+def test_cpu_threads_share_the_idle_cores_among_processes(cores, processes, environ, load, threads):
+    assert cpu_threads(cores, processes, environ, load) == threads
 
 
 def test_unknown_recipe_keys_are_errors(tmp_path, capsys):
@@ -461,12 +503,12 @@ def test_training_entry_point_applies_the_recipe(tmp_path, monkeypatch):
         "vision_lora_rank": 2, "vision_lora_alpha": 6, "vision_lora_target_modules": ["fc1"],
         "learning_rate": 1e-3, "vision_learning_rate": 5e-4, "lr_scheduler_type": "cosine", "warmup_steps": 1,
         "max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
-        "gradient_checkpointing": True, "model_max_length": 300, "seed": 3,
+        "activation_checkpointing": True, "model_max_length": 300, "seed": 3,
     }  # fmt: skip
     recipe = write_recipe(tmp_path / "recipe.json", training, seed=5)
     run_dir = tmp_path / "run"
     status = main(["--model", "selfie-tiny", "--recipe", recipe, "--data-root", vqa_data_root(tmp_path / "data"),
-                   "--output-dir", str(run_dir), "--lora-alpha", "8", *QUIET])
+                   "--output-dir", str(run_dir), "--lora-alpha", "8", "--resume-from-checkpoint", "last", *QUIET])
     assert status == 0
     ((trainer, names),) = trainers  # the model is merged in place afterwards
     config = trainer.model.peft_config["default"]
@@ -488,8 +530,15 @@ def test_training_entry_point_applies_the_recipe(tmp_path, monkeypatch):
     merged = SelfieForSegmentation.from_pretrained(final)
     assert not any("lora" in name for name, _ in merged.named_parameters())
     assert SelfieProcessor.from_pretrained(final).seg_token_id == merged.config.seg_token_id
-    assert json.loads((final / "settings.json").read_text())["settings"] == settings
-    assert "\"max_steps\": 2" in (final / "README.md").read_text()
+    assert settings["resume_from_checkpoint"]["value"] == "last" and settings["output_dir"]["value"] == str(run_dir)
+    shared = json.loads((final / "settings.json").read_text())["settings"]  # what final/ and the card say
+    assert set(shared) == set(settings) - set(LOCAL_SETTINGS) and shared["recipe"]["value"] == "recipe.json"
+    assert all(shared[key] == settings[key] for key in shared if key != "recipe")
+    card = (final / "README.md").read_text()
+    assert "\"max_steps\": 2" in card and "| vision_learning_rate" in card
+    for name in ("README.md", "settings.md", "settings.json"):
+        text = (final / name).read_text()
+        assert str(tmp_path) not in text and "resume_from_checkpoint" not in text and "output_dir" not in text, name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -516,9 +565,44 @@ def fake_hub(tmp_path, monkeypatch):
         uploads.append((repo_id, target))
         return f"https://hub.invalid/{repo_id}/commit/{len(uploads)}"
 
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setattr(HfApi, "whoami", lambda self, token=None, **kwargs: {"name": "team"})
     monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
     return uploads
+
+
+def refuse_network(*args, **kwargs):
+    raise AssertionError("the push check went to the network")
+
+
+@pytest.mark.parametrize("case", ["offline", "no token", "token refused"])
+def test_push_settings_fail_in_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys, case):
+    """`--push-to-hub` that cannot push (HF_HUB_OFFLINE, no login, a token the Hub refuses) stops at once with one
+    `error:` line, before the data, the settings files and the model; no network call is made."""
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", case == "offline")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(HfApi, "whoami", refuse_network)
+    if case == "token refused":
+        monkeypatch.setenv("HF_TOKEN", "hf_refused")
+
+        def refused(self, token=None, **kwargs):
+            raise OSError("401 Client Error: Unauthorized for url\nInvalid credentials in Authorization header")
+
+        monkeypatch.setattr(HfApi, "whoami", refused)
+    monkeypatch.setattr("modeling_selfie.training.load_model_and_processor", refuse_network)
+    status = main(["--model", "selfie-tiny", "--recipe", write_recipe(tmp_path / "r.json"), "--data-root",
+                   str(tmp_path / "no_data"), "--output-dir", str(tmp_path / "run"), "--push-to-hub", *QUIET])
+    out, err = capsys.readouterr()
+    assert status == 2 and out == "" and not (tmp_path / "run").exists()
+    (line,) = err.strip().splitlines()
+    expected = {"offline": "offline mode is on (HF_HUB_OFFLINE)", "no token": "needs a Hugging Face token",
+                "token refused": "did not accept the token or could not be reached (401 Client Error"}
+    assert line.startswith("error: --push-to-hub") and expected[case] in line
 
 
 def test_push_to_hub_flag_uploads_the_merged_model_with_card(tmp_path, fake_hub, capsys):

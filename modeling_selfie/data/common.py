@@ -19,12 +19,15 @@ import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as coco_mask_utils
 
+from ..io_utils import read_image
 from .sample import check_sample
 
 
 def missing_hint(path: Path, check_script: str) -> str:
-    """The message of a `FileNotFoundError` for `path`: it names the check script that lists everything missing."""
-    return f"{path} does not exist; run `python {check_script} --root <data root>` to list every missing path."
+    """The message of a `FileNotFoundError` for `path`: it names the check script that lists everything missing.
+    `check_script` is a script path, whose command takes `--root <data root>`, or a whole command (with options)."""
+    command = check_script if " " in check_script else f"{check_script} --root <data root>"
+    return f"{path} does not exist; run `python {command}` to list every missing path."
 
 
 def require_paths(paths: Iterable[Path], check_script: str) -> None:
@@ -49,10 +52,10 @@ def read_json(path: Path, check_script: str):
 
 
 def load_image(path: Path, check_script: str) -> Image.Image:
-    """Open an image file as RGB; a missing file raises `FileNotFoundError` naming it and the check script."""
+    """Open an image file as RGB, as it is shown (`io_utils.read_image`: EXIF orientation, 16-bit scaled); a missing
+    file raises `FileNotFoundError` naming it and the check script."""
     require_paths([path], check_script)
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return read_image(path)
 
 
 def empty_masks(height: int, width: int) -> np.ndarray:

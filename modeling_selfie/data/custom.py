@@ -30,10 +30,10 @@ task's rate in `sample_rates`):
     {"name": "custom_referring", "annotations": "my_refs/train.jsonl", "rate": 4}
     {"name": "custom_semantic", "annotations": "my_scenes/train.json", "rate": 2}
 
-`python processing/check_custom.py --annotations FILE` reads every record, image and mask and reports what is wrong.
+`python processing/check_custom.py --annotations FILE` reads every record, image and mask and reports every problem
+of the file in one run, masks that would decode empty by mistake included.
 """
 
-import argparse
 import json
 import random
 from collections import Counter
@@ -62,9 +62,15 @@ def _resolve(path: str | Path, base: Path | None) -> Path:
     return path if path.is_absolute() or base is None else base / path
 
 
-def read_records(path: Path) -> list:
-    """The records of a JSON list or a JSONL file (blank lines skipped); errors name the file and line."""
-    require_paths([path], CHECK_SCRIPT)
+def check_command(annotations: Path) -> str:
+    """The check command that missing-file errors name: the checker with this annotation file."""
+    return f"{CHECK_SCRIPT} --annotations {annotations}"
+
+
+def read_records(path: Path, problems: list[str] | None = None) -> list:
+    """The records of a JSON list or a JSONL file (blank lines skipped); errors name the file and line. With
+    `problems`, a JSONL line that is not JSON is added to it and skipped instead of raising."""
+    require_paths([path], check_command(path))
     if path.suffix == ".jsonl":
         records = []
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -72,9 +78,16 @@ def read_records(path: Path) -> list:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number} is not valid JSON: {error}") from error
+                    _report(problems, ValueError(f"{path}:{number} is not valid JSON: {error}"))
         return records
-    return read_json(path, CHECK_SCRIPT)
+    return read_json(path, check_command(path))
+
+
+def _report(problems: list[str] | None, error: Exception) -> None:
+    """Raise `error`, or add it to `problems` when the caller collects them (the checker reports them all)."""
+    if problems is None:
+        raise error
+    problems.append(str(error))
 
 
 def _check_mask_spec(spec, where: str) -> None:
@@ -128,17 +141,37 @@ def record_mask_specs(record: dict) -> list:
     return [] if record["mask"] is None else [record["mask"]]
 
 
-def decode_mask(spec, height: int, width: int, base: Path | None) -> np.ndarray:
-    """One mask spec as `uint8` `[height, width]` 0/1 (a PNG path is read relative to `base`)."""
+def decode_mask(spec, height: int, width: int, base: Path | None, check: str = CHECK_SCRIPT) -> np.ndarray:
+    """One mask spec as `uint8` `[height, width]` 0/1 (a PNG path is read relative to `base`; `check`: the command
+    a missing file's error names). Masks that would come out empty by mistake are errors: a polygon that covers no
+    pixel of the image (outside it, or of no area), an uncompressed RLE whose run lengths do not add up to
+    height x width."""
     if isinstance(spec, str):
         path = _resolve(spec, base)
-        require_paths([path], CHECK_SCRIPT)
+        require_paths([path], check)
         with Image.open(path) as image:
             mask = np.asarray(image.convert("L")) > 0
         if mask.shape != (height, width):
             raise ValueError(f"{path} has size {mask.shape} but its image has {(height, width)}.")
         return mask.astype(np.uint8)
-    return coco_segmentation_mask(spec, height, width)
+    if isinstance(spec, dict) and isinstance(spec["counts"], list) and list(spec["size"]) == [height, width]:
+        if sum(spec["counts"]) != height * width:
+            raise ValueError(
+                f"an uncompressed RLE's run lengths add up to {sum(spec['counts'])}, not height x width = "
+                f"{height} x {width} = {height * width} (COCO RLEs run down the columns, from a run of zeros)."
+            )
+    if isinstance(spec, list):
+        for i, polygon in enumerate(spec):
+            xs, ys = polygon[0::2], polygon[1::2]
+            if max(xs) < 0 or min(xs) > width or max(ys) < 0 or min(ys) > height:
+                raise ValueError(
+                    f"polygon {i} lies wholly outside the {width} x {height} image (x {min(xs)} to {max(xs)}, y "
+                    f"{min(ys)} to {max(ys)}; a polygon is [x0, y0, x1, y1, ...] in pixels)."
+                )
+    mask = coco_segmentation_mask(spec, height, width)
+    if isinstance(spec, list) and not mask.any():
+        raise ValueError("the polygons cover no pixel (no area); give null for an expression that names nothing.")
+    return mask
 
 
 class CustomReferringDataset(SelfieDataset):
@@ -155,7 +188,6 @@ class CustomReferringDataset(SelfieDataset):
     """
 
     task = "referring"
-    check_script = CHECK_SCRIPT
 
     def __init__(
         self,
@@ -170,6 +202,7 @@ class CustomReferringDataset(SelfieDataset):
         max_samples: int | None = None,
     ):
         self.annotations, self.image_root, self.source = _locations(annotations, root, image_root, source)
+        self.check_script = check_command(self.annotations)
         self.max_turns = max_turns
         records = read_records(self.annotations)
         if not isinstance(records, list) or not records:
@@ -204,7 +237,7 @@ class CustomReferringDataset(SelfieDataset):
         mask = np.zeros((height, width), dtype=np.uint8)
         for spec in record_mask_specs(self.records[index]):
             try:
-                mask |= decode_mask(spec, height, width, self.image_root)
+                mask |= decode_mask(spec, height, width, self.image_root, self.check_script)
             except ValueError as error:
                 raise ValueError(f"{self.annotations} record {index}: {error}") from error
         return mask
@@ -231,7 +264,7 @@ class CustomReferringDataset(SelfieDataset):
             "source": self.source,
         }
         if rng is None:
-            sample.update(query=text.strip(), query_kind="phrase")
+            sample.update(query=text.strip(), query_kind="phrase", image_id=image_name)
         return sample
 
 
@@ -251,6 +284,20 @@ def read_class_names(classes, where: str) -> dict[int, str]:
     return {value: name.strip() for value, name in pairs}
 
 
+def semantic_pairs(data, where: str, image_root: Path, problems: list[str] | None = None) -> list[tuple[Path, Path]]:
+    """The (image, label map) paths of a semantic file's `samples`; a malformed sample raises, or with `problems`
+    is added to it and left out."""
+    if not isinstance(data, dict) or not isinstance(data.get("samples"), list) or not data["samples"]:
+        raise ValueError(f"{where} needs an object with 'classes' and 'samples' (a non-empty list).")
+    pairs = []
+    for i, sample in enumerate(data["samples"]):
+        if isinstance(sample, dict) and isinstance(sample.get("image"), str) and isinstance(sample.get("label"), str):
+            pairs.append((_resolve(sample["image"], image_root), _resolve(sample["label"], image_root)))
+        else:
+            _report(problems, ValueError(f"{where} sample {i} needs 'image' and 'label' (paths)."))
+    return pairs
+
+
 class CustomSemanticDataset(LabelMapDataset):
     """Semantic label maps with class names in the format of the module docstring.
 
@@ -258,9 +305,8 @@ class CustomSemanticDataset(LabelMapDataset):
         annotations: the JSON file (relative to `root` when given and relative).
         root, image_root, source: as for [`CustomReferringDataset`].
         train, max_classes, seed, max_samples: see `modeling_selfie.data.semantic` and [`SelfieDataset`].
+        problems: a list that malformed samples are added to (and left out) instead of raising (the checker).
     """
-
-    check_script = CHECK_SCRIPT
 
     def __init__(
         self,
@@ -273,20 +319,13 @@ class CustomSemanticDataset(LabelMapDataset):
         max_classes: int = 3,
         seed: int = 0,
         max_samples: int | None = None,
+        problems: list[str] | None = None,
     ):
         self.annotations, self.image_root, self.source = _locations(annotations, root, image_root, source)
-        data = read_json(self.annotations, CHECK_SCRIPT)
-        where = str(self.annotations)
-        if not isinstance(data, dict) or not isinstance(data.get("samples"), list) or not data["samples"]:
-            raise ValueError(f"{where} needs an object with 'classes' and 'samples' (a non-empty list).")
-        self.class_names = read_class_names(data.get("classes"), where)
-        pairs = []
-        for i, sample in enumerate(data["samples"]):
-            if not isinstance(sample, dict) or not isinstance(sample.get("image"), str) or not isinstance(
-                sample.get("label"), str
-            ):
-                raise ValueError(f"{where} sample {i} needs 'image' and 'label' (paths).")
-            pairs.append((_resolve(sample["image"], self.image_root), _resolve(sample["label"], self.image_root)))
+        self.check_script = check_command(self.annotations)
+        data = read_json(self.annotations, self.check_script)
+        pairs = semantic_pairs(data, str(self.annotations), self.image_root, problems)
+        self.class_names = read_class_names(data.get("classes"), str(self.annotations))
         super().__init__(pairs, train=train, max_classes=max_classes, seed=seed, max_samples=max_samples)
 
     @classmethod
@@ -294,57 +333,72 @@ class CustomSemanticDataset(LabelMapDataset):
         return [_resolve(annotations, Path(root) if root is not None else None)]
 
 
-def check_custom(annotations: str | Path, kind: str | None = None, image_root: str | Path | None = None) -> list[str]:
-    """The report of `processing/check_custom.py`: one line per problem, then a summary line starting with "ok"
-    (counts) or "error". Reads every record, image, mask and label map."""
-    path = Path(annotations)
-    try:
-        if kind is None:
-            semantic = path.suffix == ".json" and isinstance(read_json(path, CHECK_SCRIPT), dict)
-            kind = "semantic" if semantic else "referring"
-        loader = CustomSemanticDataset if kind == "semantic" else CustomReferringDataset
-        dataset = loader(path, image_root=image_root, train=False)
-    except (ValueError, FileNotFoundError) as error:
-        return [f"error {path}: {error}"]
-    problems, counts = [], Counter()
-    if kind == "referring":
-        for index, record in enumerate(dataset.records):
+def _check_referring(path: Path, image_root: Path, problems: list[str]) -> Counter:
+    """Check every record of a referring file, adding each problem to `problems`; the counts of the summary."""
+    counts = Counter()
+    records = read_records(path, problems)
+    if not isinstance(records, list) or not records:
+        problems.append(f"{path} holds no records: give a JSON list or JSONL of objects.")
+        return counts
+    check = check_command(path)
+    for index, record in enumerate(records):
+        where = f"record {index}"
+        try:
+            check_referring_record(record, where)
+            image = load_image(_resolve(record["image"], image_root), check)
+        except (ValueError, FileNotFoundError, OSError) as error:
+            problems.append(str(error) if str(error).startswith(where) else f"{where}: {error}")
+            continue
+        specs, ok, empty = record_mask_specs(record), True, True
+        for i, spec in enumerate(specs):
             try:
-                image = load_image(_resolve(record["image"], dataset.image_root), CHECK_SCRIPT)
-                empty = not dataset.record_mask(index, image.height, image.width).any()
+                empty &= not decode_mask(spec, image.height, image.width, image_root, check).any()
             except (ValueError, FileNotFoundError, OSError) as error:
-                problems.append(f"record {index}: {error}")
-                continue
+                ok = False
+                problems.append(f"{where}{f' mask {i}' if 'masks' in record else ''}: {error}")
+        if ok:
             counts["records"] += 1
             counts["expressions"] += len(record["expressions"])
             counts["no-target records"] += empty
-        counts["images"] = len({record["image"] for record in dataset.records})
-    else:
-        for index, (image_path, label_path) in enumerate(dataset.items):
-            try:
-                sample = dataset.build_sample((image_path, label_path), None)
-            except (ValueError, FileNotFoundError, OSError) as error:
-                problems.append(f"sample {index}: {error}")
-                continue
-            counts["images"] += 1
-            counts["images without a named class"] += sample is None
-        counts["classes"] = len(dataset.class_names)
+    counts["images"] = len({record["image"] for record in records if isinstance(record, dict) and "image" in record})
+    return counts
+
+
+def _check_semantic(path: Path, image_root: Path, problems: list[str]) -> Counter:
+    """Check the classes and every sample of a semantic file, adding each problem to `problems`; the counts."""
+    counts = Counter()
+    try:
+        dataset = CustomSemanticDataset(path, image_root=image_root, problems=problems)
+    except ValueError as error:
+        problems.append(str(error))
+        return counts
+    for index, pair in enumerate(dataset.items):
+        try:
+            sample = dataset.build_sample(pair, None)
+        except (ValueError, FileNotFoundError, OSError) as error:
+            problems.append(f"sample {index}: {error}")
+            continue
+        counts["images"] += 1
+        counts["images without a named class"] += sample is None
+    counts["classes"] = len(dataset.class_names)
+    return counts
+
+
+def check_custom(annotations: str | Path, kind: str | None = None, image_root: str | Path | None = None) -> list[str]:
+    """The report of `processing/check_custom.py`: one line per problem (every one of the file: each record or
+    sample, each mask), then a summary line starting with "ok" (counts) or "error". Reads every record, image, mask
+    and label map."""
+    path = Path(annotations)
+    folder = Path(image_root) if image_root is not None else path.parent
+    problems = []
+    try:
+        if kind is None:
+            semantic = path.suffix == ".json" and isinstance(read_json(path, check_command(path)), dict)
+            kind = "semantic" if semantic else "referring"
+        counts = (_check_semantic if kind == "semantic" else _check_referring)(path, folder, problems)
+    except (ValueError, FileNotFoundError) as error:
+        return [*problems, f"error {path}: {error}"]
     summary = ", ".join(f"{value} {name}" for name, value in counts.items())
     if problems:
         return problems + [f"error {path} ({kind}): {len(problems)} problem(s); {summary}"]
     return [f"ok {path} ({kind}): {summary}"]
-
-
-def check_main(argv: list[str] | None = None) -> int:
-    """Command line of `processing/check_custom.py`; exit status 1 when anything is wrong."""
-    parser = argparse.ArgumentParser(
-        description="Check an annotation file of your own data (formats: modeling_selfie/data/custom.py, README)."
-    )
-    parser.add_argument("--annotations", required=True, help="the JSON / JSONL file")
-    parser.add_argument("--kind", choices=("referring", "semantic"),
-                        help="format (default: semantic for a JSON object with 'classes', else referring)")
-    parser.add_argument("--image-root", help="folder image and mask paths are relative to (default: the file's)")
-    args = parser.parse_args(argv)
-    lines = check_custom(args.annotations, args.kind, args.image_root)
-    print("\n".join(lines))
-    return int(not lines[-1].startswith("ok"))

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..io_utils import read_image
 from .semantic import ADE20K_CLASSES
 
 ADE150_CLASSES = ADE20K_CLASSES  # the 150 ADE20K classes, in label order (shared with training)
@@ -131,7 +132,7 @@ class _SemanticFolderDataset:
 
     def __getitem__(self, index: int) -> dict:
         stem = self.stems[index]
-        image = Image.open(self._image_path(stem)).convert("RGB")
+        image = read_image(self._image_path(stem))
         label = self._convert_label(np.asarray(Image.open(self._label_path(stem))))
         if label.shape != (image.height, image.width):
             raise ValueError(

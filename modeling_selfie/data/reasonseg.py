@@ -14,8 +14,13 @@ any other paints target. The target mask holds the target pixels; the ignore pix
 returned as `sample["ignore_masks"]` (`uint8` `[1, H, W]`, 1 = pixels to leave out of the loss and the metrics).
 
 Training samples (`train=True`) are one per image, with a random query and random templates; evaluation samples
-are one per (image, query), with the validation template, `query` and `query_kind`, or one per image with
-`first_query_only=True` (its first query: SELF1E's evaluation, `--protocol self1e`).
+are one per (image, query), with the validation template, `query`, `query_kind` and `image_id` (the file stem), or
+one per image with `first_query_only=True` (its first query: SELF1E's evaluation, `--protocol self1e`).
+
+`opencv_polygons=True` draws the polygons as SELF1E's loader does (`--protocol self1e`): points truncated to int32,
+OpenCV's outline and scanline fill (`modeling_selfie.data.rasterize`, in numpy), painted in the order of
+`np.argsort(areas)[::-1]`; the default draws them with PIL on the float points (outline included), ties in area in
+file order.
 """
 
 import random
@@ -25,23 +30,30 @@ import numpy as np
 
 from ..processing_selfie import segmentation_answer, segmentation_question
 from .common import SelfieDataset, load_image, polygon_mask, read_json, require_paths
+from .rasterize import opencv_polygon_mask
 
 IGNORE, TARGET = 2, 1
 
 
-def reasonseg_label_map(shapes: list[dict], height: int, width: int) -> np.ndarray:
+def reasonseg_label_map(shapes: list[dict], height: int, width: int, opencv_polygons: bool = False) -> np.ndarray:
     """Paint the polygons of a ReasonSeg JSON, largest first: `uint8` `[height, width]` with 0 background,
-    `TARGET` and `IGNORE`."""
-    painted = []
+    `TARGET` and `IGNORE`; `opencv_polygons` draws and orders them as SELF1E's loader (module docstring)."""
+    draw = opencv_polygon_mask if opencv_polygons else polygon_mask
+    values, regions = [], []
     for shape in shapes:
         label = shape["label"].lower()
         if label == "flag":
             continue
-        region = polygon_mask(shape["points"], height, width).astype(bool)
-        painted.append((int(region.sum()), IGNORE if "ignore" in label else TARGET, region))
+        regions.append(draw(shape["points"], height, width).astype(bool))
+        values.append(IGNORE if "ignore" in label else TARGET)
+    areas = [int(region.sum()) for region in regions]
+    if opencv_polygons:
+        order = np.argsort(areas)[::-1]
+    else:
+        order = sorted(range(len(areas)), key=areas.__getitem__, reverse=True)
     label_map = np.zeros((height, width), dtype=np.uint8)
-    for _, value, region in sorted(painted, key=lambda entry: entry[0], reverse=True):
-        label_map[region] = value
+    for index in order:
+        label_map[regions[index]] = values[index]
     return label_map
 
 
@@ -53,6 +65,7 @@ class ReasonSegDataset(SelfieDataset):
         split: `train`, `val` or `test`.
         train: training samples (one per image) or evaluation samples (one per query).
         first_query_only: evaluation samples for the first query of each image only (as SELF1E scores ReasonSeg).
+        opencv_polygons: draw the polygons as SELF1E's loader (module docstring).
         seed, max_samples: see [`SelfieDataset`].
 
     Samples: `masks` and `ignore_masks` `uint8` `[1, H, W]`.
@@ -69,6 +82,7 @@ class ReasonSegDataset(SelfieDataset):
         *,
         train: bool = False,
         first_query_only: bool = False,
+        opencv_polygons: bool = False,
         seed: int = 0,
         max_samples: int | None = None,
     ):
@@ -86,6 +100,7 @@ class ReasonSegDataset(SelfieDataset):
             for image in images:
                 queries = len(read_json(image.with_suffix(".json"), self.check_script)["text"])
                 items += [(image, query) for query in range(min(queries, 1) if first_query_only else queries)]
+        self.opencv_polygons = opencv_polygons
         super().__init__(items, train=train, seed=seed, max_samples=max_samples)
 
     @classmethod
@@ -106,7 +121,7 @@ class ReasonSegDataset(SelfieDataset):
         text = (texts[query] if rng is None else rng.choice(texts)).strip()
         kind = "instruction" if annotation["is_sentence"] else "phrase"
         image = load_image(image_path, self.check_script)
-        label_map = reasonseg_label_map(annotation["shapes"], image.height, image.width)
+        label_map = reasonseg_label_map(annotation["shapes"], image.height, image.width, self.opencv_polygons)
         sample = {
             "image": image,
             "conversation": [
@@ -119,5 +134,5 @@ class ReasonSegDataset(SelfieDataset):
             "source": self.source,
         }
         if rng is None:
-            sample.update(query=text, query_kind=kind)
+            sample.update(query=text, query_kind=kind, image_id=image_path.stem)
         return sample

@@ -17,9 +17,12 @@ sentences are drawn without replacement from all sentences of the image's refs, 
 phrase template) answered by a random answer with one `[SEG]`. Evaluation samples are one per (ref, sentence) of
 the split, with the validation template, `query` (the sentence) and `query_kind="phrase"`.
 
-Two options reproduce SELF1E's evaluation (`python -m modeling_selfie.evaluate --protocol self1e`):
-`overlapping_polygons="drop"` leaves the pixels covered by two polygons of one annotation out of its target, and
-`lowercase=True` lowercases the sentences, as the authors' loader does.
+Three options reproduce SELF1E's evaluation (`python -m modeling_selfie.evaluate --protocol self1e`):
+`overlapping_polygons="drop"` leaves the pixels covered by two polygons of one annotation out of its target (their
+RefCOCO branch sums the polygon masks; their gRefCOCO branch ORs them, which is `"keep"`), `lowercase=True`
+lowercases the sentences, and `by_image=True` lists the evaluation samples image by image in the order of their
+validation set (images as `list(set(image ids))` of the split's refs, each image's refs in file order), so one
+image's expressions are consecutive (they are scored as one batch). Evaluation samples carry `image_id`.
 """
 
 import pickle
@@ -106,6 +109,7 @@ class ReferringDataset(SelfieDataset):
             or more polygons of one annotation are not target, as in SELF1E's evaluation); see
             [`coco_segmentation_mask`].
         lowercase: lowercase the sentences (SELF1E's loader does).
+        by_image: evaluation samples image by image, in SELF1E's validation order (module docstring).
         seed, max_samples: see [`SelfieDataset`].
 
     Samples: `image` RGB, `masks` `uint8` `[n_turns, H, W]`.
@@ -125,6 +129,7 @@ class ReferringDataset(SelfieDataset):
         max_turns: int = 3,
         overlapping_polygons: str = "keep",
         lowercase: bool = False,
+        by_image: bool = False,
         seed: int = 0,
         max_samples: int | None = None,
     ):
@@ -145,11 +150,15 @@ class ReferringDataset(SelfieDataset):
         refs = self._read_refs(root / dataset / refs_file_name(dataset, self.split_by), split)
         self.coco = CocoAnnotations(root / dataset / "instances.json", self.check_script)
         if train:
-            by_image = {}
+            refs_by_image = {}
             for ref in refs:
-                by_image.setdefault(ref["image_id"], []).append(ref)
-            items = sorted(by_image.items())
+                refs_by_image.setdefault(ref["image_id"], []).append(ref)
+            items = sorted(refs_by_image.items())
         else:
+            if by_image:
+                images = list(set([ref["image_id"] for ref in refs]))  # noqa: C403 (their REFER.getImgIds, same order)
+                order = {image_id: rank for rank, image_id in enumerate(images)}
+                refs = sorted(refs, key=lambda ref: order[ref["image_id"]])  # stable: file order within an image
             items = [(ref, sentence) for ref in refs for sentence in ref["sentences"]]
         super().__init__(items, train=train, seed=seed, max_samples=max_samples)
 
@@ -217,5 +226,5 @@ class ReferringDataset(SelfieDataset):
             "source": self.source,
         }
         if rng is None:
-            sample.update(query=text, query_kind="phrase")
+            sample.update(query=text, query_kind="phrase", image_id=image_id)
         return sample

@@ -754,6 +754,80 @@ class RefShapesDataset(torch.utils.data.Dataset):
         )
 
 
+# Words outside `vocabulary()` and the prompt templates: a word-level model reads each as <unk>.
+UNKNOWN_WORDS = ("pink", "cat", "oval", "hexagon", "smaller", "dog", "car", "blob", "кот", "円")
+PRESENCE_PROBE_KINDS = ("right", "absent", "unknown")
+
+
+@dataclass(frozen=True)
+class PresenceProbe:
+    """A query whose referent is in the image (`present`) or not, to score presence scores.
+
+    Attributes:
+        image: the scene's image.
+        text: the query.
+        query_kind: "phrase" or "instruction".
+        kind: one of `PRESENCE_PROBE_KINDS`: "right" (an expression with a target), "absent" (its target is not
+            in the scene) or "unknown" (a right expression with one word swapped for one of `UNKNOWN_WORDS`).
+    """
+
+    image: Image.Image
+    text: str
+    query_kind: str
+    kind: str
+
+    @property
+    def present(self) -> bool:
+        return self.kind == "right"
+
+
+def _swap_word(words: list[str], choices: dict[str, list[str]], rng: random.Random) -> list[str] | None:
+    """`words` with its first word that is a key of `choices` replaced by one of that key's choices, or `None`."""
+    at = next((i for i, word in enumerate(words) if choices.get(word)), None)
+    return None if at is None else [*words[:at], rng.choice(choices[words[at]]), *words[at + 1 :]]
+
+
+def presence_probes(split: str = "test", size: int = 500, seed: int = 0) -> list[PresenceProbe]:
+    """Right, absent and unknown-word queries on `size` scenes of a RefShapes split, deterministic in
+    (`split`, `size`, `seed`).
+
+    Scene `i` is item `i` of `RefShapesDataset(split, size, seed)` drawn without `no_target` expressions. Every
+    absent query comes with a right query of the same wording, so the wording alone tells nothing:
+
+    * one of the scene's `colour_shape` expressions ("right") and one of its `no_target` expressions ("absent", a
+      colour and form pair sharing the colour or the form of a shape), when it has both;
+    * the item's expression ("right") and the same expression with its first colour word swapped for a colour the
+      scene lacks, or else its first form word for a form the scene lacks ("absent"), when it has such a word;
+    * and that expression with one word swapped for one of `UNKNOWN_WORDS` ("unknown").
+    """
+    dataset = RefShapesDataset(split, size, seed, kind_weights={"no_target": 0.0})
+    probes = []
+    for index in range(size):
+        example = dataset.example(index)
+        scene, expression = example.scene, example.expression
+        rng = random.Random(f"{SOURCE}-presence/{split}/{seed}/{index}")
+        queries = []
+        named, absent = scene_expressions(scene, "colour_shape"), scene_expressions(scene, "no_target")
+        if named and absent:
+            queries += [(rng.choice(named).text, "phrase", "right"), (rng.choice(absent).text, "phrase", "absent")]
+        words = expression.text.split(" ")
+        colours, forms = {shape.colour for shape in scene.shapes}, {shape.form for shape in scene.shapes}
+        lacking = {colour: [c for c in COLOURS if c not in colours] for colour in COLOURS}
+        lacking.update({form: [f for f in FORMS if f not in forms] for form in FORMS})
+        lacking.update({PLURALS[form]: [PLURALS[f] for f in FORMS if f not in forms] for form in FORMS})
+        swapped = _swap_word(words, {w: c for w, c in lacking.items() if w in COLOURS}, rng) or _swap_word(
+            words, {w: c for w, c in lacking.items() if w not in COLOURS}, rng
+        )
+        if swapped:
+            queries += [(expression.text, expression.query_kind, "right"),
+                        (" ".join(swapped), expression.query_kind, "absent")]
+        at = rng.randrange(len(words))
+        unknown = [*words[:at], rng.choice(UNKNOWN_WORDS), *words[at + 1 :]]
+        queries.append((" ".join(unknown), expression.query_kind, "unknown"))
+        probes += [PresenceProbe(scene.image, text, query_kind, kind) for text, query_kind, kind in queries]
+    return probes
+
+
 def parse_kind_weights(text: str) -> dict[str, float]:
     """`"colour_shape=2,multi_target"` -> `{"colour_shape": 2.0, "multi_target": 1.0}` and 0 for every other kind."""
     weights = dict.fromkeys(EXPRESSION_KINDS, 0.0)
@@ -838,6 +912,7 @@ __all__ = [
     "Expression",
     "Group",
     "PlacedShape",
+    "PresenceProbe",
     "RefShapesDataset",
     "RefShapesExample",
     "SPLITS",
@@ -848,6 +923,7 @@ __all__ = [
     "make_scene",
     "more_expressions",
     "parse_kind_weights",
+    "presence_probes",
     "rasterise_shape",
     "related_member",
     "render_example_grid",

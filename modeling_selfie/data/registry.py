@@ -17,38 +17,40 @@ Keyword arguments of [`build_dataset`] go to the loader and override these locat
 """
 
 import argparse
-import json
+import importlib
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import torch
-
-from .common import SelfieDataset
-from .custom import CustomReferringDataset, CustomSemanticDataset
-from .mixing import MixedDataset
-from .reasonseg import ReasonSegDataset
-from .refer import ReferringDataset
-from .semantic import ADE20KDataset, CocoStuffDataset, PacoLvisDataset, PascalPartDataset
-from .vqa import LlavaInstructDataset, VQAJsonlDataset
-
 MAX_LISTED = 20  # missing data files listed by the check scripts unless --list-all
 
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """How a name maps to a loader: `location(data_root, split)` gives the loader's location arguments (those of
-    its `expected_paths`); `family` names the check script `processing/check_<family>.py`."""
+    """How a name maps to a loader: `loader_name` is the loader class as "module.Class" under
+    `modeling_selfie.data` (imported when first used: the check scripts' `--help` needs no torch),
+    `location(data_root, split)` gives the loader's location arguments (those of its `expected_paths`); `family`
+    names the check script `processing/check_<family>.py`."""
 
-    loader: type[SelfieDataset]
+    loader_name: str
     family: str
     location: Callable[[Path, str], dict]
+
+    @property
+    def loader(self) -> type:
+        """The loader class (a `SelfieDataset`)."""
+        module, _, name = self.loader_name.rpartition(".")
+        return getattr(importlib.import_module(f".{module}", __package__), name)
 
 
 def _refer(dataset: str) -> Callable[[Path, str], dict]:
     return lambda root, split: {"root": root / "refer_seg", "dataset": dataset, "split": split}
+
+
+def _root_and_split(root: Path, split: str) -> dict:
+    return {"root": root, "split": split}
 
 
 def _llava_location(root: Path, split: str) -> dict:
@@ -58,27 +60,27 @@ def _llava_location(root: Path, split: str) -> dict:
 
 
 DATASETS = {
-    "refcoco": DatasetEntry(ReferringDataset, "refer", _refer("refcoco")),
-    "refcoco+": DatasetEntry(ReferringDataset, "refer", _refer("refcoco+")),
-    "refcocog": DatasetEntry(ReferringDataset, "refer", _refer("refcocog")),
-    "refclef": DatasetEntry(ReferringDataset, "refer", _refer("refclef")),
-    "grefcoco": DatasetEntry(ReferringDataset, "grefcoco", _refer("grefcoco")),
-    "reasonseg": DatasetEntry(ReasonSegDataset, "reasonseg", lambda root, split: {"root": root, "split": split}),
-    "ade20k": DatasetEntry(ADE20KDataset, "ade20k", lambda root, split: {"root": root, "split": split}),
-    "cocostuff": DatasetEntry(CocoStuffDataset, "cocostuff", lambda root, split: {"root": root, "split": split}),
-    "pascal_part": DatasetEntry(PascalPartDataset, "pascal_part", lambda root, split: {"root": root, "split": split}),
-    "paco_lvis": DatasetEntry(PacoLvisDataset, "paco_lvis", lambda root, split: {"root": root, "split": split}),
-    "llava_instruct": DatasetEntry(LlavaInstructDataset, "llava_instruct", _llava_location),
+    "refcoco": DatasetEntry("refer.ReferringDataset", "refer", _refer("refcoco")),
+    "refcoco+": DatasetEntry("refer.ReferringDataset", "refer", _refer("refcoco+")),
+    "refcocog": DatasetEntry("refer.ReferringDataset", "refer", _refer("refcocog")),
+    "refclef": DatasetEntry("refer.ReferringDataset", "refer", _refer("refclef")),
+    "grefcoco": DatasetEntry("refer.ReferringDataset", "grefcoco", _refer("grefcoco")),
+    "reasonseg": DatasetEntry("reasonseg.ReasonSegDataset", "reasonseg", _root_and_split),
+    "ade20k": DatasetEntry("semantic.ADE20KDataset", "ade20k", _root_and_split),
+    "cocostuff": DatasetEntry("semantic.CocoStuffDataset", "cocostuff", _root_and_split),
+    "pascal_part": DatasetEntry("semantic.PascalPartDataset", "pascal_part", _root_and_split),
+    "paco_lvis": DatasetEntry("semantic.PacoLvisDataset", "paco_lvis", _root_and_split),
+    "llava_instruct": DatasetEntry("vqa.LlavaInstructDataset", "llava_instruct", _llava_location),
     "vqav2": DatasetEntry(
-        VQAJsonlDataset,
+        "vqa.VQAJsonlDataset",
         "vqav2",
         lambda root, split: {"jsonl_path": root / "vqav2" / f"vqav2_{split}.jsonl", "image_root": root},
     ),
     "custom_referring": DatasetEntry(
-        CustomReferringDataset, "custom", lambda root, split: {"root": root, "annotations": f"{split}.jsonl"}
+        "custom.CustomReferringDataset", "custom", lambda root, split: {"root": root, "annotations": f"{split}.jsonl"}
     ),
     "custom_semantic": DatasetEntry(
-        CustomSemanticDataset, "custom", lambda root, split: {"root": root, "annotations": f"{split}.json"}
+        "custom.CustomSemanticDataset", "custom", lambda root, split: {"root": root, "annotations": f"{split}.json"}
     ),
 }
 # Families of `check_main` (`processing/check_custom.py` has its own command line: custom data has no fixed layout).
@@ -101,34 +103,62 @@ def dataset_location(name: str, split: str, data_root: str | Path, **overrides) 
     return {**dataset_entry(name).location(Path(data_root), split), **overrides}
 
 
-def build_dataset(
-    name: str, split: str, data_root: str | Path, train: bool = False, **kwargs
-) -> torch.utils.data.Dataset:
+def build_dataset(name: str, split: str, data_root: str | Path, train: bool = False, **kwargs):
     """The loader of dataset `name` (one of `DATASETS`) for `split` under `data_root` (layout in the module
     docstring). `kwargs` go to the loader (e.g. `seed`, `max_turns`, `max_classes`, `max_samples`, `image_dir`)."""
     return dataset_entry(name).loader(**{**dataset_location(name, split, data_root), **kwargs}, train=train)
 
 
-def load_recipe(recipe: dict | str | Path) -> dict:
+def load_recipe(recipe: dict | str | Path, _seen: tuple[str, ...] = ()) -> dict:
     """A recipe dict, read from a JSON file path or, for a bare name such as "self1e-seg", from the shipped
-    `configuration/recipes/<name>.json`."""
+    `configuration/recipes/<name>.json`.
+
+    A recipe with `"extends": BASE` (a shipped name, or a file relative to the recipe's folder) is BASE with the
+    recipe's keys on top: its `training` block is merged key by key into BASE's, every other key it gives
+    (`datasets`, `sample_rates`, `seed`, ...) replaces BASE's; BASE's `description` and `notes` are not kept.
+    """
     if isinstance(recipe, dict):
-        return recipe
-    path = Path(recipe)
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    shipped = resources.files("modeling_selfie.configuration").joinpath("recipes", f"{recipe}.json")
-    if shipped.is_file():
-        return json.loads(shipped.read_text(encoding="utf-8"))
-    raise FileNotFoundError(f"Recipe {recipe!r} is neither a file nor a shipped recipe (self1e, self1e-seg).")
+        data, folder = dict(recipe), Path.cwd()
+    else:
+        path = Path(recipe)
+        if path.is_file():
+            text, folder = path.read_text(encoding="utf-8"), path.parent
+        else:
+            shipped = resources.files("modeling_selfie.configuration").joinpath("recipes", f"{recipe}.json")
+            if not shipped.is_file():
+                raise FileNotFoundError(
+                    f"Recipe {str(recipe)!r} is neither a file nor a shipped recipe ({', '.join(shipped_recipes())})."
+                )
+            text, folder = shipped.read_text(encoding="utf-8"), None
+        from .vqa import read_json_line
+
+        data = read_json_line(text, f"Recipe {str(recipe)!r}")
+    base_name = data.pop("extends", None)
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str) or base_name in _seen:
+        raise ValueError(f"Recipe {data.get('name', str(recipe))!r}: bad \"extends\" {base_name!r} (a recipe name "
+                         "or file, not extending itself).")
+    base_path = folder / base_name if folder is not None and (folder / base_name).is_file() else base_name
+    base = load_recipe(base_path, (*_seen, base_name))
+    base.pop("description", None)
+    base.pop("notes", None)
+    training = {**base.get("training", {}), **data.pop("training", {})}
+    return {**base, **data, **({"training": training} if training else {})}
 
 
-def build_mixture(
-    recipe: dict | str | Path, data_root: str | Path, *, train: bool = True, shuffle: bool = True
-) -> MixedDataset:
+def shipped_recipes() -> list[str]:
+    """Names of the recipes in `configuration/recipes/`."""
+    folder = resources.files("modeling_selfie.configuration").joinpath("recipes")
+    return sorted(entry.name[: -len(".json")] for entry in folder.iterdir() if entry.name.endswith(".json"))
+
+
+def build_mixture(recipe: dict | str | Path, data_root: str | Path, *, train: bool = True, shuffle: bool = True):
     """The training mixture of a recipe: every dataset of `recipe["datasets"]` (entries `{"name", "split", ...}`,
     the other keys going to [`build_dataset`]) repeated by its entry's `rate` or else by the rate of its task in
     `recipe["sample_rates"]`, seeded by `recipe["seed"]` (default 0)."""
+    from .mixing import MixedDataset
+
     recipe = load_recipe(recipe)
     if "datasets" not in recipe:
         raise ValueError(f"Recipe {recipe.get('name', '<unnamed>')!r} lacks the key 'datasets'.")
@@ -197,3 +227,20 @@ def check_main(family: str, argv: list[str] | None = None) -> int:
         print("\n".join(lines))
         status |= not lines[-1].startswith("ok")
     return int(status)
+
+
+def check_custom_main(argv: list[str] | None = None) -> int:
+    """Command line of `processing/check_custom.py`; exit status 1 when anything is wrong."""
+    parser = argparse.ArgumentParser(
+        description="Check an annotation file of your own data (formats: modeling_selfie/data/custom.py, README)."
+    )
+    parser.add_argument("--annotations", required=True, help="the JSON / JSONL file")
+    parser.add_argument("--kind", choices=("referring", "semantic"),
+                        help="format (default: semantic for a JSON object with 'classes', else referring)")
+    parser.add_argument("--image-root", help="folder image and mask paths are relative to (default: the file's)")
+    args = parser.parse_args(argv)
+    from .custom import check_custom
+
+    lines = check_custom(args.annotations, args.kind, args.image_root)
+    print("\n".join(lines))
+    return int(not lines[-1].startswith("ok"))

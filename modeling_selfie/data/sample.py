@@ -10,8 +10,9 @@ A sample is a plain dict:
         "masks": np.ndarray uint8 [n_seg, H, W], 0/1, H, W = image height, width (n_seg may be 0),
         "task": "referring" | "semantic" | "reasoning" | "vqa",
         "source": str,  # dataset name, e.g. "refcoco"
-        # evaluation samples also carry the raw query, one [SEG] per sample:
-        "query": str, "query_kind": "phrase" | "instruction",
+        # evaluation samples also carry the raw query, one [SEG] per sample, and what identifies their image
+        # (samples of one image share it; protocol self1e scores them as one batch):
+        "query": str, "query_kind": "phrase" | "instruction", "image_id": int | str,
     }
 """
 

@@ -132,13 +132,18 @@ class LabelMapDataset(SelfieDataset):
     def data_files(self) -> list[Path]:
         return [path for pair in self.items for path in pair]
 
-    def build_sample(self, item, rng: random.Random | None) -> dict | None:
-        image_path, label_path = item
+    def read_label_map(self, label_path: Path) -> np.ndarray:
+        """The label values of a single-channel label map file, `[H, W]`."""
         require_paths([label_path], self.check_script)
         with Image.open(label_path) as label_image:
             labels = np.asarray(label_image)
         if labels.ndim != 2:
             raise ValueError(f"{label_path} is not a single-channel label map (shape {labels.shape}).")
+        return labels
+
+    def build_sample(self, item, rng: random.Random | None) -> dict | None:
+        image_path, label_path = item
+        labels = self.read_label_map(label_path)
         present = [value for value in np.unique(labels).tolist() if value in self.class_names]
         if not present:
             return None
