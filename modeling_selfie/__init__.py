@@ -2,9 +2,10 @@
 
 Importing this package registers the `selfie` model type with `AutoConfig`, `AutoModel` (the base `SelfieModel`, as
 transformers' convention is), `AutoModelForImageTextToText` (`SelfieForSegmentation`), `AutoImageProcessor` and
-`AutoProcessor`, and the `referring-segmentation` pipeline task ([`register_auto_classes`]). The package's own command lines (`python -m modeling_selfie.<module>`, the
-`selfie-train` / `selfie-evaluate` / `selfie-convert` scripts, `processing/check_*.py`) import it without loading
-torch, so that `--help` and argument errors answer at once; there the classes load, and register, when first used.
+`AutoProcessor`, and the `referring-segmentation` pipeline task ([`register_auto_classes`]). The package's own command
+lines (`python -m modeling_selfie.<module>`, the `selfie-train` / `selfie-evaluate` / `selfie-convert` scripts,
+`processing/check_*.py`) import it without loading torch, so that `--help` and argument errors answer at once; there
+the classes load, and register, when first used.
 """
 
 import importlib
