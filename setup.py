@@ -27,7 +27,7 @@ setup(
         "numpy>=2,<3",
         "tqdm>=4.66",
     ],
-    extras_require={"dev": ["pytest>=9,<10"], "app": ["gradio>=6,<7"]},
+    extras_require={"dev": ["pytest>=9,<10", "parameterized>=0.9,<1"], "app": ["gradio>=6,<7"]},
     entry_points={
         "console_scripts": [
             "selfie-segment=selfie_segment:main",

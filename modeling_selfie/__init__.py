@@ -1,10 +1,11 @@
 """SELFIE (SELF1E) for Hugging Face transformers: an InternVL3 MLLM that segments with one `[SEG]` token.
 
-Importing this package registers the `selfie` model type with `AutoConfig`, `AutoModel`,
-`AutoModelForImageTextToText`, `AutoImageProcessor` and `AutoProcessor`, and the `referring-segmentation` pipeline
-task ([`register_auto_classes`]). The package's own command lines (`python -m modeling_selfie.<module>`, the
-`selfie-train` / `selfie-evaluate` / `selfie-convert` scripts, `processing/check_*.py`) import it without loading
-torch, so that `--help` and argument errors answer at once; there the classes load, and register, when first used.
+Importing this package registers the `selfie` model type with `AutoConfig`, `AutoModel` (the base `SelfieModel`, as
+transformers' convention is), `AutoModelForImageTextToText` (`SelfieForSegmentation`), `AutoImageProcessor` and
+`AutoProcessor`, and the `referring-segmentation` pipeline task ([`register_auto_classes`]). The package's own command
+lines (`python -m modeling_selfie.<module>`, the `selfie-train` / `selfie-evaluate` / `selfie-convert` scripts,
+`processing/check_*.py`) import it without loading torch, so that `--help` and argument errors answer at once; there
+the classes load, and register, when first used.
 """
 
 import importlib
@@ -32,12 +33,12 @@ def register_auto_classes() -> None:
 
     from .compat import AutoImageProcessor
     from .configuration_selfie import SelfieConfig
-    from .modeling_selfie import SelfieForSegmentation
+    from .modeling_selfie import SelfieForSegmentation, SelfieModel
     from .pipeline_selfie import ReferringSegmentationPipeline  # noqa: F401  (registers the pipeline task)
     from .processing_selfie import SelfieImageProcessor, SelfieProcessor
 
     AutoConfig.register("selfie", SelfieConfig, exist_ok=True)
-    AutoModel.register(SelfieConfig, SelfieForSegmentation, exist_ok=True)
+    AutoModel.register(SelfieConfig, SelfieModel, exist_ok=True)
     AutoModelForImageTextToText.register(SelfieConfig, SelfieForSegmentation, exist_ok=True)
     AutoImageProcessor.register(SelfieConfig, image_processor_classes={"pil": SelfieImageProcessor}, exist_ok=True)
     AutoProcessor.register(SelfieConfig, SelfieProcessor, exist_ok=True)

@@ -86,7 +86,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str = "auto"):
     """(model, processor) from a folder or Hub id (the shipped RefShapes model when `None`), on `device` in `dtype`
     (names as `selfie-segment --device/--dtype` takes them)."""
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from . import register_auto_classes
 
@@ -99,7 +99,7 @@ def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str 
     if problem := model_problem(source):
         raise CLIError(problem)
     try:
-        model = AutoModel.from_pretrained(source, dtype=resolve_dtype(dtype, torch_device))
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=resolve_dtype(dtype, torch_device))
         processor = AutoProcessor.from_pretrained(source)
     except (OSError, ValueError, KeyError) as error:
         raise CLIError(f"cannot load the model from {source}: {error}") from error

@@ -15,6 +15,8 @@ import torch
 # the class in its own module works with the PIL backends everywhere.
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 from transformers.masking_utils import create_causal_mask as _create_causal_mask
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.models.internvl.modeling_internvl import InternVLModelOutputWithPast
 
 # The name of the key-value cache argument: `past_key_values` until transformers 5.2x renamed it to `cache`.
 CACHE_KWARG = "cache" if "cache" in inspect.signature(_create_causal_mask).parameters else "past_key_values"
@@ -23,6 +25,14 @@ CACHE_KWARG = "cache" if "cache" in inspect.signature(_create_causal_mask).param
 def create_causal_mask(*, cache=None, **kwargs):
     """`transformers.masking_utils.create_causal_mask` with the cache passed under whichever name it takes."""
     return _create_causal_mask(**cache_kwargs(cache), **kwargs)
+
+
+def deprecated_cache_name(forward):
+    """Where the cache argument is `cache`, a forward also takes the old name `past_key_values` with transformers'
+    deprecation warning (as InternVL's does); where it is still `past_key_values`, the forward is unchanged."""
+    if CACHE_KWARG == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+    return forward
 
 
 def pop_cache(kwargs: dict):
@@ -36,6 +46,16 @@ def pop_cache(kwargs: dict):
 def cache_kwargs(cache) -> dict:
     """`{name: cache}` for calling a transformers module of this release."""
     return {CACHE_KWARG: cache}
+
+
+def image_output_fields(vision_outputs) -> dict:
+    """The vision encoder's outputs as InternVL's model output of this release holds them: `image_outputs` (the
+    whole `BaseModelOutputWithPooling`, 5.2x) or `image_hidden_states` (its pooled, projected features, 5.17)."""
+    if vision_outputs is None:
+        return {}
+    if "image_outputs" in InternVLModelOutputWithPast.__dataclass_fields__:
+        return {"image_outputs": vision_outputs}
+    return {"image_hidden_states": vision_outputs.pooler_output}
 
 
 def enable_activation_checkpointing(model, use_reentrant: bool = False) -> None:
@@ -84,7 +104,9 @@ __all__ = [
     "checkpointing_argv",
     "cache_kwargs",
     "create_causal_mask",
+    "deprecated_cache_name",
     "enable_activation_checkpointing",
+    "image_output_fields",
     "pop_cache",
     "use_plain_cpu_device",
 ]

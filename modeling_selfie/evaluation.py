@@ -814,14 +814,14 @@ def _load_dataset(args: argparse.Namespace):
 
 def _load_model(args: argparse.Namespace, device: torch.device):
     """Model and processor from `--model`, the processor set to `--max-tiles`."""
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from . import register_auto_classes
 
     register_auto_classes()  # `python -m modeling_selfie.evaluate` imports the package without registering
 
     try:
-        model = AutoModel.from_pretrained(args.model, dtype=args.dtype)
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=args.dtype)
         processor = AutoProcessor.from_pretrained(args.model)
     except (OSError, ValueError, KeyError) as error:
         raise _UsageError(f"cannot load a SELFIE model from {args.model}: {_one_line(error)}") from None

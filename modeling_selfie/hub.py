@@ -19,10 +19,10 @@ no mask decoder (*Rethinking MLLM Itself as a Segmenter with a Single Segmentati
 
 ```python
 import torch
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor
 from PIL import Image
 
-model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)
+model = AutoModelForImageTextToText.from_pretrained("{repo_id}", trust_remote_code=True)
 processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
 image = Image.open("image.png").convert("RGB")
 mask = model.segment(processor, image, "the red circle")[0]  # bool [height, width]

@@ -18,16 +18,18 @@ from logging import Filter
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import InternVLForConditionalGeneration, InternVLModel
+from transformers import GenerationMixin, InternVLForConditionalGeneration, InternVLModel
 from transformers.activations import ACT2FN
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.models.internvl.modeling_internvl import (
     InternVLCausalLMOutputWithPast,
     InternVLModelOutputWithPast,
 )
-from transformers.utils import logging
+from transformers.cache_utils import Cache
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 
-from .compat import cache_kwargs, create_causal_mask, pop_cache
+from .compat import cache_kwargs, create_causal_mask, deprecated_cache_name, image_output_fields, pop_cache
 from .configuration_selfie import SelfieConfig
 
 logger = logging.get_logger(__name__)
@@ -148,6 +150,21 @@ def dual_pathway_mask_function(queries: torch.Tensor, keys: torch.Tensor) -> Cal
     return mask_function
 
 
+def add_to_dense_mask(
+    mask: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """A dense `[B, 1, Q, K]` attention mask (bool, True = attend; or additive, 0 = attend) that also lets query q of
+    sample b attend to key k when `queries[b, q] & keys[b, k]` (`[B, Q]`, `[B, L]` bool; keys past L, the free slots
+    of a static cache, are not added). A bool mask comes back additive in `dtype` (sdpa would convert it in every
+    layer)."""
+    keys = F.pad(keys, (0, mask.shape[-1] - keys.shape[1]))
+    added = queries[:, None, :, None] & keys[:, None, None, :]
+    if mask.dtype == torch.bool:
+        allowed = mask | added
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    return mask.masked_fill(added, 0.0)
+
+
 def first_true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
     """`mask.nonzero()[:count, 0]` with a size known beforehand: the indices of the first `count` True entries of a
     1-D bool tensor, in order, computed on its device with a static shape (a stable sort), so reading them needs no
@@ -181,6 +198,26 @@ def merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
+def padding_mask(attention_mask) -> torch.Tensor | None:
+    """The `[B, L]` padding mask (1 = real token) in `attention_mask`, or `None` when it is absent or prebuilt (a
+    4-D mask or a dict of them, as static-cache generation passes: its padding is already applied)."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        return attention_mask.bool()
+    return None
+
+
+def special_token_masks(
+    config: SelfieConfig, input_ids: torch.Tensor, padding: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[B, L]` bool masks of the `[SEG]` and the image (`<IMG_CONTEXT>`) tokens of `input_ids`, padding excluded."""
+    no_seg = config.seg_token_id is None
+    seg_tokens = torch.zeros_like(input_ids, dtype=torch.bool) if no_seg else input_ids == config.seg_token_id
+    image_tokens = input_ids == config.image_token_id
+    if padding is not None:
+        seg_tokens, image_tokens = seg_tokens & padding, image_tokens & padding
+    return seg_tokens, image_tokens
+
+
 @dataclass(frozen=True)
 class SegmentationLayout:
     """Where the `[SEG]` tokens and the images of a batch are, as host integers.
@@ -206,21 +243,31 @@ class SegmentationLayout:
         cls,
         config: SelfieConfig,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
         tile_grid: torch.Tensor | None = None,
     ) -> "SegmentationLayout":
-        """Read the layout from `[B, L]` `input_ids` (padding excluded by `attention_mask`) and `[num_images, 2]`
-        `tile_grid` (default: one tile per image), in one device-to-host copy. Checks that `tile_grid` accounts for
-        every image token and that each sample with `[SEG]` has exactly one image."""
-        seg_tokens = input_ids == config.seg_token_id
-        image_tokens = input_ids == config.image_token_id
-        if attention_mask is not None:
-            seg_tokens, image_tokens = seg_tokens & attention_mask.bool(), image_tokens & attention_mask.bool()
+        """Read the layout from `[B, L]` `input_ids` (padding excluded by a `[B, L]` `attention_mask`; a prebuilt
+        mask, dict or 4-D, as static-cache generation passes, is not read) and `[num_images, 2]` `tile_grid`
+        (default: one tile per image), in one device-to-host copy."""
+        seg_tokens, image_tokens = special_token_masks(config, input_ids, padding_mask(attention_mask))
+        return cls.from_token_masks(config, seg_tokens, image_tokens, tile_grid)
+
+    @classmethod
+    def from_token_masks(
+        cls,
+        config: SelfieConfig,
+        seg_tokens: torch.Tensor,
+        image_tokens: torch.Tensor,
+        tile_grid: torch.Tensor | None = None,
+    ) -> "SegmentationLayout":
+        """The layout from `[B, L]` bool masks of the `[SEG]` and image tokens (padding excluded), in one
+        device-to-host copy. Checks that `tile_grid` accounts for every image token and that each sample with
+        `[SEG]` has exactly one image."""
         counts = torch.stack([seg_tokens.sum(1), image_tokens.sum(1)]).flatten()
         if tile_grid is not None:
             counts = torch.cat([counts, tile_grid.to(counts).flatten()])
         values = counts.tolist()
-        batch_size = input_ids.shape[0]
+        batch_size = seg_tokens.shape[0]
         seg_counts, image_token_counts = values[:batch_size], values[batch_size : 2 * batch_size]
         tokens_per_tile = config.tokens_per_tile_side**2
         if tile_grid is None:
@@ -512,38 +559,58 @@ class SelfieModel(InternVLModel):
         """F_V1^HQ: `[T, g_hi**2, C_v]` pre-shuffle ViT patch features -> `[T, g_hi**2, D]` via the projector."""
         return self.multi_modal_projector(self_replicate(vision_features, self.config.unshuffle_factor))
 
+    def token_masks(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, attention_mask=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, L]` bool masks of the `[SEG]` and image tokens, padding excluded: from `input_ids`, or without them
+        from the embeddings (a position whose embedding equals the token's row, as InternVL finds image tokens)."""
+        if input_ids is not None:
+            return special_token_masks(self.config, input_ids, padding_mask(attention_mask))
+        token_ids = [self.config.seg_token_id, self.config.image_token_id]
+        rows = self.get_input_embeddings()(torch.tensor([t or 0 for t in token_ids], device=inputs_embeds.device))
+        seg_tokens, image_tokens = (inputs_embeds[..., None, :] == rows.to(inputs_embeds)).all(-1).unbind(-1)
+        if token_ids[0] is None:
+            seg_tokens = torch.zeros_like(seg_tokens)
+        padding = padding_mask(attention_mask)
+        if padding is not None:
+            seg_tokens, image_tokens = seg_tokens & padding, image_tokens & padding
+        return seg_tokens, image_tokens
+
     def seg_attention_mask(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None,
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
         cache,
         position_ids: torch.LongTensor | None,
         has_seg: bool | None = None,
-    ) -> torch.Tensor | None:
+        token_masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | dict | None:
         """Attention mask for the LLM: the dual pathway in samples with `[SEG]` (full forwards only), else as given.
 
         `has_seg` says on the host whether any sample has a `[SEG]` (`SegmentationLayout.segmenting`); `None`
-        reads it from `input_ids` (a host synchronisation on an accelerator).
+        reads it from the inputs (a host synchronisation on an accelerator). `token_masks` are the `[SEG]` and
+        image token masks of `token_masks()` when known; else they are read from `input_ids` or `inputs_embeds`.
 
-        Returns the 4D mask built by `create_causal_mask` (a `BlockMask` for flex attention), or `attention_mask`
-        unchanged when no sample segments, the mode is `"causal"`, or this is a cached decoding step (keys already
-        computed). A prepared 4D mask is what every text model InternVL carries takes: its `create_causal_mask` returns
-        it as is (Qwen2 / Qwen3 would also take a per-layer-type dict, Llama would not).
+        Returns the 4D mask built by `create_causal_mask` (a `BlockMask` for flex attention) from a `[B, L]` (or no)
+        padding mask, a prepared mask (4D, or a per-layer-type dict of them, as static-cache generation passes) with
+        the pattern added, or `attention_mask` unchanged when no sample segments, the mode is `"causal"`, or this is a
+        cached decoding step (keys already computed). A prepared 4D mask is what every text model InternVL carries
+        takes: its `create_causal_mask` returns it as is (Qwen2 / Qwen3 would also take a per-layer-type dict, Llama
+        would not).
         """
-        seg_mask = input_ids == self.config.seg_token_id
-        decoding = cache is not None and cache.get_seq_length() > 0
-        if decoding or self.config.seg_token_id is None or not isinstance(attention_mask, torch.Tensor | None):
+        if has_seg is False or self.config.seg_token_id is None or self.config.seg_attention == "causal":
             return attention_mask
-        if attention_mask is not None:
-            if attention_mask.dim() != 2:
-                return attention_mask
-            seg_mask = seg_mask & attention_mask.bool()
+        if cache is not None and cache.get_seq_length() > 0:  # decoding: the keys are already computed
+            return attention_mask
+        prebuilt = attention_mask.get("full_attention") if isinstance(attention_mask, dict) else attention_mask
+        if prebuilt is not None and (not isinstance(prebuilt, torch.Tensor) or prebuilt.dim() not in (2, 4)):
+            return attention_mask  # a flex block mask: its pattern cannot be extended here
+        if token_masks is None:
+            token_masks = self.token_masks(input_ids, inputs_embeds, attention_mask)
+        seg_mask, image_mask = token_masks
         segmenting = seg_mask.any(dim=1)
-        pattern = dual_pathway_pattern(
-            input_ids == self.config.image_token_id, seg_mask, segmenting, self.config.seg_attention, attention_mask
-        )
-        if pattern is None or not (bool(segmenting.any()) if has_seg is None else has_seg):
+        if not (bool(segmenting.any()) if has_seg is None else has_seg):
             return attention_mask
         layer_types = set(getattr(self.config.text_config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
@@ -557,6 +624,14 @@ class SelfieModel(InternVLModel):
                 "SELFIE's dual-pathway attention cannot be expressed with flash_attention_2 (it keeps only padding "
                 "masks). Load the model with attn_implementation='sdpa', 'eager' or 'flex_attention'."
             )
+        if prebuilt is not None and prebuilt.dim() == 4:
+            # keys of the cache past the inputs (a static cache's free slots) and padding keys stay masked
+            valid_keys = (prebuilt if prebuilt.dtype == torch.bool else prebuilt == 0).any(-2)[:, 0]
+            queries, keys = dual_pathway_pattern(image_mask, seg_mask, segmenting, self.config.seg_attention)
+            keys = keys & valid_keys[:, : keys.shape[1]]
+            mask = add_to_dense_mask(prebuilt, queries, keys, inputs_embeds.dtype)
+            return {**attention_mask, "full_attention": mask} if isinstance(attention_mask, dict) else mask
+        pattern = dual_pathway_pattern(image_mask, seg_mask, segmenting, self.config.seg_attention, attention_mask)
         mask_kwargs = dict(
             config=self.config.text_config,
             inputs_embeds=inputs_embeds,
@@ -570,15 +645,11 @@ class SelfieModel(InternVLModel):
             # A dense mask either way: build causal + padding in the backend's format (fast path), then add the
             # pattern with tensor ops (the mask-function path evaluates it under vmap, ~10x slower here).
             mask = create_causal_mask(**mask_kwargs, allow_is_causal_skip=False)
-            added = pattern[0][:, None, :, None] & pattern[1][:, None, None, :]
-            if mask.dtype == torch.bool:  # sdpa turns a bool mask into an additive one in every layer: do it once
-                allowed = mask | added
-                mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=allowed.device)
-                mask = mask.masked_fill_(~allowed, float("-inf"))
-            else:
-                mask = mask.masked_fill(added, 0.0)
+            mask = add_to_dense_mask(mask, *pattern, inputs_embeds.dtype)
         return mask
 
+    @can_return_tuple
+    @deprecated_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -586,35 +657,40 @@ class SelfieModel(InternVLModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
         seg_layout: SegmentationLayout | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SelfieModelOutputWithPast:
         r"""
-        Same inputs as [`InternVLModel.forward`] (`input_ids` are required: they locate image and `[SEG]` tokens),
-        plus the batch's [`SegmentationLayout`] when known (else whether a sample has `[SEG]` is read from the device).
-        The key-value cache comes as `cache` or `past_key_values`, whichever this transformers release uses.
+        Same inputs as [`InternVLModel.forward`], plus the batch's [`SegmentationLayout`] when known (else whether a
+        sample has `[SEG]` is read from the device). Without `input_ids`, image and `[SEG]` tokens are found from
+        `inputs_embeds`. The key-value cache comes as `cache` or `past_key_values`, whichever this transformers
+        release uses.
 
         Returns:
-            [`SelfieModelOutputWithPast`]: InternVL's outputs plus `image_features` (F_V1) and, when a sample
-            contains `[SEG]`, `image_features_hq` (F_V1^HQ: with `seg_layout`, of the tiles of images in samples with
-            `[SEG]` only).
+            [`SelfieModelOutputWithPast`]: InternVL's outputs (with the vision encoder's outputs) plus
+            `image_features` (F_V1) and, when a sample contains `[SEG]`, `image_features_hq` (F_V1^HQ: with
+            `seg_layout`, of the tiles of images in samples with `[SEG]` only).
         """
-        if input_ids is None:
-            raise ValueError("SelfieModel.forward needs input_ids: they locate the image and [SEG] tokens.")
-        cache = pop_cache(kwargs)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
+        legacy_cache = pop_cache(kwargs)  # `past_key_values` where this release still uses that name
+        cache = legacy_cache if cache is None else cache
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        # given embeddings: find the tokens before image features replace the image tokens' rows
+        token_masks = None if input_ids is not None else self.token_masks(None, inputs_embeds, attention_mask)
 
-        image_features = image_features_hq = None
-        if seg_layout is not None:
-            segmenting = seg_layout.segmenting
-        else:
-            segmenting = self.config.seg_token_id is not None and bool((input_ids == self.config.seg_token_id).any())
+        vision_outputs = image_features = image_features_hq = None
+        segmenting = seg_layout.segmenting if seg_layout is not None else None
         if pixel_values is not None:
             vision_outputs = self.get_image_features(pixel_values=pixel_values, return_dict=True)
             image_features = vision_outputs.pooler_output
             placeholder = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(placeholder, image_features.to(inputs_embeds))
+            if segmenting is None:
+                seg_tokens = (token_masks or self.token_masks(input_ids, inputs_embeds, attention_mask))[0]
+                segmenting = bool(seg_tokens.any())
             if segmenting and self.config.use_hq_features:
                 layer = self.config.vision_feature_layer
                 selected = vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
@@ -622,8 +698,10 @@ class SelfieModel(InternVLModel):
                     selected = gather_ranges(selected, seg_layout.seg_tile_ranges())
                 image_features_hq = self.get_image_features_hq(selected[:, 1:, :])
 
+        if segmenting is None:  # no images in this forward (a decoding step, text only): no pattern to add
+            segmenting = False
         llm_attention_mask = self.seg_attention_mask(
-            input_ids, inputs_embeds, attention_mask, cache, position_ids, has_seg=segmenting
+            input_ids, inputs_embeds, attention_mask, cache, position_ids, has_seg=segmenting, token_masks=token_masks
         )
         outputs = self.language_model(
             attention_mask=llm_attention_mask,
@@ -633,25 +711,31 @@ class SelfieModel(InternVLModel):
             **kwargs,
         )
         return SelfieModelOutputWithPast(
-            **outputs, image_features=image_features, image_features_hq=image_features_hq
+            **outputs,
+            **image_output_fields(vision_outputs),
+            image_features=image_features,
+            image_features_hq=image_features_hq,
         )
 
 
-class SelfieForSegmentation(InternVLForConditionalGeneration):
+class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
     """InternVL3 that also returns one mask per `[SEG]` token, from one forward pass and no mask decoder.
 
     Chat without `[SEG]` is exactly InternVL (same logits, `generate()` works). The text model is whichever InternVL
     carries (Qwen2 for InternVL3, Qwen3 for InternVL3.5, Llama for InternVL2.5 as transformers converts it);
     `_no_split_modules` (InternVL's vision layer) gains its decoder layer in `post_init`, as transformers gathers the
-    sub-models' ones.
+    sub-models' ones. The auto class of this head is `AutoModelForImageTextToText`; `AutoModel` gives the base
+    [`SelfieModel`].
     """
 
     config_class = SelfieConfig
     config: SelfieConfig
 
     def __init__(self, config: SelfieConfig):
-        super().__init__(config)
+        # InternVLPreTrainedModel's init, not InternVLForConditionalGeneration's (it would build an InternVLModel)
+        super(InternVLForConditionalGeneration, self).__init__(config)
         self.model = SelfieModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.seg_head = SelfieSegmentationHead(config)
         self.loss_type = "ForCausalLM"  # the text loss; the class name would select transformers' detection loss
         self.post_init()
@@ -662,9 +746,12 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
 
         Reads the key layouts InternVL checkpoints come in (`INTERNVL_KEY_MAPPING`: the Hub's `-hf` repositories,
         what `InternVLForConditionalGeneration.save_pretrained` writes, the module names), tied or untied word
-        embeddings. Every base weight must be in the checkpoint: a missing one is a `ValueError` that names it. Only
-        the SELFIE head may be missing (an InternVL start): it is initialised as transformers initialises every Linear
-        (normal weights with `initializer_range`, zero biases) and logged. Unless `seg_token_id` is given, a config
+        embeddings. Every base weight must be in the checkpoint: a missing one is a `ValueError` that names it (a
+        checkpoint without its language model or vision tower never loads silently), unless the caller takes the
+        loading report (`output_loading_info=True`) or gives the weights (`state_dict=`): then, as in transformers,
+        missing weights are initialised by `_init_weights`, listed in the report and logged. The SELFIE head may
+        always be missing (an InternVL start): it is initialised as transformers initialises every Linear (normal
+        weights with `initializer_range`, zero biases) and logged. Unless `seg_token_id` is given, a config
         without one gets `[SEG]` at the id the folder's tokenizer gives it (`SelfieProcessor.from_pretrained` on the
         same folder agrees), or appended to the vocabulary when the folder has no tokenizer; its embedding rows
         start at the mean of the old rows (`add_seg_token`), also logged.
@@ -680,10 +767,15 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
             held.release()  # more than the new head, which is logged below, once: transformers' report is shown
         if missing:
             shown = ", ".join(sorted(missing)[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
-            raise ValueError(
-                f"{pretrained_model_name_or_path} lacks {len(missing)} weight(s) of the InternVL base model: {shown}. "
-                "Only the SELFIE head may be missing from a checkpoint; is this an InternVL3 / SELFIE checkpoint?"
+            message = (
+                f"{pretrained_model_name_or_path} lacks {len(missing)} weight(s) of the InternVL base model: {shown}"
             )
+            if not want_info and kwargs.get("state_dict") is None:
+                raise ValueError(
+                    f"{message}. Only the SELFIE head may be missing from a checkpoint; is this an InternVL3 / SELFIE "
+                    "checkpoint? (With output_loading_info=True they are initialised at random and reported instead.)"
+                )
+            logger.warning(f"{message}; they are initialised at random.")
         fresh = sorted({".".join(key.split(".")[:2]) for key in info["missing_keys"] if key.startswith("seg_head.")})
         if fresh:
             count = sum(p.numel() for name in fresh for p in model.get_submodule(name).parameters())
@@ -694,8 +786,9 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         if seg_token_id is not None:
             model.config.seg_token_id = seg_token_id
         if model.config.seg_token_id is None:
+            folder = pretrained_model_name_or_path
             model.add_seg_token(
-                seg_token_id_of_folder(pretrained_model_name_or_path, kwargs, model.config.image_token_id)
+                None if folder is None else seg_token_id_of_folder(folder, kwargs, model.config.image_token_id)
             )
         return (model, info) if want_info else model
 
@@ -732,8 +825,8 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
 
     def predict_masks(
         self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None,
+        seg_tokens: torch.Tensor,
+        image_tokens: torch.Tensor,
         hidden_states: torch.Tensor,
         image_features: torch.Tensor,
         image_features_hq: torch.Tensor | None,
@@ -747,7 +840,8 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         grid's result. Samples without `[SEG]` cost nothing.
 
         Args:
-            input_ids, attention_mask: `[B, L]`.
+            seg_tokens, image_tokens: `[B, L]` bool masks of the `[SEG]` and image tokens, padding excluded
+                ([`SelfieModel.token_masks`]).
             hidden_states: `[B, L, D]` final-norm LLM states.
             image_features: F_V1 `[T, g_lo**2, D]` of all tiles.
             image_features_hq: F_V1^HQ `[T_seg, g_hi**2, D]` of the tiles of `seg_layout.seg_images()`, or `None`.
@@ -757,12 +851,8 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
             `pred_masks` (list of `[n_seg, H, W]` per sample) and, with `with_aux`, the low-resolution logits in the
             same layout (else `None`).
         """
-        image_tokens = input_ids == self.config.image_token_id
-        if attention_mask is not None:
-            image_tokens = image_tokens & attention_mask.bool()
         flat_hidden = hidden_states.flatten(0, 1)
-        seg_vectors = self.seg_head.seg_embeddings(flat_hidden[self.seg_state_index(input_ids, attention_mask,
-                                                                                    seg_layout)])
+        seg_vectors = self.seg_head.seg_embeddings(flat_hidden[self.seg_state_index(seg_tokens, seg_layout)])
         tokens = self.config.tokens_per_tile_side**2
         image_index = first_true_indices(image_tokens.flatten(), image_features.shape[0] * tokens).view(-1, tokens)
 
@@ -797,21 +887,18 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
                     aux_masks[b] = sample_low
         return pred_masks, aux_masks
 
-    def seg_state_index(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, seg_layout: SegmentationLayout
-    ) -> torch.LongTensor:
-        """`[S]` flat positions (in `input_ids.flatten()`) of the hidden states that predict each `[SEG]`, sample-major:
-        the token before each `[SEG]` (the `[SEG]` itself when it opens a row)."""
-        seg_tokens = input_ids == self.config.seg_token_id
-        if attention_mask is not None:
-            seg_tokens = seg_tokens & attention_mask.bool()
+    def seg_state_index(self, seg_tokens: torch.Tensor, seg_layout: SegmentationLayout) -> torch.LongTensor:
+        """`[S]` flat positions (in the flattened `[B, L]` batch) of the hidden states that predict each `[SEG]`,
+        sample-major: the token before each `[SEG]` (the `[SEG]` itself when it opens a row). `seg_tokens`: `[B, L]`
+        bool, padding excluded ([`SelfieModel.token_masks`])."""
         seg_index = first_true_indices(seg_tokens.flatten(), sum(seg_layout.seg_counts))
-        return seg_index - 1 + (seg_index % input_ids.shape[1] == 0).long()
+        return seg_index - 1 + (seg_index % seg_tokens.shape[1] == 0).long()
 
     def presence_logits(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None,
         attention_mask: torch.Tensor | None,
+        seg_tokens: torch.Tensor,
         hidden_states: torch.Tensor,
         pred_masks: list[torch.Tensor],
         seg_layout: SegmentationLayout,
@@ -825,17 +912,18 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         holds an unknown word.
 
         Args:
-            input_ids, attention_mask: `[B, L]`.
+            input_ids, attention_mask: `[B, L]` (without `input_ids`, given embeddings, no unknown-word penalty).
+            seg_tokens: `[B, L]` bool `[SEG]` mask, padding excluded ([`SelfieModel.token_masks`]).
             hidden_states: `[B, L, D]` final-norm LLM states.
             pred_masks: `predict_masks`' logits, `[n_seg, H, W]` per sample.
             seg_layout: the batch's [`SegmentationLayout`].
         """
         logits = torch.cat([masks.flatten(1).amax(1) for masks in pred_masks])  # sample-major, [S]
-        predicting = self.seg_state_index(input_ids, attention_mask, seg_layout)
+        predicting = self.seg_state_index(seg_tokens, seg_layout)
         if self.seg_head.presence is not None:
             head = self.seg_head.presence(hidden_states.flatten(0, 1)[predicting])[:, 0]
             logits = torch.minimum(logits, head.to(logits.dtype))
-        if self.config.unk_token_id is not None:
+        if self.config.unk_token_id is not None and input_ids is not None:
             unknown = input_ids == self.config.unk_token_id
             if attention_mask is not None:
                 unknown = unknown & attention_mask.bool()
@@ -982,6 +1070,8 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         masks = post_process_masks([logits], [image_size_of(image)], mask_threshold)[0]
         return {"text": text, "masks": masks.cpu(), "scores": presence.sigmoid().cpu()}
 
+    @can_return_tuple
+    @deprecated_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -993,12 +1083,14 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         labels: torch.LongTensor | None = None,
         mask_labels: list[torch.Tensor] | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         seg_layout: SegmentationLayout | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SelfieSegmentationOutput:
         r"""
         Args:
-            input_ids (`torch.LongTensor` of shape `(B, L)`): token ids with `<IMG_CONTEXT>` placeholders.
+            input_ids (`torch.LongTensor` of shape `(B, L)`): token ids with `<IMG_CONTEXT>` placeholders (or
+                `inputs_embeds` `(B, L, D)`: image and `[SEG]` tokens are then found from their embeddings).
             pixel_values (`torch.FloatTensor` of shape `(T, 3, S, S)`): all tiles of all images, in order.
             attention_mask (`torch.Tensor` of shape `(B, L)`): 1 for real tokens, 0 for padding.
             tile_grid (`torch.LongTensor` of shape `(num_images, 2)`): (rows, cols) of tiles per image, as the
@@ -1014,16 +1106,18 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
             [`SelfieSegmentationOutput`] with `logits`, `pred_masks` (when the batch has `[SEG]` and images) and the
             losses when `labels` / `mask_labels` are given.
         """
-        if input_ids is None:
-            raise ValueError("SelfieForSegmentation.forward needs input_ids: they locate image and [SEG] tokens.")
-        if seg_layout is None and pixel_values is not None and self.config.seg_token_id is not None:
-            seg_layout = SegmentationLayout.from_inputs(self.config, input_ids, attention_mask, tile_grid)
+        token_masks = None
+        if pixel_values is not None and self.config.seg_token_id is not None:
+            token_masks = self.model.token_masks(input_ids, inputs_embeds, attention_mask)
+            if seg_layout is None:
+                seg_layout = SegmentationLayout.from_token_masks(self.config, *token_masks, tile_grid)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
+            cache=cache,
             seg_layout=seg_layout,
             **kwargs,
         )
@@ -1034,15 +1128,16 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         pred_masks = aux_masks = presence_logits = None
         if seg_layout is not None and seg_layout.segmenting and outputs.image_features is not None:
             pred_masks, aux_masks = self.predict_masks(
-                input_ids,
-                attention_mask,
+                *token_masks,
                 hidden_states,
                 outputs.image_features,
                 outputs.image_features_hq,
                 seg_layout,
                 with_aux=mask_labels is not None,
             )
-            presence_logits = self.presence_logits(input_ids, attention_mask, hidden_states, pred_masks, seg_layout)
+            presence_logits = self.presence_logits(
+                input_ids, attention_mask, token_masks[0], hidden_states, pred_masks, seg_layout
+            )
 
         loss = text_loss = bce_loss = dice_loss = None
         if labels is not None:
@@ -1052,7 +1147,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
             loss = self.config.text_loss_weight * text_loss
         if mask_labels is not None:
             if pred_masks is None:
-                pred_masks = aux_masks = [hidden_states.new_zeros(0, 1, 1) for _ in range(input_ids.shape[0])]
+                pred_masks = aux_masks = [hidden_states.new_zeros(0, 1, 1) for _ in range(hidden_states.shape[0])]
             bce_loss, dice_loss = self.mask_loss(pred_masks, aux_masks, mask_labels)
             mask_loss = self.config.bce_loss_weight * bce_loss + self.config.dice_loss_weight * dice_loss
             loss = mask_loss if loss is None else loss + mask_loss
@@ -1069,7 +1164,8 @@ class SelfieForSegmentation(InternVLForConditionalGeneration):
         )
 
 
-SelfieForSegmentation.register_for_auto_class("AutoModel")  # remote code: auto_map + module files
+SelfieModel.register_for_auto_class("AutoModel")  # remote code: auto_map + module files
+SelfieForSegmentation.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
     "SegmentationLayout",

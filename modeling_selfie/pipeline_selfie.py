@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoModel, Pipeline
+from transformers import AutoModelForImageTextToText, Pipeline
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -90,7 +90,10 @@ class ReferringSegmentationPipeline(Pipeline):
 
 
 PIPELINE_REGISTRY.register_pipeline(
-    "referring-segmentation", pipeline_class=ReferringSegmentationPipeline, pt_model=AutoModel, type="multimodal"
+    "referring-segmentation",
+    pipeline_class=ReferringSegmentationPipeline,
+    pt_model=AutoModelForImageTextToText,
+    type="multimodal",
 )
 
 __all__ = ["ReferringSegmentationPipeline"]

@@ -15,8 +15,15 @@ from PIL import Image
 from tokenizers import AddedToken
 from transformers import InternVLProcessor
 from transformers.image_processing_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ImageInput,
+    PILImageResampling,
+    SizeDict,
+)
+from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 from .io_utils import rgb_image, shown_size
@@ -64,6 +71,15 @@ VALIDATION_QUESTIONS = {
     "instruction": "{text} Please output segmentation mask.",
 }
 VALIDATION_ANSWER = "[SEG]."
+# InternVL's chat format for `apply_chat_template`: `<|im_start|>` turns, each image as `<IMG_CONTEXT>` + newline
+# (the processor expands it to the image's tokens).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def hub_kwargs(kwargs: dict, pop: bool = False) -> dict:
@@ -168,11 +184,28 @@ class SelfieImageProcessor(GotOcr2ImageProcessorPil):
     max_patches = 1
     model_input_names = ["pixel_values", "tile_grid"]
 
+    def __init__(self, **kwargs):
+        kwargs.pop("auto_map", None)  # where remote code finds the class, not a setting (save_pretrained rewrites it)
+        super().__init__(**kwargs)
+
+    def get_number_of_image_patches(self, height: int, width: int, images_kwargs: dict | None = None) -> int:
+        """Tiles of an image of this size: the grid of [`select_tile_grid`], no thumbnail."""
+        images_kwargs = images_kwargs or {}
+        size = images_kwargs.get("size") or self.size
+        tile = size["height"] if isinstance(size, dict) else size.height
+        min_patches = images_kwargs.get("min_patches", self.min_patches)
+        max_patches = images_kwargs.get("max_patches", self.max_patches)
+        rows, cols = select_tile_grid(width, height, tile, min_patches, max_patches)
+        return rows * cols
+
     def _preprocess(
         self,
         images: list[np.ndarray],
         size: SizeDict,
         resample,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
         image_mean,
         image_std,
         return_tensors=None,
@@ -182,6 +215,7 @@ class SelfieImageProcessor(GotOcr2ImageProcessorPil):
     ) -> BatchFeature:
         mean = np.asarray(image_mean, dtype=np.float32)[:, None, None]
         std = np.asarray(image_std, dtype=np.float32)[:, None, None]
+        divisor = np.float32(1 / rescale_factor)  # 255 exactly for the default 1/255: the released preprocessing
         tiles, num_patches, tile_grid = [], [], []
         for image in images:  # CHW uint8
             height, width = image.shape[-2:]
@@ -190,7 +224,8 @@ class SelfieImageProcessor(GotOcr2ImageProcessorPil):
             for t in range(rows * cols):
                 r, c = divmod(t, cols)
                 tile = resized[:, r * size.height : (r + 1) * size.height, c * size.width : (c + 1) * size.width]
-                tiles.append((tile.astype(np.float32) / np.float32(255) - mean) / std)
+                tile = tile.astype(np.float32) / divisor if do_rescale else tile.astype(np.float32)
+                tiles.append((tile - mean) / std if do_normalize else tile)
             num_patches.append(rows * cols)
             tile_grid.append([rows, cols])
         data = {"pixel_values": tiles, "num_patches": num_patches, "tile_grid": tile_grid}
@@ -221,7 +256,17 @@ class SelfieProcessor(InternVLProcessor):
 
     `SelfieProcessor.from_pretrained` also reads InternVL3 folders (`-hf` or original): SELFIE tiling with the
     folder's tile size and normalisation, its tokenizer with `[SEG]` added.
+
+    Without a `chat_template`, `apply_chat_template` uses InternVL's chat format (`CHAT_TEMPLATE`: `<|im_start|>` turns,
+    an image as `<IMG_CONTEXT>` and a newline); `render_conversation` adds SELFIE's system turn and prompt style.
     """
+
+    images_kwargs = {}  # SelfieImageProcessor's own defaults (one tile, no thumbnail) apply
+
+    @property
+    def videos_kwargs(self):
+        """SELFIE takes no video: InternVL's video defaults are not inherited."""
+        raise AttributeError("SelfieProcessor has no videos_kwargs: SELFIE takes no video input.")
 
     def __init__(
         self,
@@ -244,12 +289,13 @@ class SelfieProcessor(InternVLProcessor):
             tokenizer.add_tokens([AddedToken(SEG_TOKEN, special=True, normalized=False)], special_tokens=True)
         # InternVLProcessor.__init__ also takes a video processor, which needs torchvision; SELFIE has no video
         # input, so the processor is set up with an image processor and a tokenizer only.
+        chat_template = CHAT_TEMPLATE if chat_template is None else chat_template
+        kwargs.pop("auto_map", None)  # where remote code finds the classes, not a setting (save_pretrained rewrites it)
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self.image_seq_length = image_seq_length
         self.start_image_token, self.start_image_token_id = image_token(tokenizer, "start_image_token")
         self.end_image_token, self.end_image_token_id = image_token(tokenizer, "end_image_token")
         self.image_token, self.image_token_id = image_token(tokenizer, "context_image_token")
-        self.video_token = getattr(tokenizer, "video_token", None) or "<video>"
         self.multimodal_pattern = re.compile(f"(?P<image>{re.escape(self.image_token)})")
         self.system_message = system_message
         self.prompt_style = prompt_style
@@ -298,6 +344,16 @@ class SelfieProcessor(InternVLProcessor):
             image_std=image_dict.get("image_std", IMAGENET_DEFAULT_STD),
         )
         return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `ProcessorMixin.save_pretrained`, which writes `auto_map` (remote code) into the saved configs and also
+        sets it on the processor and its image processor: saving leaves them unchanged here, so that a processor
+        equals the one loaded back from its folder."""
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            for component in (self, self.image_processor):
+                component.__dict__.pop("auto_map", None)
 
     def check_model(self, config) -> None:
         """Raise a `ValueError` if this processor and a model (its `SelfieConfig`) disagree on the `[SEG]` or image
@@ -377,14 +433,14 @@ class SelfieProcessor(InternVLProcessor):
 
     def __call__(
         self,
-        images=None,
-        text=None,
+        images: ImageInput | None = None,
+        text: TextInput | PreTokenizedInput | list[TextInput] | list[PreTokenizedInput] | None = None,
         queries: str | Sequence[str] | None = None,
-        query_kind: str = "phrase",
+        query_kind: str | None = None,
         conversations: Sequence[Sequence[dict]] | None = None,
         masks=None,
-        return_labels: bool = False,
-        **kwargs,
+        return_labels: bool | None = None,
+        **kwargs: Unpack[ProcessingKwargs],
     ) -> BatchFeature:
         r"""
         Args:
@@ -392,7 +448,8 @@ class SelfieProcessor(InternVLProcessor):
                 sample.
             text: raw text with `<IMG_CONTEXT>` placeholders (InternVL behaviour).
             queries: a phrase / instruction per sample; builds the validation prompt answered "[SEG].".
-            query_kind: `"phrase"` ("What is {x} in this image? ...") or `"instruction"` ("{x} Please output ...").
+            query_kind: `"phrase"` (the default: "What is {x} in this image? ...") or `"instruction"`
+                ("{x} Please output ...").
             conversations: per sample, a list of `{"role", "content"}` turns (assistant turns may hold `[SEG]`).
             masks: per sample, the ground-truth masks of its `[SEG]` tokens in order: `[n_seg, H, W]` arrays or
                 tensors, or a list of 2D masks. Returned as `mask_labels` (float 0/1).
@@ -411,7 +468,7 @@ class SelfieProcessor(InternVLProcessor):
             for i, query in enumerate(queries):
                 if not isinstance(query, str) or not query.strip():
                     raise ValueError(f"queries[{i}] is empty: give a phrase or an instruction to segment.")
-            conversations = [self.segmentation_conversation(query, query_kind) for query in queries]
+            conversations = [self.segmentation_conversation(query, query_kind or "phrase") for query in queries]
         if images is not None and not isinstance(images, (list, tuple)):
             images = [images]
         if images is not None:  # PIL images as shown: EXIF orientation applied, 16-bit scaled to 8-bit RGB
@@ -426,7 +483,8 @@ class SelfieProcessor(InternVLProcessor):
             if images is not None:
                 images = [image for image in images if image is not None] or None
         return_tensors = kwargs.pop("return_tensors", "pt")
-        kwargs.setdefault("padding", True)
+        if all("padding" not in given for given in (kwargs, kwargs.get("text_kwargs", {}), self.tokenizer.init_kwargs)):
+            kwargs["padding"] = True  # a batch of prompts of different lengths is the common case
         inputs = super().__call__(images=images, text=text, return_tensors=return_tensors, **kwargs)
         if return_labels:
             inputs["labels"] = self.assistant_labels(inputs["input_ids"], inputs["attention_mask"])

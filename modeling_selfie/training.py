@@ -188,7 +188,7 @@ usage: python -m modeling_selfie.training --model DIR --recipe RECIPE --data-roo
 
 Fine-tune SELFIE (an InternVL3 MLLM that segments with one [SEG] token) on a recipe's data mixture with the
 transformers Trainer and LoRA, then write the merged model to OUT/final (loads with SelfieForSegmentation or,
-without this package, AutoModel.from_pretrained(..., trust_remote_code=True)).
+without this package, AutoModelForImageTextToText.from_pretrained(..., trust_remote_code=True)).
 
 The recipe (configuration/recipes/*.json: self1e, self1e-seg) holds the datasets with their sample rates and, in
 its "training" block, the run's settings (LoRA, learning rates, schedule, epochs, batch, accumulation, gradient

@@ -89,8 +89,9 @@ def test_mask_construction_traces_as_one_graph_and_gives_the_same_masks():
     assert base.image_features_hq.shape[0] == 13  # the tiles of the three segmenting samples' images
 
     def head(input_ids, attention_mask, hidden_states, image_features, image_features_hq):
-        return model.predict_masks(input_ids, attention_mask, hidden_states, image_features, image_features_hq,
-                                   layout, with_aux=True)
+        token_masks = model.model.token_masks(input_ids, None, attention_mask)
+        return model.predict_masks(*token_masks, hidden_states, image_features, image_features_hq, layout,
+                                   with_aux=True)
 
     def attention(input_ids, attention_mask, embeds):
         return model.model.seg_attention_mask(input_ids, embeds, attention_mask, None, None, has_seg=True)
@@ -139,8 +140,9 @@ def test_segmentation_path_reads_no_device_values():
         hidden_states, embeds = torch.empty(batch, length, width), torch.empty(batch, length, width)
         image_features, image_features_hq = torch.empty(15, 4, width), torch.empty(13, 16, width)
 
-    masks, aux = meta.predict_masks(input_ids, attention_mask, hidden_states, image_features, image_features_hq,
-                                    layout, with_aux=True)
+    token_masks = meta.model.token_masks(input_ids, None, attention_mask)
+    masks, aux = meta.predict_masks(*token_masks, hidden_states, image_features, image_features_hq, layout,
+                                    with_aux=True)
     mask = meta.model.seg_attention_mask(input_ids, embeds, attention_mask, None, None, has_seg=True)
     assert [tuple(m.shape) for m in masks] == [(1, 16, 24), (0, 1, 1), (2, 8, 8), (1, 16, 24)]
     assert [tuple(m.shape) for m in aux] == [(1, 8, 12), (0, 1, 1), (2, 4, 4), (1, 8, 12)]

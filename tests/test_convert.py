@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoProcessor, AutoTokenizer
+from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 import modeling_selfie  # noqa: F401  (registers the Auto classes)
 from modeling_selfie.convert import ConversionError, convert_checkpoint, main
@@ -60,7 +60,7 @@ def test_release_folder_converts_to_a_complete_folder_that_segments(tmp_path, ba
     result = run_cli("--input", release["folder"], "--output", out, "--base-tokenizer", bases["original"])
     assert result.returncode == 0, result.stderr
 
-    model = AutoModel.from_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
     image = random_image(90, 60)
     masks = model.segment(processor, image, ["Red Circle", "the square"])
@@ -318,7 +318,7 @@ def test_parity_fixture_with_meta_json_converts_to_the_model(tmp_path):
     """The older side file (meta.json: token ids, loss weights) still works, for a folder without any tokenizer; the
     output then holds the model only, in the input's float32."""
     out = convert_checkpoint(REFERENCE / "checkpoint", tmp_path / "hf")
-    model = AutoModel.from_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out)
     config = json.loads((out / "config.json").read_text())
     assert config["seg_token_id"] == 245 and config["image_token_id"] == 244 and config["dtype"] == "float32"
     assert model.config.bce_loss_weight == 2.0 and model.config.dice_loss_weight == 0.5
@@ -356,7 +356,7 @@ def test_an_internvl35_release_with_a_qwen3_llm_converts(tmp_path, bases):
     for original, name in same.items():
         assert torch.equal(converted[name], released[f"language_model.{original}"]), name
     assert sum(t.numel() for t in converted.values()) == sum(t.numel() for t in released.values())
-    model = AutoModel.from_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out)
     assert type(model.model.language_model).__name__ == "Qwen3Model"
     masks = model.segment(AutoProcessor.from_pretrained(out), random_image(90, 60), "the square")
     assert masks[0].shape == (60, 90)
@@ -372,7 +372,7 @@ def test_an_internvl25_release_with_internlm2_converts_to_llama(tmp_path, bases)
     llama = tiny_llm(llm_config, "internlm2").to(torch.bfloat16).eval()
     text_config = json.loads((out / "config.json").read_text())["text_config"]
     assert text_config["model_type"] == "llama" and text_config["rope_parameters"]["rope_type"] == "dynamic"
-    model = AutoModel.from_pretrained(out).eval()
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
     ours = model.state_dict()
     for name, tensor in llama.state_dict().items():
         assert torch.equal(ours[name.replace("model.", "model.language_model.", 1)], tensor), name

@@ -25,9 +25,9 @@ REMOTE_CHECK = textwrap.dedent(
                 raise ImportError("modeling_selfie is blocked in this process")
     sys.meta_path.insert(0, Block())
 
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
     folder = sys.argv[1]
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     image = Image.open(sys.argv[2]).convert("RGB")
     inputs = processor(images=[image], queries=["red circle"])
@@ -43,7 +43,7 @@ def test_saved_checkpoint_loads_as_remote_code_without_the_package(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     processor.save_pretrained(tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert config["auto_map"]["AutoModel"] == "modeling_selfie.SelfieForSegmentation"
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_selfie.SelfieForSegmentation"
     assert {"modeling_selfie.py", "configuration_selfie.py", "processing_selfie.py"} <= {
         p.name for p in (tmp_path / "ckpt").iterdir()
     }
@@ -97,9 +97,9 @@ def test_push_to_hub_uploads_a_loadable_folder_with_a_card(tmp_path, monkeypatch
     assert "library_name: transformers" in readme and "pipeline_tag: image-segmentation" in readme
     assert "base_model: OpenGVLab/InternVL3-2B" in readme and "- cIoU" in readme and "| refshapes/test | 0.9100" in readme
     assert "model.segment(processor" in readme
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    loaded = AutoModel.from_pretrained(tmp_path / "uploaded")
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "uploaded")
     loaded_processor = AutoProcessor.from_pretrained(tmp_path / "uploaded")
     image = random_image(80, 64)
     assert torch.equal(loaded.segment(loaded_processor, image, "red circle")[0],

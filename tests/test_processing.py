@@ -132,3 +132,40 @@ def test_post_process_masks_resizes_to_each_image_and_thresholds(tiny):
     assert soft.dtype == torch.float32 and soft.min() < 0 < soft.max()
     strict = processor.post_process_masks(logits[:1], [(4, 6)], mask_threshold=0.99)[0]
     assert strict.sum() < masks[0].sum()
+
+
+def test_multimodal_token_counts_are_the_tiles_the_processor_makes(tiny):
+    """vLLM-style token counting (`_get_num_multimodal_tokens`) counts SELFIE's tiles: no thumbnail."""
+    _, processor = tiny
+    processor.image_processor.max_patches = 6
+    try:
+        images = [random_image(w, h, seed=i) for i, (w, h) in enumerate([(56, 56), (200, 60), (60, 200), (90, 80)])]
+        counted = processor._get_num_multimodal_tokens(image_sizes=[(im.height, im.width) for im in images])
+        inputs = processor(images=images, queries=["shape"] * len(images))
+    finally:
+        processor.image_processor.max_patches = 1
+    tiles = inputs["tile_grid"].prod(1).tolist()
+    assert counted["num_image_patches"] == tiles and tiles != [1, 1, 1, 1]
+    image_tokens = (inputs["input_ids"] == processor.image_token_id).sum(1)
+    assert counted["num_image_tokens"] == (image_tokens + 2).tolist()  # with <img> and </img>
+
+
+def test_rescale_and_normalize_settings_are_honoured(tiny):
+    _, processor = tiny
+    image = random_image(56, 56)  # one tile at the tile size: no resize
+    raw = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float()
+    plain = processor.image_processor(image, do_rescale=False, do_normalize=False, return_tensors="pt")
+    torch.testing.assert_close(plain["pixel_values"][0], raw)
+    scaled = processor.image_processor(image, rescale_factor=0.5, do_normalize=False, return_tensors="pt")
+    torch.testing.assert_close(scaled["pixel_values"][0], raw * 0.5)
+    default = processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+    mean = torch.tensor(processor.image_processor.image_mean)[:, None, None]
+    std = torch.tensor(processor.image_processor.image_std)[:, None, None]
+    torch.testing.assert_close(default, (raw / 255 - mean) / std)
+
+
+def test_padding_given_in_text_kwargs_is_applied_once(tiny):
+    _, processor = tiny
+    inputs = processor(images=[random_image(56, 56)], queries=["shape"], text_kwargs={"padding": "max_length",
+                                                                                      "max_length": 64})
+    assert inputs["input_ids"].shape == (1, 64)
