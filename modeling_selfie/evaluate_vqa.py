@@ -51,8 +51,8 @@ CJK = re.compile(r"[\u4e00-\u9fff]")
 
 @dataclass(frozen=True)
 class Benchmark:
-    """How one benchmark is asked and scored: its `metric` (a key of `evaluation_vqa.SCORERS`), the prompt suffix, the most new
-    tokens, and the keys each record must have."""
+    """How one benchmark is asked and scored: its `metric` (a key of `evaluation_vqa.SCORERS`), the prompt suffix,
+    the most new tokens, and the keys each record must have."""
 
     metric: str
     suffix: str
@@ -122,8 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run this module as `modeling_selfie.evaluate_vqa`, the one `evaluation_vqa` imports, not as its `__main__`
-    # copy, so that both use the same benchmark definitions.
+    # Run `main` of `modeling_selfie.evaluate_vqa`, the module `evaluation_vqa` imports, not of this `__main__` copy:
+    # the benchmark definitions then load once.
     from modeling_selfie.evaluate_vqa import main
 
     raise SystemExit(main())
