@@ -40,8 +40,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .io_utils import atomic_output_file
-
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."  # InternVL's suffix of short answers
 VIZWIZ_PROMPT = "When the provided information is insufficient, respond with 'Unanswerable'. " + SHORT_ANSWER_PROMPT
 MMBENCH_PROMPT = "Answer with the option's letter from the given choices directly."
@@ -108,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .cli import CLIError  # torch loads here, once the arguments parse
     from .evaluation_vqa import evaluate, summary
+    from .io_utils import atomic_output_file
 
     try:
         results = evaluate(args)
