@@ -32,7 +32,7 @@ setup(
         "console_scripts": [
             "selfie-segment=selfie_segment:main",
             "selfie-convert=modeling_selfie.convert:main",
-            "selfie-evaluate=modeling_selfie.evaluation:main",
+            "selfie-evaluate=modeling_selfie.evaluate:main",
             "selfie-train=modeling_selfie.training:main",
         ]
     },

@@ -8,9 +8,15 @@ Every output file is written atomically (`io_utils.atomic_output_file`), so an i
 half-written mask, overlay or JSON file in place of a good one.
 """
 
+import sys
+
+if __name__ == "__main__":  # `python -m modeling_selfie.cli` is `selfie-segment`: arguments checked before torch loads
+    from selfie_segment import main
+
+    sys.exit(main())
+
 import json
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -300,8 +306,3 @@ def run(args) -> int:
             report(str(error))
             return 2
 
-
-if __name__ == "__main__":
-    from selfie_segment import main
-
-    sys.exit(main())

@@ -24,7 +24,7 @@ from PIL import Image
 
 model = AutoModelForImageTextToText.from_pretrained("{repo_id}", trust_remote_code=True)
 processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
-image = Image.open("image.png").convert("RGB")
+image = Image.open("image.png")  # any mode: the processor applies EXIF orientation and scales 16-bit images
 mask = model.segment(processor, image, "the red circle")[0]  # bool [height, width]
 ```
 

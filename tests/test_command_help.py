@@ -1,6 +1,7 @@
-"""`--help` of the training command line and of every `processing/check_*.py` script answers without importing
-torch (the package is imported without registering the Auto classes there, and loads them on first use). Run as a
-user runs them, in a fresh interpreter; `-X importtime` lists every module the command imported."""
+"""`--help` of every command line (training, evaluation, VQA evaluation, conversion, segmentation, the installed
+`selfie-*` scripts and every `processing/check_*.py` script) answers without importing torch (the package is imported
+without registering the Auto classes there, and loads them on first use). Run as a user runs them, in a fresh
+interpreter; `-X importtime` lists every module the command imported."""
 
 import shutil
 import subprocess
@@ -11,7 +12,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CHECK_SCRIPTS = sorted(str(path.relative_to(REPO)) for path in (REPO / "processing").glob("check_*.py"))
-COMMANDS = [["-m", "modeling_selfie.training"], *([script] for script in CHECK_SCRIPTS)]
+MODULES = ("training", "evaluate", "evaluate_vqa", "convert", "cli")
+COMMANDS = [*(["-m", f"modeling_selfie.{module}"] for module in MODULES), *([script] for script in CHECK_SCRIPTS)]
+# each installed script (setup.py's console_scripts) and an option its help names
+SCRIPTS = {"selfie-train": "--recipe", "selfie-evaluate": "--protocol", "selfie-convert": "--base-tokenizer",
+           "selfie-segment": "--batch"}
 
 
 def imported_modules(command: list[str]) -> tuple[str, set[str]]:
@@ -31,11 +36,12 @@ def test_help_answers_without_torch(command):
     assert "modeling_selfie" in modules and not modules & {"torch", "transformers", "peft"}
 
 
-def test_installed_training_script_help_answers_without_torch():
-    script = shutil.which("selfie-train", path=str(Path(sys.executable).parent))
-    assert script is not None, "selfie-train is not installed next to this Python (pip install -e .)"
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_installed_script_help_answers_without_torch(name):
+    script = shutil.which(name, path=str(Path(sys.executable).parent))
+    assert script is not None, f"{name} is not installed next to this Python (pip install -e .)"
     text, modules = imported_modules([script])
-    assert "--recipe" in text and not modules & {"torch", "transformers"}
+    assert SCRIPTS[name] in text and not modules & {"torch", "transformers", "peft"}
 
 
 def test_importing_the_package_elsewhere_still_registers_the_auto_classes():

@@ -14,7 +14,7 @@ from modeling_selfie.presets import tiny_model_and_processor
 
 from .helpers import WORDS, random_image
 
-REMOTE_CHECK = textwrap.dedent(
+WITHOUT_PACKAGE = textwrap.dedent(
     """
     import sys, json, torch, numpy as np
     from PIL import Image
@@ -24,7 +24,10 @@ REMOTE_CHECK = textwrap.dedent(
             if name.split(".")[0] == "modeling_selfie":
                 raise ImportError("modeling_selfie is blocked in this process")
     sys.meta_path.insert(0, Block())
-
+    """
+)
+REMOTE_CHECK = WITHOUT_PACKAGE + textwrap.dedent(
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
     folder = sys.argv[1]
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
@@ -104,6 +107,31 @@ def test_push_to_hub_uploads_a_loadable_folder_with_a_card(tmp_path, monkeypatch
     image = random_image(80, 64)
     assert torch.equal(loaded.segment(loaded_processor, image, "red circle")[0],
                        model.segment(processor, image, "red circle")[0])
+
+
+def test_the_cards_usage_code_reads_a_16_bit_image_as_it_is_shown(tmp_path):
+    """The card's snippet, run as written (remote code, `image.png` in the working folder), hands the processor a
+    16-bit grayscale PNG as it is shown: the same pixels as the 8-bit picture of it, not clipped to white."""
+    import re
+
+    from PIL import Image
+
+    model, processor = tiny_model_and_processor(WORDS)
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    gray16 = np.linspace(0, 65535, 40 * 56).reshape(40, 56).astype(np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "image.png")  # mode I;16, written by Pillow
+    shown = Image.fromarray(np.round(gray16 / 257).astype(np.uint8)).convert("RGB")
+    (snippet,) = re.findall(r"```python\n(.*?)```", str(model_card(str(tmp_path / "ckpt"))), flags=re.S)
+    report = 'print(json.dumps({"shape": list(mask.shape), "pixels": processor(images=[image], queries=["x"])' \
+             '["pixel_values"].flatten().tolist()}))\n'
+    (tmp_path / "card.py").write_text(WITHOUT_PACKAGE + snippet + report)
+    result = subprocess.run([sys.executable, "card.py"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    assert remote["shape"] == [40, 56]
+    expected = processor(images=[shown], queries=["x"])["pixel_values"].flatten()
+    torch.testing.assert_close(torch.tensor(remote["pixels"]), expected)
 
 
 class ForceAnswer(LogitsProcessor):

@@ -27,10 +27,10 @@ import random
 from collections import Counter
 from pathlib import Path
 
+from ..evaluate_vqa import SHORT_ANSWER_PROMPT
 from .common import SelfieDataset, empty_masks, load_image, read_json, require_paths
 
 IMAGE_MARKER = "<image>"
-SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 LLAVA_ROLES = {"human": "user", "gpt": "assistant"}
 
 
