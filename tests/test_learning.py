@@ -92,7 +92,7 @@ def test_tiny_model_learns_referring_squares(tmp_path):
     model, processor = tiny_model_and_processor((*COLOURS, "square"), seed=0)
     args = TrainingArguments(
         output_dir=str(tmp_path),
-        max_steps=400,
+        max_steps=700,  # at 400 steps held-out IoU ranged 0.68-0.91 over init seeds; at 700, 0.91-0.95
         per_device_train_batch_size=16,
         learning_rate=1e-3,
         warmup_steps=20,
