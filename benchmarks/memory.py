@@ -22,7 +22,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -41,7 +40,9 @@ def load_kwargs(mode: str, folder: Path, device: torch.device, offload_share: fl
     elif mode == "bf16":
         kwargs = {"dtype": torch.bfloat16}
     elif mode == "offload":
-        size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        config = json.loads((folder / "config.json").read_text())
+        itemsize = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32").itemsize
+        size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) * 4 // itemsize  # as float32
         budget = int(size * offload_share)
         max_memory = {"cpu": budget} if device.type == "cpu" else {device.index or 0: budget, "cpu": budget}
         return {"dtype": torch.float32, "device_map": "auto", "max_memory": max_memory,
@@ -62,48 +63,29 @@ def load_kwargs(mode: str, folder: Path, device: torch.device, offload_share: fl
     return {**kwargs, "device_map": {"": "cpu" if device.type == "cpu" else device.index or 0}}
 
 
-class AnonymousPeak:
-    """The peak of this process's anonymous resident memory (`RssAnon`), sampled every `interval` s in a thread,
-    with the peak resident memory (`VmHWM`). Linux `/proc`; on other systems both read `None`."""
-
-    def __init__(self, interval: float = 0.01):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    @staticmethod
-    def status(field: str) -> int | None:
-        """A `/proc/self/status` field in bytes."""
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
-
-    def _sample(self):
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.status("RssAnon") or 0)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.status("RssAnon") or 0)
+def memory_status() -> dict[str, int | None]:
+    """This process's resident memory now (`VmRSS`, of it `RssAnon` and the file pages it maps, `RssFile`) and at its
+    peak (`VmHWM`), in bytes, from Linux's `/proc/self/status` (`None` elsewhere)."""
+    fields = dict.fromkeys(("VmRSS", "RssAnon", "RssFile", "VmHWM"))
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in fields:
+                fields[name] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return fields
 
 
-def write_checkpoint(preset: str, folder: Path) -> None:
-    """A random-weight model of `preset`, variance-preserving init (mask logits of order 1), saved as float32 in
-    1 GB shards. Built on the meta device and then given memory once, so that the writer holds one copy."""
+def write_checkpoint(preset: str, folder: Path, dtype: torch.dtype) -> None:
+    """A random-weight model of `preset` (variance-preserving init: mask logits of order 1) saved in `dtype` in 1 GB
+    shards. Built on the meta device and given memory once, in `dtype`, so that the writer holds one copy."""
     from modeling_selfie import SelfieForSegmentation
     from modeling_selfie.presets import preset_config, variance_preserving_init_
 
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = SelfieForSegmentation(preset_config(preset))
+        model = SelfieForSegmentation(preset_config(preset)).to(dtype)
     model.to_empty(device="cpu")
     model.initialize_weights()  # transformers' init of every module (norms, biases, embeddings, layer scales)
     variance_preserving_init_(model)
@@ -117,21 +99,20 @@ def run_mode(mode: str, folder: Path, device: torch.device, offload_share: float
 
     from modeling_selfie import SegmentationLayout, SelfieForSegmentation
 
-    imports_anon, imports_rss = AnonymousPeak.status("RssAnon"), AnonymousPeak.status("VmRSS")
-    with AnonymousPeak() as sampler:
-        begin = time.perf_counter()
-        model = SelfieForSegmentation.from_pretrained(folder, **load_kwargs(mode, folder, device, offload_share)).eval()
-        load_s = time.perf_counter() - begin
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        input_ids, _, pixel_values, tile_grid, _ = make_inputs(model.config, 1, 1, torch.device("cpu"), torch.float32)
-        layout = SegmentationLayout.from_inputs(model.config, input_ids, None, tile_grid)
-        begin = time.perf_counter()
-        with torch.inference_mode():
-            out = model(input_ids=input_ids.to(model.input_device), tile_grid=tile_grid, seg_layout=layout,
-                        pixel_values=pixel_values.to(model.input_device, model.dtype), logits_to_keep=1)
-        forward_s = time.perf_counter() - begin
+    imports = memory_status()
+    begin = time.perf_counter()
+    model = SelfieForSegmentation.from_pretrained(folder, **load_kwargs(mode, folder, device, offload_share)).eval()
+    load_s = time.perf_counter() - begin
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    input_ids, _, pixel_values, tile_grid, _ = make_inputs(model.config, 1, 1, torch.device("cpu"), torch.float32)
+    layout = SegmentationLayout.from_inputs(model.config, input_ids, None, tile_grid)
+    begin = time.perf_counter()
+    with torch.inference_mode():
+        out = model(input_ids=input_ids.to(model.input_device), tile_grid=tile_grid, seg_layout=layout,
+                    pixel_values=pixel_values.to(model.input_device, model.dtype), logits_to_keep=1)
+    forward_s = time.perf_counter() - begin
     torch.save(out.pred_masks[0].float().cpu(), folder / f"masks-{mode}.pt")
     head = {p.dtype for p in model.seg_head.parameters()} | {type(p.data).__name__ for p in model.seg_head.parameters()}
     placement = sorted(set(getattr(model, "hf_device_map", {}).values()), key=str)
@@ -140,17 +121,16 @@ def run_mode(mode: str, folder: Path, device: torch.device, offload_share: float
     if device.type == "cuda":
         result["gpu_peak"] = torch.cuda.max_memory_allocated()
     else:
-        result.update(peak_rss=AnonymousPeak.status("VmHWM"), peak_anon=sampler.peak, imports_anon=imports_anon,
-                      imports_rss=imports_rss)
+        result.update(imports=imports, after=memory_status())
     return result
 
 
-def mask_iou(mask: torch.Tensor, reference: torch.Tensor) -> float:
-    """IoU of the binarised (logit > 0) masks."""
+def mask_iou(mask: torch.Tensor, reference: torch.Tensor, threshold: float = 0.0) -> float:
+    """IoU of the masks binarised at `threshold` (logit > threshold)."""
     from modeling_selfie.evaluation import ReferringMetrics
 
     metrics = ReferringMetrics()
-    metrics.update(mask > 0, reference > 0)
+    metrics.update(mask > threshold, reference > threshold)
     return metrics.compute()["cIoU"]
 
 
@@ -172,37 +152,44 @@ def gib(value: float | None) -> str:
 def report(results: dict[str, dict], errors: dict[str, str], folder: Path, cuda: bool) -> None:
     """Print the table: memory of each mode against float32, and its masks' IoU with float32's."""
     reference = torch.load(folder / "masks-fp32.pt") if "fp32" in results else None
+    median = None if reference is None else float(reference.median())
 
-    def own(result):  # the memory the mode itself holds at its peak
+    def held(result):  # what the model holds once loaded and run
         if cuda:
             return result["gpu_peak"]
-        return result["peak_anon"] - result["imports_anon"]
+        return result["after"]["VmRSS"] - result["imports"]["VmRSS"]
 
-    base = own(results["fp32"]) if "fp32" in results else None
-    if cuda:
-        print("mode | load s | forward s | peak GPU memory GiB | vs fp32 | mask IoU vs fp32 | seg_head | placement")
-    else:
-        print("mode | load s | forward s | peak RSS GiB | peak anonymous GiB | anonymous above imports GiB | vs fp32 | "
-              "mask IoU vs fp32 | seg_head | placement")
-    print("|".join(["---"] * (8 if cuda else 10)))
+    base = held(results["fp32"]) if "fp32" in results else None
+    memory = ["peak GPU memory GiB"] if cuda else ["peak RSS GiB", "resident after GiB", "of it anonymous GiB"]
+    print(" | ".join(["mode", "load s", "forward s", *memory, "vs fp32", "IoU (logit > 0)", "IoU (> fp32 median)",
+                      "seg_head", "placement"]))
+    print("|".join(["---"] * (len(memory) + 7)))
     for mode in MODES:
         if mode in errors:
             print(f"{mode} | not run: {errors[mode]}")
         if mode not in results:
             continue
         result = results[mode]
-        ratio = "-" if base is None else f"{own(result) / base:.2f}x"
-        iou = "-" if reference is None else f"{mask_iou(torch.load(folder / f'masks-{mode}.pt'), reference):.4f}"
-        memory = [gib(result["gpu_peak"])] if cuda else [gib(result["peak_rss"]), gib(result["peak_anon"]),
-                                                         gib(own(result))]
-        print(" | ".join([mode, f"{result['load_s']:.1f}", f"{result['forward_s']:.1f}", *memory, ratio, iou,
-                          "/".join(result["seg_head"]), "/".join(result["placement"]) or "-"]))
+        if cuda:
+            memory = [gib(result["gpu_peak"])]
+        else:
+            imports, after = result["imports"], result["after"]
+            memory = [gib(after["VmHWM"] - imports["VmRSS"]), gib(held(result)),
+                      gib(after["RssAnon"] - imports["RssAnon"])]
+        ious = ["-", "-"]
+        if reference is not None:
+            masks = torch.load(folder / f"masks-{mode}.pt")
+            ious = [f"{mask_iou(masks, reference):.4f}", f"{mask_iou(masks, reference, median):.4f}"]
+        print(" | ".join([mode, f"{result['load_s']:.1f}", f"{result['forward_s']:.1f}", *memory,
+                          "-" if base is None else f"{held(result) / base:.2f}x", *ious, "/".join(result["seg_head"]),
+                          "/".join(result["placement"]) or "-"]))
     if not cuda and results:
-        first = next(iter(results.values()))
-        print(f"\nimports alone: {gib(first['imports_anon'])} GiB anonymous, {gib(first['imports_rss'])} GiB resident")
+        imports = next(iter(results.values()))["imports"]
+        print(f"\nmemory above what the imports alone hold ({gib(imports['VmRSS'])} GiB resident); resident = "
+              "anonymous + mapped file pages (safetensors maps the checkpoint)")
     if reference is not None:
         print(f"fp32 masks: {reference.shape[-2]} x {reference.shape[-1]}, {float((reference > 0).float().mean()):.3f} "
-              "of the pixels positive")
+              f"of the pixels with logit > 0; median logit {median:.4f}")
 
 
 def main(argv=None):
@@ -211,6 +198,8 @@ def main(argv=None):
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--folder", type=Path, help="where the checkpoint is written (kept), or read when present")
+    parser.add_argument("--checkpoint-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="dtype the checkpoint is written in (released InternVL3 / SELFIE checkpoints: bfloat16)")
     parser.add_argument("--offload-share", type=float, default=0.25,
                         help="offload: the share of the float32 weights kept in memory (per device), the rest on disk")
     parser.add_argument("--threads", type=int, help="CPU threads of each mode (torch.set_num_threads)")
@@ -221,7 +210,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker == "write":
-        write_checkpoint(args.preset, args.folder)
+        write_checkpoint(args.preset, args.folder, getattr(torch, args.checkpoint_dtype))
         print(RESULT + json.dumps({"written": str(args.folder)}))
         return
     if args.worker:
@@ -233,13 +222,14 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.folder or Path(scratch) / args.preset
         common = ["--preset", args.preset, "--device", str(device), "--offload-share", str(args.offload_share),
+                  "--checkpoint-dtype", args.checkpoint_dtype,
                   *(["--threads", str(args.threads)] if args.threads else [])]
         if not (folder / "config.json").exists():
             begin = time.perf_counter()
             _, error = worker([*common, "--worker", "write"], folder, args.timeout)
             if error:
                 raise SystemExit(f"error: writing the {args.preset} checkpoint failed: {error}")
-            print(f"wrote {args.preset} (random weights, float32) in {time.perf_counter() - begin:.0f} s")
+            print(f"wrote {args.preset} (random weights, {args.checkpoint_dtype}) in {time.perf_counter() - begin:.0f} s")
         results, errors = {}, {}
         for mode in args.modes:
             result, error = worker([*common, "--worker", mode], folder, args.timeout)
@@ -249,7 +239,7 @@ def main(argv=None):
                 results[mode] = result
                 print(f"{mode}: done", flush=True)
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        print(f"\n{args.preset}: {size / 2**30:.2f} GiB of float32 weights | device {device} | torch "
+        print(f"\n{args.preset}: {size / 2**30:.2f} GiB checkpoint ({args.checkpoint_dtype}) | device {device} | torch "
               f"{torch.__version__} | transformers {transformers.__version__} | threads {args.threads or 'default'}")
         report(results, errors, folder, device.type == "cuda")
 
