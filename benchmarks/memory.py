@@ -77,6 +77,20 @@ def memory_status() -> dict[str, int | None]:
     return fields
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds, looking inside tensor subclasses that wrap others (torchao's quantized weights)."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.nelement() * tensor.element_size()
+
+
+def weights_in_memory(model: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers that are in memory (not waiting on the meta device for the disk)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta"]
+    return sum(tensor_bytes(t.data if isinstance(t, torch.nn.Parameter) else t) for t in tensors)
+
+
 def write_checkpoint(preset: str, folder: Path, dtype: torch.dtype) -> None:
     """A random-weight model of `preset` (variance-preserving init: mask logits of order 1) saved in `dtype` in 1 GB
     shards. Built on the meta device and given memory once, in `dtype`, so that the writer holds one copy."""
@@ -117,7 +131,7 @@ def run_mode(mode: str, folder: Path, device: torch.device, offload_share: float
     head = {p.dtype for p in model.seg_head.parameters()} | {type(p.data).__name__ for p in model.seg_head.parameters()}
     placement = sorted(set(getattr(model, "hf_device_map", {}).values()), key=str)
     result = {"mode": mode, "load_s": load_s, "forward_s": forward_s, "seg_head": sorted(map(str, head)),
-              "placement": [str(p) for p in placement]}
+              "placement": [str(p) for p in placement], "weights": weights_in_memory(model)}
     if device.type == "cuda":
         result["gpu_peak"] = torch.cuda.max_memory_allocated()
     else:
@@ -154,16 +168,16 @@ def report(results: dict[str, dict], errors: dict[str, str], folder: Path, cuda:
     reference = torch.load(folder / "masks-fp32.pt") if "fp32" in results else None
     median = None if reference is None else float(reference.median())
 
-    def held(result):  # what the model holds once loaded and run
+    def held(result):  # peak memory of the mode: the GPU's, or the process's resident memory less the imports'
         if cuda:
             return result["gpu_peak"]
-        return result["after"]["VmRSS"] - result["imports"]["VmRSS"]
+        return result["after"]["VmHWM"] - result["imports"]["VmRSS"]
 
-    base = held(results["fp32"]) if "fp32" in results else None
-    memory = ["peak GPU memory GiB"] if cuda else ["peak RSS GiB", "resident after GiB", "of it anonymous GiB"]
-    print(" | ".join(["mode", "load s", "forward s", *memory, "vs fp32", "IoU (logit > 0)", "IoU (> fp32 median)",
-                      "seg_head", "placement"]))
-    print("|".join(["---"] * (len(memory) + 7)))
+    base = {"peak": held(results["fp32"]), "weights": results["fp32"]["weights"]} if "fp32" in results else None
+    memory = ["peak GPU memory GiB"] if cuda else ["peak RSS GiB", "resident after GiB"]
+    print(" | ".join(["mode", "load s", "forward s", *memory, "vs fp32", "weights in memory GiB", "vs fp32",
+                      "IoU (logit > 0)", "IoU (> fp32 median)", "seg_head", "placement"]))
+    print("|".join(["---"] * (len(memory) + 9)))
     for mode in MODES:
         if mode in errors:
             print(f"{mode} | not run: {errors[mode]}")
@@ -174,14 +188,15 @@ def report(results: dict[str, dict], errors: dict[str, str], folder: Path, cuda:
             memory = [gib(result["gpu_peak"])]
         else:
             imports, after = result["imports"], result["after"]
-            memory = [gib(after["VmHWM"] - imports["VmRSS"]), gib(held(result)),
-                      gib(after["RssAnon"] - imports["RssAnon"])]
+            memory = [gib(after["VmHWM"] - imports["VmRSS"]), gib(held(result))]
+        ratios = ["-", "-"] if base is None else [f"{held(result) / base['peak']:.2f}x",
+                                                  f"{result['weights'] / base['weights']:.2f}x"]
         ious = ["-", "-"]
         if reference is not None:
             masks = torch.load(folder / f"masks-{mode}.pt")
             ious = [f"{mask_iou(masks, reference):.4f}", f"{mask_iou(masks, reference, median):.4f}"]
-        print(" | ".join([mode, f"{result['load_s']:.1f}", f"{result['forward_s']:.1f}", *memory,
-                          "-" if base is None else f"{held(result) / base:.2f}x", *ious, "/".join(result["seg_head"]),
+        print(" | ".join([mode, f"{result['load_s']:.1f}", f"{result['forward_s']:.1f}", *memory, ratios[0],
+                          gib(result["weights"]), ratios[1], *ious, "/".join(result["seg_head"]),
                           "/".join(result["placement"]) or "-"]))
     if not cuda and results:
         imports = next(iter(results.values()))["imports"]
