@@ -188,7 +188,7 @@ def report(results: dict[str, dict], errors: dict[str, str], folder: Path, cuda:
             memory = [gib(result["gpu_peak"])]
         else:
             imports, after = result["imports"], result["after"]
-            memory = [gib(after["VmHWM"] - imports["VmRSS"]), gib(held(result))]
+            memory = [gib(held(result)), gib(after["VmRSS"] - imports["VmRSS"])]
         ratios = ["-", "-"] if base is None else [f"{held(result) / base['peak']:.2f}x",
                                                   f"{result['weights'] / base['weights']:.2f}x"]
         ious = ["-", "-"]
