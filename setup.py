@@ -27,7 +27,12 @@ setup(
         "numpy>=2,<3",
         "tqdm>=4.66",
     ],
-    extras_require={"dev": ["pytest>=9,<10", "parameterized>=0.9,<1"], "app": ["gradio>=6,<7"]},
+    extras_require={
+        "dev": ["pytest>=9,<10", "parameterized>=0.9,<1"],
+        "app": ["gradio>=6,<7"],
+        # quantized loading (docs/performance.md); transformers imports torchao, when installed, with every model
+        "quant": ["bitsandbytes>=0.50.2,<0.51", "torchao>=0.18,<0.19"],
+    },
     entry_points={
         "console_scripts": [
             "selfie-segment=selfie_segment:main",

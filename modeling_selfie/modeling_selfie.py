@@ -407,7 +407,8 @@ class SelfieMLP(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(hidden_states)))
+        # In the weights' precision: the head stays float32 in a bfloat16 / quantized model (`_keep_in_fp32_modules`)
+        return self.fc2(self.act(self.fc1(hidden_states.to(self.fc1.weight.dtype))))
 
 
 class SelfieSegmentationHead(nn.Module):
@@ -730,6 +731,10 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
 
     config_class = SelfieConfig
     config: SelfieConfig
+    # The head stays float32 when the rest loads in float16 / bfloat16 (`dtype=`) or is quantized (bitsandbytes,
+    # torchao: transformers' quantizers leave `_keep_in_fp32_modules` unconverted); it is ~0.3% of the weights.
+    _keep_in_fp32_modules = ["seg_head"]
+    _keep_in_fp32_modules_strict = ["seg_head"]
 
     def __init__(self, config: SelfieConfig):
         # InternVLPreTrainedModel's init, not InternVLForConditionalGeneration's (it would build an InternVLModel)
@@ -791,6 +796,15 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
                 None if folder is None else seg_token_id_of_folder(folder, kwargs, model.config.image_token_id)
             )
         return (model, info) if want_info else model
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where inputs go: the execution device of the input embeddings when accelerate dispatched the model
+        (`device_map=...`; offloaded weights wait on the meta device, so `self.device` can say "meta"), else
+        `self.device`."""
+        hook = getattr(self.get_input_embeddings(), "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        return self.device if device is None else torch.device(device)
 
     def add_seg_token(self, seg_token_id: int | None = None) -> int:
         """Give `[SEG]` an embedding row (input and output) and return its id.
@@ -1000,7 +1014,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
         processor.warn_unknown_words(queries, query_kind)
         layout = SegmentationLayout.from_inputs(self.config, inputs["input_ids"], inputs["attention_mask"],
                                                 inputs["tile_grid"])  # on the CPU: no device read in the forward
-        inputs = inputs.to(self.device)
+        inputs = inputs.to(self.input_device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         out = self(**inputs, seg_layout=layout, logits_to_keep=1)  # masks need no vocabulary logits
         sizes = [image_size_of(image) for image in images]
@@ -1049,7 +1063,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
             for turn in messages
         ]
         prompt = processor.render_conversation(messages, with_image=image is not None, add_generation_prompt=True)
-        inputs = processor(images=[image] if image is not None else None, text=[prompt]).to(self.device)
+        inputs = processor(images=[image] if image is not None else None, text=[prompt]).to(self.input_device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         tile_grid = inputs.pop("tile_grid", None)
@@ -1064,7 +1078,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
         empty = torch.zeros(0, *(image_size_of(image) if image is not None else (0, 0)), dtype=torch.bool)
         if n_seg == 0 or image is None:
             return {"text": text, "masks": empty, "scores": torch.zeros(0)}
-        full = torch.cat([inputs["input_ids"][0], torch.tensor(answer_ids, device=self.device)])[None]
+        full = torch.cat([inputs["input_ids"][0], torch.tensor(answer_ids, device=self.input_device)])[None]
         out = self(input_ids=full, pixel_values=inputs["pixel_values"], tile_grid=tile_grid)
         logits, presence = out.pred_masks[0][-n_seg:], out.presence_logits[0][-n_seg:]
         masks = post_process_masks([logits], [image_size_of(image)], mask_threshold)[0]
