@@ -402,12 +402,13 @@ class SelfieMLP(nn.Module):
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int, act: str = "gelu"):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        # float32 whatever the default dtype: the head is in `_keep_in_fp32_modules_strict`
+        self.fc1 = nn.Linear(in_features, hidden_features, dtype=torch.float32)
         self.act = ACT2FN[act]
-        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.fc2 = nn.Linear(hidden_features, out_features, dtype=torch.float32)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # In the weights' precision: the head stays float32 in a bfloat16 / quantized model (`_keep_in_fp32_modules`)
+        # In the weights' precision: the head stays float32 in a bfloat16 / quantized model
         return self.fc2(self.act(self.fc1(hidden_states.to(self.fc1.weight.dtype))))
 
 
@@ -434,7 +435,7 @@ class SelfieSegmentationHead(nn.Module):
         self.pus_llm = SelfieMLP(hidden, hidden, unshuffled, act)
         self.pus_vision = SelfieMLP(hidden, hidden, unshuffled, act)
         self.proj_out = SelfieMLP(config.seg_hidden_size, config.seg_hidden_size, config.seg_hidden_size, act)
-        self.presence = nn.Linear(hidden, 1) if config.presence_head else None
+        self.presence = nn.Linear(hidden, 1, dtype=torch.float32) if config.presence_head else None
 
     def _to_pixels(self, unshuffled: torch.Tensor) -> torch.Tensor:
         """RFA unshuffles the r*r chunks into r x r pixels; the other modes average them at the token grid."""
@@ -731,9 +732,8 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
 
     config_class = SelfieConfig
     config: SelfieConfig
-    # The head stays float32 when the rest loads in float16 / bfloat16 (`dtype=`) or is quantized (bitsandbytes,
-    # torchao: transformers' quantizers leave `_keep_in_fp32_modules` unconverted); it is ~0.3% of the weights.
-    _keep_in_fp32_modules = ["seg_head"]
+    # The head (~0.3% of the weights) stays float32 when the rest loads in float16 / bfloat16 (`dtype=`); its layers
+    # are built in float32. Quantized loads leave it unconverted too (see `__init__`).
     _keep_in_fp32_modules_strict = ["seg_head"]
 
     def __init__(self, config: SelfieConfig):
@@ -744,6 +744,10 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
         self.seg_head = SelfieSegmentationHead(config)
         self.loss_type = "ForCausalLM"  # the text loss; the class name would select transformers' detection loss
         self.post_init()
+        if getattr(config, "quantization_config", None) is not None:
+            # transformers' quantizers (bitsandbytes, torchao) leave `_keep_in_fp32_modules` unconverted, not the
+            # strict list; `from_pretrained` sets the config's quantization_config before it builds the model
+            self._keep_in_fp32_modules = {*self._keep_in_fp32_modules, "seg_head"}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, seg_token_id: int | None = None, **kwargs):
@@ -935,7 +939,8 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
         logits = torch.cat([masks.flatten(1).amax(1) for masks in pred_masks])  # sample-major, [S]
         predicting = self.seg_state_index(seg_tokens, seg_layout)
         if self.seg_head.presence is not None:
-            head = self.seg_head.presence(hidden_states.flatten(0, 1)[predicting])[:, 0]
+            states = hidden_states.flatten(0, 1)[predicting].to(self.seg_head.presence.weight.dtype)
+            head = self.seg_head.presence(states)[:, 0]
             logits = torch.minimum(logits, head.to(logits.dtype))
         if self.config.unk_token_id is not None and input_ids is not None:
             unknown = input_ids == self.config.unk_token_id
