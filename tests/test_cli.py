@@ -2,8 +2,11 @@
 bad input gets one clear line and never costs the results of the good input."""
 
 import json
+import os
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -201,17 +204,41 @@ def test_dtype_option_loads_the_model_in_that_dtype(model_dir, tmp_path, forward
     assert read_mask(tmp_path / "a_mask.png").shape == (40, 40)
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG file, written by hand, whose header claims `width` x `height` RGB pixels (its data holds a few)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = zlib.compress(bytes(16))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def run_command(argv: list[str], cwd, **env) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """`python -m selfie_segment ARGV` in a fresh interpreter, and the top-level modules it imported."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "selfie_segment", *argv], capture_output=True,
+                            text=True, cwd=cwd, env={**os.environ, **env}, timeout=300)
+    lines = result.stderr.splitlines()
+    modules = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in lines if line.startswith("import time:")}
+    result.stderr = "".join(f"{line}\n" for line in lines if not line.startswith("import time:"))
+    return result, modules
+
+
 def test_help_and_argument_errors_answer_without_importing_torch(tmp_path):
-    probe = (
-        "import sys, selfie_segment\n"
-        "try:\n    selfie_segment.main(sys.argv[1:])\n"
-        "except SystemExit as exit:\n"
-        "    print(exit.code, sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n"
-    )
     random_image(8, 8).save(tmp_path / "ok.png")
     (tmp_path / "jobs.jsonl").write_text(json.dumps({"image": "ok.png", "prompt": "red"}) + "\n")
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
+    (tmp_path / "big.png").write_bytes(png_claiming(12_000, 12_000))
+    (tmp_path / "notes.txt").write_text("not a picture")
     bad_input = [
+        (["bomb.png", "red"], "bomb.png is too large: 10,000,000,000 pixels, more than the limit of 89,478,485"),
+        (["big.png", "red"], "big.png is too large: 12000x12000 = 144,000,000 pixels, more than the limit of 89,4"),
+        (["notes.txt", "red"], "cannot read image notes.txt: not an image file"),
+        ([".", "red"], ". is a folder, not an image"),
+        (["ok.png", "?!...,;"], "the prompt '?!...,;' holds no word"),  # the shipped model reads words
+        (["ok.png", "red", "--model", "./runs/nothing/final"], "model folder not found: ./runs/nothing/final"),
         (["missing.png", "red circle"], "image not found: missing.png"),
         (["ok.png", "red", " "], "is empty"),
         (["none.jsonl", "red"], "image not found"),
@@ -227,14 +254,15 @@ def test_help_and_argument_errors_answer_without_importing_torch(tmp_path):
     for argv, code in [(["--help"], 0), ([], 2), (["a.png"], 2), (["--batch", "x.jsonl", "a.png"], 2)] + [
         (argv, 2) for argv, _ in bad_input
     ]:
-        result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=tmp_path)
-        assert result.stdout.strip().splitlines()[-1] == f"{code} []", (argv, result.stdout, result.stderr)
+        result, modules = run_command(argv, tmp_path)
+        assert result.returncode == code and not modules & {"torch", "transformers"}, (argv, result.stderr)
         if code:
             assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
         message = dict((tuple(a), m) for a, m in bad_input).get(tuple(argv))
         assert message is None or message in result.stderr, (argv, result.stderr)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "jobs.jsonl", "ok.png"]  # nothing written
-    help_text = subprocess.run([sys.executable, "-c", probe, "--help"], capture_output=True, text=True).stdout
+    inputs = {"a_file", "jobs.jsonl", "ok.png", "bomb.png", "big.png", "notes.txt"}
+    assert {p.name for p in tmp_path.iterdir()} == inputs  # nothing written
+    help_text = run_command(["--help"], tmp_path)[0].stdout
     assert "--batch" in help_text and "--json" in help_text and "--device" in help_text
 
 
@@ -301,7 +329,7 @@ def test_sixteen_bit_and_exif_rotated_images_are_segmented_as_shown(model_dir, t
 
 
 def test_module_entry_point_reports_bad_input_without_a_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "modeling_selfie.cli", "missing.png", "red circle"], cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-m", "selfie_segment", "missing.png", "red circle"], cwd=tmp_path,
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr == "error: image not found: missing.png\n"
