@@ -129,16 +129,19 @@ def test_batch_file_keeps_the_good_lines_when_some_are_bad(model_dir, tmp_path, 
         json.dumps({"image": "broken.png", "prompt": "green"}),  # 7: unreadable
         json.dumps(["one.png", "red"]),  # 8: not an object
         json.dumps({"image": "one.png", "prompt": "green shape"}),  # 9
+        json.dumps({"image": "bomb.png", "prompt": "red"}),  # 10: its header claims 10^10 pixels
+        json.dumps({"image": "one.png", "prompt": 42}),  # 11: not text
     ]
+    (tmp_path / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
     (tmp_path / "jobs.jsonl").write_text("\n".join(lines) + "\n")
     code = main(["--batch", str(tmp_path / "jobs.jsonl"), "--batch-size", "2", "--model", str(model_dir),
                  "--output", str(tmp_path / "out") + "/", "--json", str(tmp_path / "out.json")])
     assert code == 2  # some lines failed
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     for number, reason in [(2, "image not found"), (3, "not JSON"), (5, "is empty"), (7, "cannot read image"),
-                           (8, "needs an object")]:
+                           (8, "needs an object"), (10, "is too large: 10,000,000,000 pixels"), (11, "42 is not text")]:
         assert any(f"jobs.jsonl line {number}: " in line and reason in line for line in errors), (number, errors)
-    assert len(errors) == 5
+    assert len(errors) == 7
     assert sum(calls) == 3 and max(calls) <= 2  # the 3 readable lines, at most 2 per forward
 
     model, processor = loaded[0]
@@ -340,3 +343,126 @@ def test_the_shipped_model_is_in_the_package():
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
     assert (folder / "README.md").read_text().count("cIoU") >= 1
     assert sum(f.stat().st_size for f in folder.iterdir()) < 40 * 2**20  # issue 13: under 40 MB
+
+
+def test_bad_batch_lines_are_skipped_and_the_rest_written(tmp_path):
+    """As a user runs it, with the shipped model (which reads words): a decompression bomb, a prompt of punctuation,
+    a prompt that is a number and an image too large to decode are each one error line; the good lines are written."""
+    random_image(40, 32, seed=1).save(tmp_path / "one.png")
+    (tmp_path / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
+    (tmp_path / "big.png").write_bytes(png_claiming(12_000, 12_000))
+    lines = [{"image": "one.png", "prompt": "red circle"}, {"image": "bomb.png", "prompt": "red"},
+             {"image": "one.png", "prompt": "?!...,;"}, {"image": "one.png", "prompt": 42},
+             {"image": "big.png", "prompt": "red"}, {"image": "one.png", "prompt": "blue square"}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result, _ = run_command(["--batch", "jobs.jsonl", "--output", "out/", "--json", "masks.json", "--device", "cpu"],
+                            tmp_path)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 4 and "Traceback" not in result.stderr
+    for number, reason in [(2, "bomb.png is too large: 10,000,000,000 pixels, more than the limit of 89,478,485"),
+                           (3, "the prompt '?!...,;' holds no word"), (4, "the prompt 42 is not text"),
+                           (5, "big.png is too large: 12000x12000 = 144,000,000 pixels")]:
+        assert any(line.startswith(f"error: jobs.jsonl line {number}: ") and reason in line for line in errors)
+    records = json.loads((tmp_path / "masks.json").read_text())
+    assert [(r["line"], r["prompt"]) for r in records] == [(1, "red circle"), (6, "blue square")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "one_1_mask.png", "one_1_overlay.png", "one_6_mask.png", "one_6_overlay.png"]
+    assert "2 of 6 lines of jobs.jsonl segmented" in result.stdout
+
+
+def test_a_line_the_model_refuses_costs_only_that_line(model_dir, tmp_path, monkeypatch, capsys, forwards):
+    refusing = cli.segment_with_scores
+
+    def segment_with_scores(model, processor, images, prompts, kind):
+        if "square" in prompts:
+            raise ValueError("no squares today")
+        return refusing(model, processor, images, prompts, kind)
+
+    monkeypatch.setattr(cli, "segment_with_scores", segment_with_scores)
+    random_image(40, 32).save(tmp_path / "a.png")
+    prompts = ["red", "square", "green"]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps({"image": "a.png", "prompt": p}) + "\n" for p in prompts))
+    code = main(["--batch", str(tmp_path / "jobs.jsonl"), "--model", str(model_dir), "--no-images",
+                 "--json", str(tmp_path / "out.json")])
+    assert code == 2
+    assert [r["prompt"] for r in json.loads((tmp_path / "out.json").read_text())] == ["red", "green"]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {tmp_path / 'jobs.jsonl'} line 2: no squares today"]
+
+
+def test_many_prompts_go_through_the_model_batch_size_at_a_time(model_dir, tmp_path, forwards):
+    calls, _ = forwards
+    random_image(24, 24).save(tmp_path / "a.png")
+    forms = ("circle", "square", "shape", "left", "hello")
+    prompts = [f"{colour} {form}" for colour in ("red", "blue", "green", "the") for form in forms]
+    code = main([str(tmp_path / "a.png"), *prompts, "--model", str(model_dir), "--no-images",
+                 "--json", str(tmp_path / "out.json")])
+    assert code == 0 and calls == [8, 8, 4]
+    assert [r["prompt"] for r in json.loads((tmp_path / "out.json").read_text())] == prompts
+
+
+def test_images_of_every_kind_are_segmented_as_shown(model_dir, tmp_path, forwards):
+    """A GIF (its first frame), a CMYK JPEG, RGBA and palette PNGs with transparent parts (over white), written by
+    PIL."""
+    _, loaded = forwards
+    pixels = np.asarray(random_image(32, 24, seed=3))
+    opaque = np.zeros((24, 32), dtype=bool)
+    opaque[4:20, 6:26] = True
+    white = np.where(opaque[..., None], pixels, 255).astype(np.uint8)
+    Image.fromarray(np.dstack([pixels, opaque * np.uint8(255)]), "RGBA").save(tmp_path / "rgba.png")
+    palette = Image.fromarray(pixels).quantize(16)
+    palette_pixels = np.asarray(palette.convert("RGB"))
+    indices = np.asarray(palette).copy()
+    indices[~opaque] = 15  # the 16th colour is the transparent one
+    palette = Image.fromarray(indices, "P")
+    palette.putpalette(Image.fromarray(pixels).quantize(16).getpalette())
+    palette.save(tmp_path / "palette.png", transparency=15)
+    shown_palette = np.where((indices != 15)[..., None], np.asarray(palette.convert("RGB")), 255).astype(np.uint8)
+    frames = [Image.fromarray(pixels).quantize(64), Image.fromarray(255 - pixels).quantize(64)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray(pixels).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK" and Image.open(tmp_path / "anim.gif").n_frames == 2
+    assert not np.array_equal(palette_pixels, shown_palette)
+    shown = {"rgba.png": white, "palette.png": shown_palette,
+             "anim.gif": np.asarray(Image.open(tmp_path / "anim.gif").convert("RGB")),
+             "cmyk.jpg": np.asarray(Image.open(tmp_path / "cmyk.jpg").convert("RGB"))}
+    for name in shown:
+        assert main([str(tmp_path / name), "red", "--model", str(model_dir), "--output", str(tmp_path / name)]) == 0
+    model, processor = loaded[0]
+    for name, expected_pixels in shown.items():
+        expected = model.segment(processor, Image.fromarray(expected_pixels), "red")[0].numpy()
+        assert np.array_equal(read_mask(tmp_path / f"{name}_mask.png"), expected), name
+    overlay = np.asarray(Image.open(tmp_path / "rgba.png_overlay.png").convert("RGB"))[:24]
+    assert overlay[0, 0].min() > 100  # the transparent corner is shown light (dimmed white), not black
+
+
+def test_hub_ids_fail_fast_without_a_network(tmp_path):
+    """A name shaped like a Hub id that is neither a folder here nor in the cache: one line at once, before torch,
+    offline (`HF_HUB_OFFLINE=1`) and with a Hub that cannot be reached (one try)."""
+    random_image(8, 8).save(tmp_path / "ok.png")
+    offline = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    unreachable = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    for env, reason in [(offline, "HF_HUB_OFFLINE is set"), (unreachable, "the Hub cannot be reached")]:
+        result, modules = run_command(["ok.png", "red", "--model", "owner/name"], tmp_path, **env)
+        assert result.returncode == 2 and not modules & {"torch", "transformers"}
+        assert result.stderr.startswith("error: no folder owner/name here, and the Hub model owner/name is not in "
+                                        "the local cache") and reason in result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_hub_id_in_the_cache_loads_offline(model_dir, tmp_path):
+    """A cached Hub snapshot (the cache's layout, written by hand) loads without the network."""
+    repo = tmp_path / "hf" / "hub" / "models--owner--name"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for file in model_dir.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    random_image(16, 16).save(tmp_path / "ok.png")
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result, _ = run_command(["ok.png", "red", "--model", "owner/name", "--no-images", "--json", "out.json",
+                             "--device", "cpu"], tmp_path, **env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out.json").read_text())[0]["segmentation"]["size"] == [16, 16]
