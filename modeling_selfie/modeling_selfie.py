@@ -376,8 +376,8 @@ class SelfieSegmentationOutput(InternVLCausalLMOutputWithPast):
     presence_logits (`list[torch.FloatTensor]`, *optional*):
         One `[n_seg]` tensor per sample: whether the referred object is in the image at all (the convention of
         SAM3's `presence_logits`); see [`SelfieForSegmentation.presence_logits`]. Never above the logit of the
-        mask's most confident pixel, so a mask is empty at the default thresholds exactly when its presence score
-        `sigmoid(presence)` is below 0.5 (`post_process_masks` empties it).
+        mask's most confident pixel; `post_process_masks(..., return_scores=True)` caps it again by the most
+        confident pixel at the image's size, so that a mask is empty exactly when its score is below 0.5.
     text_loss (`torch.FloatTensor` of shape `()`, *optional*):
         Next-token cross entropy (when `labels` are given).
     mask_bce_loss, mask_dice_loss (`torch.FloatTensor` of shape `()`, *optional*):
@@ -1056,7 +1056,8 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
             max_new_tokens, generate_kwargs: passed to `generate` (greedy by default).
         Returns:
             `{"text": answer, "masks": bool [n_seg, H, W] at the image size (n_seg = [SEG] in this answer),
-            "scores": presence scores [n_seg]}`.
+            "scores": presence scores [n_seg]}` (a mask is empty exactly when its score is below 0.5, see
+            [`post_process_masks`]).
         """
         from .processing_selfie import image_size_of, post_process_masks
 

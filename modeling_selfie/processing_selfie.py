@@ -551,7 +551,7 @@ def post_process_masks(
         return_scores: also return the presence scores.
     Returns:
         One `[n_seg, height, width]` tensor per sample (bool, or float logits without `binarize`); with
-        `return_scores`, `(masks, scores)` with one float64 `[n_seg]` score tensor per sample.
+        `return_scores`, `(masks, scores)` with one float64 `[n_seg]` score tensor per sample, on the CPU.
     """
     if len(pred_masks) != len(original_sizes):
         raise ValueError(f"{len(pred_masks)} mask sets but {len(original_sizes)} original sizes.")
@@ -566,9 +566,10 @@ def post_process_masks(
         logits = resized.flatten(1).amax(1) if 0 not in size else resized.new_full(resized.shape[:1], -torch.inf)
         if presence_logits is not None:
             logits = torch.minimum(logits, presence_logits[b].to(logits.device, torch.float32))
-        scores = logits.double().sigmoid()
-        binary = (resized > mask_threshold) & (scores >= presence_threshold)[:, None, None]
-        scores = torch.where(binary.flatten(1).any(1), scores, scores.clamp(max=below))
+        scores = logits.detach().cpu().double().sigmoid()  # float64 (on the CPU: MPS has none) tells 0.5 from below
+        present = (scores >= presence_threshold).to(resized.device)
+        binary = (resized > mask_threshold) & present[:, None, None]
+        scores = torch.where(binary.flatten(1).any(1).cpu(), scores, scores.clamp(max=below))
         results.append(binary if binarize else resized)
         all_scores.append(scores)
     return (results, all_scores) if return_scores else results
