@@ -97,9 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_inputs(args: argparse.Namespace) -> None:
-    """The checks that need no torch, made before it loads: the model (a folder, or a Hub id that can be had: see
-    `cli_inputs.locate_model`), the image, the prompts (for a model that reads words: some word), the batch file's
-    lines, the output paths, and `--device mps` off macOS. Exits with one `error:` line at the first problem; a bad
+    """The checks that need no torch, made before it loads: the image, `--device mps` off macOS, the output paths,
+    the model (a folder, or a Hub id that can be had: see `cli_inputs.locate_model`), the prompts (for a model that
+    reads words: some word) and the batch file's lines. Exits with one `error:` line at the first problem; a bad
     batch line is reported and skipped (`args.jobs` holds the others, `args.bad_lines` counts the skipped ones).
     Other devices are checked once torch is there."""
     problems = [image_problem(args.image)] if args.image else []
@@ -110,13 +110,14 @@ def check_inputs(args: argparse.Namespace) -> None:
         problems.append(output_problem("--json", args.json, folder=False))
     if args.output and not args.no_images:
         problems.append(output_problem("--output", args.output, folder=bool(args.batch) or names_a_folder(args.output)))
-    try:
+    for problem in filter(None, problems):
+        fail(problem)
+    try:  # after the local checks: a Hub id may ask the network
         args.model = locate_model(args.model)
     except CLIError as error:
-        problems.append(str(error))
+        fail(str(error))
     normalization = query_normalization(args.model)
-    problems += [prompt_problem(prompt, normalization, args.kind) for prompt in args.prompts]
-    for problem in filter(None, problems):
+    for problem in filter(None, (prompt_problem(prompt, normalization, args.kind) for prompt in args.prompts)):
         fail(problem)
     if args.batch:
         try:
