@@ -113,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if results is None:  # not rank 0 of a launched evaluation: rank 0 prints and writes
+        return 0
     print(summary(results))
     if args.output:
         with atomic_output_file(args.output) as staging:

@@ -157,21 +157,6 @@ def test_semantic_merge_adds_confusions():
     assert a.compute() == both.compute()
 
 
-def test_all_reduce_sums_over_a_process_group_and_keeps_types():
-    import torch.distributed as dist
-
-    referring, semantic = ReferringMetrics(), SemanticMetrics(3)
-    referring.update(mask((2, 2), (0, 0)), mask((2, 2), (0, 0), (1, 1)))
-    semantic.update(np.array([[0, 1]]), np.array([[0, 2]]))
-    expected = referring.compute(), semantic.compute()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        assert (referring.all_reduce().compute(), semantic.all_reduce().compute()) == expected
-    finally:
-        dist.destroy_process_group()
-    assert isinstance(referring.intersection, int) and semantic.confusion.dtype == torch.int64
-
-
 # --------------------------------------------------------------------------------------------- open vocabulary
 
 
