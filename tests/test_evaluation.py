@@ -310,6 +310,47 @@ def test_evaluate_referring_names_a_sample_without_query(tiny):
         evaluate_referring(model, processor, samples, progress=False)
 
 
+def test_referring_batches_group_an_images_expressions_through_a_subset_without_loading_them(tmp_path, monkeypatch):
+    """Under self1e a forward pass is one image's expressions; the shares of several processes are made of these
+    batches, read from the dataset's image ids, not from loaded samples."""
+    from torch.utils.data import Subset
+
+    from modeling_selfie.data.refer import ReferringDataset
+    from modeling_selfie.evaluation import referring_batches
+
+    write_refer_dataset(tmp_path / "refer_seg")
+    dataset = ReferringDataset(tmp_path / "refer_seg", "refcoco", "train", by_image=True)  # image 1: 3 expressions
+    monkeypatch.setattr(ReferringDataset, "build_sample", lambda *args: pytest.fail("a sample was loaded"))
+    assert referring_batches(dataset, None) == [[0, 1, 2]]
+    assert referring_batches(Subset(dataset, [1, 2]), None) == [[0, 1]]
+    assert referring_batches(dataset, 2) == [[0, 1], [2]]
+    samples = [{"image_id": 7}, {"image_id": 7}, {}, {"image_id": 7}]  # a list: ids read from the samples
+    assert referring_batches(samples, None) == [[0, 1], [2], [3]]
+
+
+def test_evaluate_open_vocab_on_a_subset_keeps_the_datasets_ignore_index(tiny):
+    """Your own label maps (custom_semantic) mark unnamed values -1; cut with a `Subset` (`--limit`, a process's
+    share), the dataset's `ignore_index` still applies."""
+    from torch.utils.data import Dataset, Subset
+
+    class MinusOneIgnored(Dataset):
+        ignore_index = -1
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            label = np.random.default_rng(index).integers(-1, 2, (20, 24))
+            return {"image": random_image(24, 20, seed=index), "label": label, "class_names": ("red", "blue")}
+
+    model, processor = tiny
+    result = evaluate_open_vocab(model, processor, Subset(MinusOneIgnored(), [1]), progress=False)
+    expected = SemanticMetrics(2, ignore_index=-1, class_names=("red", "blue"))
+    sample = MinusOneIgnored()[1]
+    expected.update(predict_open_vocab(model, processor, sample["image"], ("red", "blue")), sample["label"])
+    assert result == expected.compute()
+
+
 # --------------------------------------------------------------------------------------------- command line
 
 
