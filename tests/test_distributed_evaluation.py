@@ -237,3 +237,17 @@ def test_evaluate_vqa_under_torchrun_scores_the_gathered_answers_once(tmp_path):
     assert [item["line"] for item in two["items"]] == [1, 2, 3, 4, 5]
     assert_same_results(one, two)
     assert two["metrics"]["categories"]["random"]["accuracy"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("cuda:1", "each of the 2 processes takes its own local device"), ("cuda", "torch sees no CUDA device")],
+)
+def test_a_launched_process_refuses_a_device_it_cannot_take_as_its_own(monkeypatch, device, message):
+    from modeling_selfie import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert distributed.launched()
+    with pytest.raises(ValueError, match=message):
+        distributed.join_launched_processes(device)
