@@ -59,6 +59,7 @@ CONTRACTIONS = {
     "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
 }  # fmt: skip
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+# The official pattern as written: its "(?!<=\d)" looks ahead for "<=" and a digit (a lookbehind was meant).
 PERIOD_NOT_IN_NUMBER = re.compile(r"(?!<=\d)(\.)(?!\d)")
 COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
 PERIODS_STRIPPED = 32
