@@ -32,6 +32,21 @@ setup(
         "app": ["gradio>=6,<7"],
         # quantized loading (docs/performance.md); transformers imports torchao, when installed, with every model
         "quant": ["bitsandbytes>=0.50.2,<0.51", "torchao>=0.18,<0.19"],
+        # `lmms-eval --model selfie` (docs/evaluation.md): what lmms-eval 0.7.3 imports to run image tasks, without
+        # its own requirements (torchvision's PyPI wheel, built for CUDA torch, breaks `import torchvision` and so
+        # transformers' AutoProcessor next to a CPU torch, and pip would replace the user's torch); lmms-eval itself
+        # is installed with `pip install --no-deps lmms-eval==0.7.3`. filelock 4 lacks the `filelock._api` lmms-eval
+        # imports (every evaluation fails while the process exits 0).
+        "lmms": [
+            "datasets>=2.19,<6",
+            "evaluate>=0.4,<0.5",
+            "filelock>=3.16,<4",
+            "loguru>=0.7,<1",
+            "pytablewriter>=1,<2",
+            "pytz",
+            "sacrebleu>=2,<3",
+            "tenacity>=8.3,<10",
+        ],
     },
     entry_points={
         "console_scripts": [
@@ -39,6 +54,8 @@ setup(
             "selfie-convert=modeling_selfie.convert:main",
             "selfie-evaluate=modeling_selfie.evaluate:main",
             "selfie-train=modeling_selfie.training:main",
-        ]
+        ],
+        # `lmms-eval --model selfie` (modeling_selfie/lmms_eval_model.py); read by lmms-eval only
+        "lmms_eval.models": ["selfie=modeling_selfie.lmms_eval_model:MANIFEST"],
     },
 )

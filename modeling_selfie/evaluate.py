@@ -7,6 +7,9 @@ This module imports no torch: the arguments are parsed and checked here, so that
 at once, then [`modeling_selfie.evaluation.run`] loads the data and the model and scores. Bad input is one `error:`
 line on stderr and exit code 2.
 
+On several GPUs, `torchrun --nproc_per_node N -m modeling_selfie.evaluate ...` (or `accelerate launch`) shares the
+split between the processes and gives one process's metrics (`modeling_selfie.distributed`).
+
 Protocols ([`EvaluationProtocol`], `--protocol`). `default` is this project's scoring; `self1e` computes what the
 SELF1E authors' evaluation computes (their loaders, batches, prompt and metric arithmetic); docs/evaluation.md lists
 every difference and its effect.
@@ -137,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output", help="write the results as JSON here (referring: with one record per expression)"
     )
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--device", help="torch device (default: cuda if available, else cpu; under torchrun / accelerate launch: "
+        "cpu or cuda, each process on its own, see docs/evaluation.md)",
+    )  # fmt: skip
     parser.add_argument(
         "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
         help="weights dtype (default: auto, the checkpoint's)",

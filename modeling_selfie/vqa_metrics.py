@@ -1,16 +1,20 @@
-"""Scores of the VQA and multimodal benchmarks of the paper's Tab. 9 and Tab. 13, as their standard evaluations
-compute them (pure functions of answer strings; `modeling_selfie.evaluate_vqa` runs the model).
+"""Scores of the VQA and multimodal benchmarks of the paper's Tab. 9 and Tab. 13, as their official evaluation code
+computes them (pure functions of answer strings; `modeling_selfie.evaluate_vqa` runs the model). Which code each
+function follows, and where the engines differ: docs/evaluation.md.
 
 * [`vqa_accuracy`] (VQAv2, OK-VQA, VizWiz, TextVQA): both answers normalised as the EvalAI answer processor does
-  ([`normalize_vqa_answer`]), then min(#humans that gave the answer / 3, 1) averaged over the 10 subsets of 9 of the
-  10 human answers;
+  ([`normalize_vqa_answer`]: the VQA API's punctuation, number, article and contraction rules), then
+  min(#humans that gave the answer / 3, 1) averaged over the 10 subsets of 9 of the 10 human answers;
 * [`gqa_correct`]: exact match after dropping trailing periods and lowercasing the prediction;
-* [`pope_answer`] + [`binary_scores`] (POPE): the answer is "no" when its first sentence has the word "no", "No" or
-  "not", else "yes"; accuracy, precision, recall, F1 and the ratio of "yes" predictions per category;
-* [`mme_answer`] + [`mme_scores`] (MME): per subtask, accuracy and accuracy+ (images whose questions are all
-  answered right) in percent, score = accuracy + accuracy+; perception and cognition totals;
-* [`mmbench_letter`] + [`circular_options`] (MMBench): the option letter the answer names, and the option
-  rotations of CircularEval (a question counts when every rotation is answered right).
+* [`pope_answer`] + [`binary_scores`] (POPE's `evaluate.py`): the answer is "no" when its first sentence has the
+  word "no", "No" or "not", else "yes"; accuracy, precision, recall, F1 and the ratio of "yes" predictions per
+  category;
+* [`mme_answer`] + [`mme_scores`] (MME's `calculation.py`): yes / no / other from the answer's first four
+  characters; per subtask, accuracy and accuracy+ (images whose questions are all answered right) in percent,
+  score = accuracy + accuracy+; perception and cognition totals;
+* [`mmbench_letter`] + [`circular_options`] (MMBench, VLMEvalKit's `can_infer`): the option letter the answer
+  names (a letter in free text, or the text of one option), and the option rotations of CircularEval (a question
+  counts when every rotation is answered right).
 """
 
 import re
@@ -22,42 +26,71 @@ NUMBER_WORDS = {
     "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }  # fmt: skip
 ARTICLES = {"a", "an", "the"}
-# Contractions written without their apostrophe, as the VQA evaluation restores them.
+# The VQA evaluation's contraction table (`vqaEval.py` of the VQA API; the EvalAI answer processor of lmms-eval and
+# InternVL has the same 120 entries), applied word by word after lowercasing. Its quirks are kept: the four keys with
+# a capital I never match a lowercased word, "somebody'd" is rewritten to "somebodyd", and words such as "were",
+# "well", "shed", "id", "ill" or "its" are left alone (the table has no entry for them).
 CONTRACTIONS = {
-    word.replace("'", ""): word
-    for word in (
-        "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't "
-        "he'd he'd've he's how'd how'll how's i'd i'd've i'm i've isn't it'd it'd've it'll let's ma'am mightn't "
-        "mightn't've might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd she'd've "
-        "she'll she's should've shouldn't shouldn't've somebody'd somebody'd've somebody'll somebody's "
-        "someone'd someone'd've someone'll someone's something'd something'd've something'll that's there'd "
-        "there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd we'd've we'll "
-        "we're we've weren't what'll what're what's what've when's where'd where's where've who'd who'd've "
-        "who'll who're who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll "
-        "y'all'd've you'd you'd've you'll you're you've"
-    ).split()
-}
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've", "couldve": "could've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
+    "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll",
+    "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "isnt": "isn't", "itd": "it'd",
+    "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "Ive": "I've", "let's": "let's", "maam": "ma'am",
+    "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock",
+    "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "shouldve": "should've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "werent": "weren't", "weve": "we've", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
+    "wont": "won't", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've",
+    "wouldve": "would've", "yall": "y'all", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've", "yall'll": "y'all'll", "y'allll": "y'all'll", "youd": "you'd", "youd've": "you'd've",
+    "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}  # fmt: skip
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+# The official pattern as written: its "(?!<=\d)" looks ahead for "<=" and a digit (a lookbehind was meant).
 PERIOD_NOT_IN_NUMBER = re.compile(r"(?!<=\d)(\.)(?!\d)")
 COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+PERIODS_STRIPPED = 32
 HUMAN_ANSWERS_FOR_FULL_CREDIT = 3
 
 MME_PERCEPTION = (
     "existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR",
 )  # fmt: skip
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
-OPTION_LETTERS = "ABCDEFGHI"
+# MMBench answer extraction (VLMEvalKit's `can_infer`): marks read as spaces, refusals, "the answer is X".
+MMBENCH_SEPARATORS = ".()[],:;!*#{}"
+MMBENCH_REFUSALS = (
+    "Sorry, I can't help with images of people yet.", "I can't process this file.",
+    "I'm sorry, but without the image provided", "Cannot determine the answer",
+)  # fmt: skip
+ANSWER_IS_LETTER = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+REFUSED = "Z"
+CJK_IDEOGRAPH = re.compile("[\u4e00-\u9fa5]")
 
 
 def _strip_punctuation(text: str) -> str:
-    """The VQA evaluation's punctuation rule: a mark next to a space (or any mark in an answer with a comma between
-    digits) is deleted, any other becomes a space; periods go unless they sit in a number."""
+    """The VQA evaluation's punctuation rule: every mark is deleted where the answer as given has that mark next to a
+    space (or has a comma between digits), else replaced by a space; then periods go unless they sit before a digit
+    (at most 32 of them: the official code passes `re.UNICODE`, 32, where `re.sub` takes its count)."""
+    out = text
     for mark in PUNCTUATION:
         if f"{mark} " in text or f" {mark}" in text or COMMA_IN_NUMBER.search(text) is not None:
-            text = text.replace(mark, "")
+            out = out.replace(mark, "")
         else:
-            text = text.replace(mark, " ")
-    return PERIOD_NOT_IN_NUMBER.sub("", text)
+            out = out.replace(mark, " ")
+    return PERIOD_NOT_IN_NUMBER.sub("", out, count=PERIODS_STRIPPED)
 
 
 def _map_words(text: str) -> str:
@@ -67,8 +100,9 @@ def _map_words(text: str) -> str:
 
 
 def normalize_vqa_answer(answer: str) -> str:
-    """An answer as the EvalAI VQA answer processor writes it before comparing (lowercase, commas and question marks
-    dropped, punctuation, number words, articles and contractions as in the VQA evaluation)."""
+    """An answer as the EvalAI VQA answer processor (lmms-eval, InternVL's `textvqa_eval.py`) writes it, in its order:
+    lowercased, commas and question marks dropped, "'s" split off, newlines and tabs as spaces, stripped; then the
+    VQA evaluation's punctuation rule; then number words to digits, articles dropped, contractions restored."""
     text = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     text = text.replace("\n", " ").replace("\t", " ").strip()
     return _map_words(_strip_punctuation(text))
@@ -76,7 +110,13 @@ def normalize_vqa_answer(answer: str) -> str:
 
 def vqa_accuracy(prediction: str, human_answers: list[str]) -> float:
     """VQA accuracy of one prediction: min(#matching humans / 3, 1) averaged over the leave-one-out subsets of the
-    human answers (10 in VQAv2, OK-VQA, VizWiz, TextVQA), after [`normalize_vqa_answer`] on all of them."""
+    human answers (10 in VQAv2, OK-VQA, VizWiz, TextVQA).
+
+    The prediction and every human answer go through [`normalize_vqa_answer`], always, as lmms-eval and InternVL
+    score TextVQA / VQAv2 / VizWiz / OK-VQA. The VQA API's `vqaEval.py` (the EvalAI server) normalises only when
+    the humans disagree and otherwise compares the stripped strings as given, so there "Yes" scores 0 against ten
+    "yes"; the models' free-form answers are scored the way the published numbers were computed.
+    """
     if not human_answers:
         raise ValueError("vqa_accuracy needs at least one human answer")
     predicted = normalize_vqa_answer(prediction)
@@ -117,10 +157,27 @@ def binary_scores(predictions: list[str], labels: list[str]) -> dict:
     }
 
 
-def mme_answer(text: str) -> str:
-    """"yes", "no" or "other": the answer as MME's calculation reads it (lowercased, true/false as yes/no, a
-    yes/no word in its first four characters)."""
-    text = text.replace("\n", "").lower().replace("true", "yes").replace("false", "no").strip()
+def internvl_mme_post_processing(text: str) -> str:
+    """InternVL's MME post-processing, which its evaluation applies before writing the answers MME's `calculation.py`
+    reads: newlines dropped, 不是 / 是 / 否 as No / Yes / No, lowercased, "true" / "false" as "yes" / "no", other
+    CJK ideographs dropped."""
+    text = text.replace("\n", "").replace("不是", "No").replace("是", "Yes").replace("否", "No")
+    text = text.lower().replace("true", "yes").replace("false", "no")
+    return CJK_IDEOGRAPH.sub("", text)
+
+
+def mme_answer(text: str, internvl_post_processing: bool = False) -> str:
+    """"yes", "no" or "other": the answer as MME's `calculation.py` reads it. Lowercased; "yes" and "no" as they are,
+    else "yes" when its first four characters hold "yes", else "no" when they hold "no" ("Yesterday" -> yes,
+    "Not sure" -> no, "True" -> other, "  yes" -> other).
+
+    Args:
+        internvl_post_processing: apply [`internvl_mme_post_processing`] first ("True" -> yes, "False." -> no), as
+            InternVL's evaluation does; its MME scores are higher than the official script's on such answers.
+    """
+    if internvl_post_processing:
+        text = internvl_mme_post_processing(text)
+    text = text.lower()
     if text in ("yes", "no"):
         return text
     prefix = text[:4]
@@ -161,11 +218,41 @@ def circular_options(options: dict[str, str], answer: str, circular: bool = True
     return rotations
 
 
+def _letter_in_answer(text: str, options: dict[str, str]) -> str | None:
+    """VLMEvalKit's `can_infer_option`: `REFUSED` for a refusal or a lone "Z"; else the one option letter standing
+    as a word (after `.()[],:;!*#{}` become spaces) among the last four words, else the letter of "answer is X"
+    (A to D), else `None`."""
+    if any(refusal in text for refusal in MMBENCH_REFUSALS):
+        return REFUSED
+    words = text
+    for mark in MMBENCH_SEPARATORS:
+        words = words.replace(mark, " ")
+    words = words.split()
+    named = [letter for letter in options if letter in words]
+    if len(named) == 1 and words.index(named[0]) > len(words) - 5:
+        return named[0]
+    if not named and REFUSED in words:
+        return REFUSED
+    match = ANSWER_IS_LETTER.search(text)
+    return match.group(1).upper() if match and match.group(1).upper() in options else None
+
+
+def _option_in_answer(text: str, options: dict[str, str]) -> str | None:
+    """VLMEvalKit's `can_infer_text`: the one option whose text (lowercased) is inside the lowercased answer, for
+    answers at most twice as long as all option texts together."""
+    text = text.lower()
+    if len(text) > 2 * sum(len(str(option)) for option in options.values()):
+        return None
+    named = [letter for letter, option in options.items() if str(option).lower() in text]
+    return named[0] if len(named) == 1 else None
+
+
 def mmbench_letter(text: str, options: dict[str, str]) -> str | None:
-    """The option letter an answer names: a leading letter ("B", "B.", "(B) ...") or the exact text of one option;
-    `None` when it names none."""
-    match = re.match(r"\s*\(?([A-I])(?:$|[\s.):])", text)
-    if match and match.group(1) in options:
-        return match.group(1)
-    named = [letter for letter, option in options.items() if text.strip().rstrip(".").lower() == option.lower()]
-    return named[0] if named else None
+    """The option letter an answer names, as VLMEvalKit's `can_infer` (its exact-matching policy, without a GPT
+    judge) extracts it: a letter standing alone near the end ("B", "(A) cat", "The answer is B.", "Answer: B",
+    "B, because it barks"), or the text of exactly one option inside a short answer ("a dog"); `None` when it names
+    none, several, or refuses (counted wrong, as VLMEvalKit's "Z")."""
+    letter = _letter_in_answer(text, options)
+    if letter == REFUSED:
+        return None
+    return letter or _option_in_answer(text, options)

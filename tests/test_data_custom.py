@@ -13,7 +13,12 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from modeling_selfie.data.custom import CustomReferringDataset, CustomSemanticDataset, check_custom
+from modeling_selfie.data.custom import (
+    CustomReferringDataset,
+    CustomSemanticDataset,
+    check_custom,
+    compressed_rle_run_lengths,
+)
 from modeling_selfie.data.registry import build_mixture
 from modeling_selfie.data.sample import check_sample
 
@@ -248,6 +253,54 @@ def test_masks_that_would_decode_empty_by_mistake_fail_in_training_too(referring
         path.write_text(json.dumps([{"image": "images/a.png", "expressions": ["x"], "mask": mask}]))
         with pytest.raises(ValueError, match="quiet.json record 0: (polygon 0 lies wholly outside|an uncompressed)"):
             CustomReferringDataset(path)[0]
+
+
+def test_compressed_rle_strings_written_by_pycocotools_decode_to_their_run_lengths():
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((H, W), np.uint8), np.ones((H, W), np.uint8), box(3, 7, 20, 30), polygon_mask()]
+    masks += [(rng.random((H, W)) < p).astype(np.uint8) for p in (0.05, 0.5, 0.95)]
+    for mask in masks:
+        counts = coco_mask.encode(np.asfortranarray(mask))["counts"]
+        assert compressed_rle_run_lengths(counts) == uncompressed_rle(mask)["counts"]
+        assert compressed_rle_run_lengths(counts.decode("ascii")) == uncompressed_rle(mask)["counts"]
+
+
+# Hand-written compressed RLEs pycocotools would decode into uninitialised memory or past the mask: a character no
+# encoder writes, a string ending inside a number ("b" continues), a negative run ("@": sign bit, no continuation),
+# runs adding up to too few pixels ("?" is 15) or too many (an RLE of a wider mask)
+BAD_COMPRESSED_RLES = [
+    ("zzzz", "has 'z' at position 0; a COCO RLE string holds only the characters '0' to 'o'"),
+    ("0b", "ends inside a run length"),
+    ("@", "decodes to a negative run length at run 0"),
+    ("", "decodes to run lengths that add up to 0, not height x width = 40 x 60 = 2400"),
+    ("??", "decodes to run lengths that add up to 30, not height x width = 40 x 60 = 2400"),
+]
+
+
+def test_check_rejects_compressed_rles_that_do_not_cover_the_image_exactly(referring_root):
+    half = compressed_rle(box(0, 0, H, W // 2))
+    too_long = {"size": [H, W], "counts": coco_mask.encode(np.asfortranarray(np.ones((H, W + 1), np.uint8)))["counts"]
+                .decode("ascii")}  # fmt: skip
+    records = [{"image": "images/b.png", "expressions": ["ok"], "mask": half},
+               {"image": "images/b.png", "expressions": ["wider"], "mask": too_long}]  # fmt: skip
+    records += [{"image": "images/b.png", "expressions": ["x"], "masks": [half, {"size": [H, W], "counts": counts}]}
+                for counts, _ in BAD_COMPRESSED_RLES]  # fmt: skip
+    path = referring_root / "bad_rle.json"
+    path.write_text(json.dumps(records))
+    report = check_custom(path)
+    assert report[0].startswith("record 1: the compressed RLE 'counts' ")
+    assert "add up to 2440, not height x width = 40 x 60 = 2400" in report[0]
+    for line, (index, (counts, message)) in zip(report[1:], enumerate(BAD_COMPRESSED_RLES, start=2)):
+        assert line.startswith(f"record {index} mask 1: the compressed RLE 'counts' ") and message in line, line
+    assert report[-1] == f"error {path} (referring): 6 problem(s); 1 records, 1 expressions, 0 no-target records, " \
+        "1 images"
+    assert check_custom(path) == report  # deterministic: nothing is decoded from a bad string
+    script = subprocess.run([sys.executable, "processing/check_custom.py", "--annotations", str(path)],
+                            capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert script.returncode == 1 and script.stdout.strip().splitlines() == report, script.stderr
+    for index in range(1, len(records)):
+        with pytest.raises(ValueError, match=f"bad_rle.json record {index}: the compressed RLE 'counts' "):
+            CustomReferringDataset(path).record_mask(index, H, W)
 
 
 def test_check_reports_every_bad_sample_of_a_semantic_file(semantic_root):

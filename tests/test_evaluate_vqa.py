@@ -12,7 +12,9 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from modeling_selfie.evaluate_vqa import main, mmbench_prompt
+from modeling_selfie.evaluation_vqa import score_mmbench
 from modeling_selfie.vqa_metrics import (
+    CONTRACTIONS,
     binary_scores,
     circular_options,
     gqa_correct,
@@ -46,6 +48,35 @@ def test_vqa_answers_are_normalised_as_the_vqa_evaluation_does(raw, normalized):
     assert normalize_vqa_answer(raw) == normalized
 
 
+# Tricky answers and what the official code makes of them. Expected values computed by running, outside this
+# repository: lmms-eval 0.7.3's `EvalAIAnswerProcessor` (the VQA API's `vqaEval.py` rules; InternVL's
+# `textvqa_eval.py` has the same code), MME's `tools/eval_tool/calculation.py` (BradyFU/Awesome-Multimodal-Large-
+# Language-Models, branch Evaluation) and VLMEvalKit's `can_infer` (vlmeval/utils/matching_util.py, exact matching).
+EVALAI_NORMALISED = [
+    ("were", "were"), ("well", "well"), ("shed", "shed"), ("id", "id"), ("shell", "shell"), ("wed", "wed"),
+    ("lets", "lets"), ("Im", "im"), ("Ive", "ive"),  # not in the table (the capital-I keys never match)
+    ("hes", "he's"), ("whats", "what's"), ("twas", "'twas"), ("oclock", "o'clock"),
+    ("couldn'tve", "couldn't've"), ("yall'll", "y'all'll"), ("somebody'd", "somebodyd"),  # the table's own quirk
+    ("a/-b t-shirt", "b t shirt"), ("x/-y", "x y"), ("A-B (c)", "b c"),  # marks judged on the answer as given
+    ("it's 5 o'clock", "it 's 5 o'clock"), ("1,000.5 m", "1000.5 m"), ("a.b.c", "abc"), ("$5.00", "$5.00"),
+    ("." * 40 + "x", "." * 8 + "x"),  # at most 32 periods go
+]
+
+
+@pytest.mark.parametrize("raw, normalized", EVALAI_NORMALISED)
+def test_vqa_answers_are_normalised_as_the_evalai_processor_does(raw, normalized):
+    assert normalize_vqa_answer(raw) == normalized
+
+
+def test_vqa_contractions_are_the_official_table():
+    assert len(CONTRACTIONS) == 120
+    assert CONTRACTIONS["dont"] == "don't" and CONTRACTIONS["couldn'tve"] == "couldn't've"
+    assert not {"were", "well", "shed", "id", "ill", "its", "shell", "wed", "lets"} & set(CONTRACTIONS)
+    # ordinary words are no longer turned into contractions, the official forms still are
+    assert vqa_accuracy("were", ["we're"] * 10) == 0.0 and vqa_accuracy("were", ["were"] * 10) == 1.0
+    assert vqa_accuracy("couldn'tve", ["couldn't've"] * 3 + ["no"] * 7) == pytest.approx(0.9)
+
+
 def test_vqa_accuracy_averages_min_matches_over_3_on_the_leave_one_out_subsets():
     # 2 of 10 humans said "yes": 2 subsets keep 1 match (1/3), 8 keep 2 (2/3) -> (2/3 + 16/3) / 10 = 0.6
     assert vqa_accuracy("yes", ["yes"] * 2 + ["no"] * 8) == pytest.approx(0.6)
@@ -62,7 +93,7 @@ def test_gqa_pope_mme_and_mmbench_answer_parsing():
     assert pope_answer("No, there is no dog.") == "no" and pope_answer("There is not.") == "no"
     assert pope_answer("Yes. No doubt.") == "yes" and pope_answer("Nope") == "yes"  # only the first sentence's words
     assert [mme_answer(text) for text in ("Yes", "no.", "True", "Yesterday", "maybe")] == [
-        "yes", "no", "yes", "yes", "other",
+        "yes", "no", "other", "yes", "other",
     ]  # fmt: skip
     options = {"A": "cat", "B": "dog"}
     assert [mmbench_letter(text, options) for text in ("B", "(A) cat", "B. dog", "dog", "C", "Both")] == [
@@ -93,6 +124,75 @@ def test_mme_scores_are_accuracy_plus_accuracy_plus_per_subtask():
     assert scores["subtasks"]["existence"] == {"accuracy": 75.0, "accuracy_plus": 50.0, "score": 125.0}
     assert scores["subtasks"]["code_reasoning"] == {"accuracy": 50.0, "accuracy_plus": 0.0, "score": 50.0}
     assert (scores["perception"], scores["cognition"], scores["total"]) == (125.0, 50.0, 175.0)
+
+
+MME_PERCEPTION_TASKS = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                        "artwork", "OCR")  # fmt: skip
+MME_COGNITION_TASKS = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+# (subtask, image, answer, prediction); every subtask not named here gets one image whose two questions are right
+MME_TRICKY = [
+    ("existence", "1.png", "Yes", "True"), ("existence", "1.png", "No", "False"),
+    ("existence", "2.png", "Yes", "Yes"), ("existence", "2.png", "No", "No."),
+    ("existence", "3.png", "Yes", "yes, there is one"), ("existence", "3.png", "No", "Not at all"),
+    ("existence", "4.png", "Yes", "The answer is yes"), ("existence", "4.png", "No", "no"),
+    ("count", "5.png", "Yes", "Yesterday"), ("count", "5.png", "No", "None"),
+    ("color", "6.png", "Yes", " yes"), ("color", "6.png", "No", "  no"),
+    ("OCR", "7.png", "Yes", "是的"), ("OCR", "7.png", "No", "不是"),
+    ("OCR", "10.png", "Yes", "yes"), ("OCR", "10.png", "No", "no, none"),
+    ("code_reasoning", "8.png", "Yes", "TRUE."), ("code_reasoning", "8.png", "No", "false"),
+    ("code_reasoning", "9.png", "Yes", "True, it prints 3"), ("code_reasoning", "9.png", "No", "N/A"),
+    ("code_reasoning", "11.png", "Yes", "Yes"), ("code_reasoning", "11.png", "No", "no"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "internvl, perception, cognition, subtasks",
+    [  # calculation.py on the answers as given, and on InternVL's post-processed answers
+        (False, 1812.5, 666.6666666666666, {"existence": 112.5, "OCR": 100.0, "code_reasoning": 66.66666666666666}),
+        (True, 1962.5, 750.0, {"existence": 162.5, "code_reasoning": 150.0}),
+    ],
+)
+def test_mme_scores_tricky_answers_as_calculation_py_does(internvl, perception, cognition, subtasks):
+    items = list(MME_TRICKY)
+    for task in MME_PERCEPTION_TASKS + MME_COGNITION_TASKS:
+        if task not in {item[0] for item in MME_TRICKY}:
+            items += [(task, "x.png", "Yes", "Yes"), (task, "x.png", "No", "No")]
+    scores = mme_scores([
+        {"category": task, "image": image, "answer": answer, "prediction": mme_answer(text, internvl)}
+        for task, image, answer, text in items
+    ])  # fmt: skip
+    assert (scores["perception"], scores["cognition"]) == pytest.approx((perception, cognition))
+    assert {task: s["score"] for task, s in scores["subtasks"].items() if s["score"] != 200} == pytest.approx(subtasks)
+
+
+# Answers to "Which animal? A. cat B. dog" (right: B) and to its CircularEval rotation "A. dog B. cat" (right: A)
+MMBENCH_TRICKY = [
+    (("The answer is B.", "The answer is A."), ("B", "A")),
+    (("Answer: B", "Answer: A"), ("B", "A")),
+    (("a dog", "a dog"), ("B", "A")),  # the text of one option inside the answer
+    (("B, because it barks", "A, because it barks"), ("B", "A")),
+    (("B", "(A) dog"), ("B", "A")),
+    (("the answer is b", "A or B? The answer is A"), ("B", "A")),
+    (("B, because the animal in the picture barks", "A"), (None, "A")),  # the letter is not among the last 4 words
+    (("I think it is a dog, not a cat", "A"), (None, "A")),  # two option texts, and too long
+    (("Cannot determine the answer: B", "A"), (None, "A")),  # a refusal (VLMEvalKit's "Z")
+]
+
+
+def test_mmbench_letters_and_circular_accuracy_as_vlmevalkit_extracts_them():
+    records = []
+    for answers, letters in MMBENCH_TRICKY:
+        rotations = circular_options({"A": "cat", "B": "dog"}, "B")
+        assert [mmbench_letter(text, options) for text, (options, _) in zip(answers, rotations)] == list(letters)
+        records.append({"rotations": [
+            {"letter": mmbench_letter(text, options), "correct": correct}
+            for text, (options, correct) in zip(answers, rotations)
+        ]})  # fmt: skip
+    assert score_mmbench(records) == pytest.approx({"accuracy": 6 / 9, "circular_accuracy": 6 / 9, "count": 9})
+    options = {"A": "cat", "B": "dog", "C": "cow"}
+    assert mmbench_letter("A dog", options) == "A"  # "A" stands alone: read as the letter, as VLMEvalKit does
+    assert mmbench_letter("B or C", options) is None and mmbench_letter("a bird", options) is None
+    assert mmbench_letter("Z", options) is None
 
 
 def test_circular_options_rotate_the_texts_and_follow_the_answer():

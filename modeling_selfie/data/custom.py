@@ -47,6 +47,7 @@ from .common import SelfieDataset, coco_segmentation_mask, load_image, read_json
 from .semantic import LabelMapDataset
 
 CHECK_SCRIPT = "processing/check_custom.py"
+RLE_CHAR_OFFSET = 48  # a compressed COCO RLE writes each 6-bit value as the character chr(48 + value)
 
 
 def _locations(annotations, root, image_root, source) -> tuple[Path, Path, str]:
@@ -141,11 +142,62 @@ def record_mask_specs(record: dict) -> list:
     return [] if record["mask"] is None else [record["mask"]]
 
 
+def compressed_rle_run_lengths(counts: str | bytes) -> list[int]:
+    """The run lengths of a compressed COCO RLE `counts` string, read as pycocotools reads it: each character is a
+    value 0 to 63 offset by 48 ("0" to "o") holding 5 bits of a number (least significant first) and a continuation
+    bit (32); the last character of a number carries its sign (16); from the fourth number on, each is stored as the
+    difference to the number two places before. `ValueError` (naming 'counts') for a character outside "0" to "o",
+    a string that ends inside a number, or a negative run length."""
+    text = counts.decode("latin-1") if isinstance(counts, bytes) else counts
+    runs, value, shift = [], 0, 0
+    for position, char in enumerate(text):
+        code = ord(char) - RLE_CHAR_OFFSET
+        if not 0 <= code < 64:
+            raise ValueError(
+                f"the compressed RLE 'counts' has {char!r} at position {position}; a COCO RLE string holds only the "
+                f"characters '0' to 'o' (pycocotools' mask.encode writes it)."
+            )
+        value |= (code & 0x1F) << shift
+        shift += 5
+        if code & 0x20:
+            continue
+        if code & 0x10:
+            value -= 1 << shift  # sign extension
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            raise ValueError(f"the compressed RLE 'counts' decodes to a negative run length at run {len(runs)}.")
+        runs.append(value)
+        value, shift = 0, 0
+    if shift:
+        raise ValueError("the compressed RLE 'counts' ends inside a run length (its last character continues).")
+    return runs
+
+
+def _check_rle_counts(counts, height: int, width: int) -> None:
+    """Raise `ValueError` unless an RLE's `counts` (a list of run lengths or a compressed string) covers exactly
+    `height` x `width` pixels."""
+    if isinstance(counts, (str, bytes)):
+        runs = compressed_rle_run_lengths(counts)
+        kind = f"the compressed RLE 'counts' {counts!r:.40} decodes to run lengths that add"
+    elif isinstance(counts, list) and all(isinstance(run, int) and run >= 0 for run in counts):
+        runs, kind = counts, "an uncompressed RLE's run lengths add"
+    else:
+        raise ValueError(
+            f"an RLE's 'counts' is a list of run lengths (integers >= 0) or a compressed string, got {counts!r:.60}."
+        )
+    if sum(runs) != height * width:
+        raise ValueError(
+            f"{kind} up to {sum(runs)}, not height x width = {height} x {width} = {height * width} (COCO RLEs run "
+            f"down the columns, from a run of zeros)."
+        )
+
+
 def decode_mask(spec, height: int, width: int, base: Path | None, check: str = CHECK_SCRIPT) -> np.ndarray:
     """One mask spec as `uint8` `[height, width]` 0/1 (a PNG path is read relative to `base`; `check`: the command
     a missing file's error names). Masks that would come out empty by mistake are errors: a polygon that covers no
-    pixel of the image (outside it, or of no area), an uncompressed RLE whose run lengths do not add up to
-    height x width."""
+    pixel of the image (outside it, or of no area), an RLE whose run lengths do not add up to height x width
+    (pycocotools would leave the rest of the mask uninitialised, or write past it)."""
     if isinstance(spec, str):
         path = _resolve(spec, base)
         require_paths([path], check)
@@ -154,12 +206,8 @@ def decode_mask(spec, height: int, width: int, base: Path | None, check: str = C
         if mask.shape != (height, width):
             raise ValueError(f"{path} has size {mask.shape} but its image has {(height, width)}.")
         return mask.astype(np.uint8)
-    if isinstance(spec, dict) and isinstance(spec["counts"], list) and list(spec["size"]) == [height, width]:
-        if sum(spec["counts"]) != height * width:
-            raise ValueError(
-                f"an uncompressed RLE's run lengths add up to {sum(spec['counts'])}, not height x width = "
-                f"{height} x {width} = {height * width} (COCO RLEs run down the columns, from a run of zeros)."
-            )
+    if isinstance(spec, dict) and list(spec["size"]) == [height, width]:
+        _check_rle_counts(spec["counts"], height, width)
     if isinstance(spec, list):
         for i, polygon in enumerate(spec):
             xs, ys = polygon[0::2], polygon[1::2]
@@ -222,6 +270,11 @@ class CustomReferringDataset(SelfieDataset):
     @classmethod
     def expected_paths(cls, annotations, root=None, image_root=None, source=None) -> list[Path]:
         return [_resolve(annotations, Path(root) if root is not None else None)]
+
+    def image_ids(self) -> list[str]:
+        """The `image_id` of each sample (its image path as written), without loading any (evaluation groups an
+        image's samples by it)."""
+        return [item[0] if self.train else self.records[item[0]]["image"] for item in self.items]
 
     def data_files(self) -> list[Path]:
         files = {}
