@@ -4,15 +4,24 @@
     selfie-segment photo.jpg "red circle" "blue star" --json masks.json     # several prompts, one forward
     selfie-segment --batch jobs.jsonl --output out/ --json masks.json      # {"image", "prompt"} per line
 
-This module only parses the arguments: torch and transformers are imported (by `modeling_selfie.cli`, which does
-the work) once they are valid, so `--help` and argument errors answer at once. It lives outside the
-`modeling_selfie` package because importing the package registers the model classes with transformers.
+This module only parses and checks the arguments (with `modeling_selfie.cli_inputs`, which needs no torch): torch
+and transformers are imported (by `modeling_selfie.cli`, which does the work) once they are valid, so `--help` and
+bad input answer at once. Run it as `selfie-segment` or `python -m selfie_segment`.
 """
 
 import argparse
-import os
 import sys
-from pathlib import Path
+
+from modeling_selfie.cli_inputs import (
+    CLIError,
+    image_problem,
+    locate_model,
+    names_a_folder,
+    output_problem,
+    prompt_problem,
+    query_normalization,
+    read_batch_file,
+)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -28,58 +37,6 @@ class _Parser(argparse.ArgumentParser):
         fail(f"{message} (see selfie-segment --help)")
 
 
-def image_problem(path: str | Path) -> str | None:
-    """Why `path` cannot be an image to read (`None` when it is a file)."""
-    path = Path(path)
-    if path.is_dir():
-        return f"{path} is a folder, not an image"
-    return None if path.is_file() else f"image not found: {path}"
-
-
-def model_problem(name_or_path: str | Path) -> str | None:
-    """Why `name_or_path` cannot be a model when it names a local path (`None` when it can, or is a Hub id)."""
-    path = Path(name_or_path)
-    if path.exists() and not (path / "config.json").is_file():
-        return f"{path} is not a model folder (no config.json)"
-    return None
-
-
-def batch_problem(path: str | Path) -> str | None:
-    return None if Path(path).is_file() else f"batch file not found: {path}"
-
-
-def prompt_problem(prompt) -> str | None:
-    """Why `prompt` cannot be segmented (`None` when it says something)."""
-    if isinstance(prompt, str) and prompt.strip():
-        return None
-    return f"the prompt {prompt!r} is empty: say what to segment, e.g. \"red circle\""
-
-
-def folder_problem(folder: str | Path) -> str | None:
-    """Why files cannot be written in `folder`, creating it when missing (`None` when they can)."""
-    existing = Path(os.path.abspath(folder))
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is a file, so the folder {folder} cannot be created"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"cannot write in {existing}: permission denied"
-    return None
-
-
-def output_problem(option: str, path: str, folder: bool) -> str | None:
-    """Why `option PATH` cannot be written: `PATH` is a folder to write in when `folder`, else a file (or prefix)."""
-    if not folder and Path(path).is_dir():
-        return f"{option} {path} is a folder: name the file to write, e.g. {Path(path) / 'masks.json'}"
-    problem = folder_problem(path if folder else Path(os.path.abspath(path)).parent)
-    return f"{option} {path}: {problem}" if problem else None
-
-
-def names_a_folder(output: str) -> bool:
-    """Whether `--output` names a folder: an existing one, or any path ending in a separator."""
-    return output.endswith(tuple(s for s in (os.sep, os.altsep) if s)) or Path(output).is_dir()
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="selfie-segment",
@@ -91,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "prompts", nargs="*", metavar="PROMPT",
         help="what to segment: a phrase (\"red circle\") or, with --kind instruction, a question; several prompts "
-        "are segmented in one forward pass, each with its own mask and overlay",
+        "are segmented together (--batch-size per forward pass), each with its own mask and overlay",
     )
     parser.add_argument(
         "--batch", metavar="FILE",
@@ -99,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "segmented in batches with a progress bar; a bad line is reported and skipped",
     )
     parser.add_argument(
-        "--batch-size", type=int, metavar="N", default=8, help="images per forward pass with --batch (default 8)"
+        "--batch-size", type=int, metavar="N", default=8,
+        help="prompts per forward pass: the lines of --batch, or the PROMPTs of one IMAGE (default 8)"
     )
     parser.add_argument(
         "--output", metavar="PATH",
@@ -139,13 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_inputs(args: argparse.Namespace) -> None:
-    """The checks that need no torch, made before it loads: the image, prompts, batch file, model folder and output
-    paths, and `--device mps` off macOS. Exits with one `error:` line at the first problem (other devices are
-    checked once torch is there)."""
+    """The checks that need no torch, made before it loads: the image, `--device mps` off macOS, the output paths,
+    the model (a folder, or a Hub id that can be had: see `cli_inputs.locate_model`), the prompts (for a model that
+    reads words: some word) and the batch file's lines. Exits with one `error:` line at the first problem; a bad
+    batch line is reported and skipped (`args.jobs` holds the others, `args.bad_lines` counts the skipped ones).
+    Other devices are checked once torch is there."""
     problems = [image_problem(args.image)] if args.image else []
-    problems += [prompt_problem(prompt) for prompt in args.prompts]
-    problems += [batch_problem(args.batch)] if args.batch else []
-    problems += [model_problem(args.model)] if args.model else []
     if args.device.split(":")[0] == "mps" and sys.platform != "darwin":
         problems.append(f"--device {args.device} cannot be used here: MPS is the GPU of Apple's macOS "
                         "(try --device auto or cpu)")
@@ -155,6 +112,23 @@ def check_inputs(args: argparse.Namespace) -> None:
         problems.append(output_problem("--output", args.output, folder=bool(args.batch) or names_a_folder(args.output)))
     for problem in filter(None, problems):
         fail(problem)
+    try:  # after the local checks: a Hub id may ask the network
+        args.model = locate_model(args.model)
+    except CLIError as error:
+        fail(str(error))
+    normalization = query_normalization(args.model)
+    for problem in filter(None, (prompt_problem(prompt, normalization, args.kind) for prompt in args.prompts)):
+        fail(problem)
+    if args.batch:
+        try:
+            args.jobs, bad_lines = read_batch_file(args.batch, normalization, args.kind)
+        except CLIError as error:
+            fail(str(error))
+        for problem in bad_lines:
+            print(f"error: {problem}", file=sys.stderr)
+        if not args.jobs:
+            fail(f"{args.batch} holds no usable line")
+        args.bad_lines = len(bad_lines)
 
 
 def main(argv: list[str] | None = None) -> int:

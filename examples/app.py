@@ -8,12 +8,16 @@ draws the same overlay as `selfie-segment` (`modeling_selfie.overlay.render_over
 """
 
 import argparse
+import html
+import re
 import warnings
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
-from modeling_selfie.cli import load_model, segment_with_scores
+from modeling_selfie.cli import CLIError, load_model, read_image, segment_with_scores
+from modeling_selfie.cli_inputs import prompt_problem
 from modeling_selfie.data.refshapes import COLOURS, FORMS
 from modeling_selfie.io_utils import rgb_image
 from modeling_selfie.overlay import render_overlay
@@ -28,24 +32,42 @@ DEFAULT_MODEL_NOTE = (  # what the shipped RefShapes model was trained on, in on
 )
 
 
+def markdown_text(text: str) -> str:
+    """`text` for a Markdown component, shown as written: every character Markdown or HTML would read (`*`, `_`,
+    `<unk>`, `[...](...)`, `&`, ...) backslash-escaped."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>&~$:])", r"\\\1", text)
+
+
 def make_segment(model, processor):
-    """The page's action: `(PIL image, prompt, "phrase" | "instruction")` -> `(overlay image, Markdown summary)`."""
+    """The page's action: `(image, prompt, "phrase" | "instruction")` -> `(overlay image, Markdown summary)`. The
+    image is a PIL image, a file path, or the page's upload as gradio sends it unprocessed (`{"path": ...}`): the
+    file is read as `selfie-segment` reads it (`io_utils.read_image`: its size limit, EXIF orientation, 16-bit
+    and transparent images), and one it cannot read gets its one-line reason. What the user wrote is escaped
+    wherever the page shows it."""
 
     def segment(image, prompt: str, kind: str = "phrase"):
+        image = image.get("path") if isinstance(image, dict) else image
         if image is None:
             raise gr.Error("Upload an image first.")
         if not prompt or not prompt.strip():
             raise gr.Error("Type what to segment, e.g. 'red circle'.")
-        image, prompt = rgb_image(image), prompt.strip()  # 16-bit scaled (EXIF orientation: gradio applies it)
+        if problem := prompt_problem(prompt, processor.query_normalization, kind):
+            raise gr.Error(html.escape(problem))
+        try:  # as shown: EXIF orientation applied, 16-bit scaled, transparency over white
+            image = rgb_image(image) if isinstance(image, Image.Image) else read_image(image)
+        except CLIError as error:
+            raise gr.Error(html.escape(str(error))) from error
+        prompt = prompt.strip()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UnknownWordsWarning)
             ((mask, score),) = segment_with_scores(model, processor, image, [prompt], kind)
         area = int(mask.sum())
-        summary = f"**{prompt}**: {area} px ({100 * area / mask.size:.1f}% of the image), presence score {score:.2f}"
+        summary = (f"**{markdown_text(prompt)}**: {area} px ({100 * area / mask.size:.1f}% of the image), presence "
+                   f"score {score:.2f}")
         for warning in caught:
             if issubclass(warning.category, UnknownWordsWarning):
-                gr.Warning(str(warning.message))
-                summary += f"\n\nWarning: {warning.message}"
+                gr.Warning(html.escape(str(warning.message)))
+                summary += f"\n\nWarning: {markdown_text(str(warning.message))}"
             else:
                 warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
         return render_overlay(image, mask, prompt), summary
@@ -63,8 +85,7 @@ def build_app(model, processor, note: str | None = None) -> gr.Blocks:
             gr.Markdown(note, elem_id="model-note")
         with gr.Row():
             with gr.Column():
-                # image_mode=None: the file's own mode, as `rgb_image` reads 16-bit images (gradio's RGB clips them)
-                image = gr.Image(type="pil", image_mode=None, label="Image", elem_id="input-image")
+                image = gr.Image(type="filepath", label="Image", elem_id="input-image")
                 prompt = gr.Textbox(label="What to segment", placeholder="red circle", elem_id="prompt")
                 kind = gr.Radio(["phrase", "instruction"], value="phrase", label="Prompt kind")
                 button = gr.Button("Segment", variant="primary", elem_id="segment-button")
@@ -72,8 +93,10 @@ def build_app(model, processor, note: str | None = None) -> gr.Blocks:
                 overlay = gr.Image(type="pil", format="png", label="Mask overlay", elem_id="overlay")  # lossless
                 summary = gr.Markdown(elem_id="summary")
         gr.Examples([[str(EXAMPLE), "red circle", "phrase"]], [image, prompt, kind], elem_id="examples")
-        button.click(segment, [image, prompt, kind], [overlay, summary], api_name="segment")
-        prompt.submit(segment, [image, prompt, kind], [overlay, summary], api_name=False)
+        # preprocess=False: the upload's path reaches `segment` unopened (gradio's own Pillow call would refuse a
+        # decompression bomb with a generic error, and decode the image once more)
+        button.click(segment, [image, prompt, kind], [overlay, summary], api_name="segment", preprocess=False)
+        prompt.submit(segment, [image, prompt, kind], [overlay, summary], api_name=False, preprocess=False)
     return app
 
 

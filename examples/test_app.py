@@ -11,7 +11,10 @@ It serves the model shipped in the package, as the page does by default.
 import contextlib
 import importlib.util
 import os
+import re
 import socket
+import struct
+import zlib
 from pathlib import Path
 
 import gradio as gr
@@ -48,19 +51,42 @@ def expected_overlay(model_and_processor, image, prompt):
     return np.asarray(render_overlay(image, mask, prompt)), mask, score
 
 
-@pytest.mark.parametrize("prompt, unknown", [("red circle", None), ("Red Circle!", None), ("左边的红色圆圈", "'左边的红色圆圈'"),
-                                             ("the cat", "'cat'")])
-def test_segment_action_returns_the_overlay_and_a_summary(model_and_processor, example, prompt, unknown):
+@pytest.mark.parametrize("prompt, written, unknown", [
+    ("red circle", "red circle", None), ("Red Circle!", "Red Circle\\!", None),
+    ("左边的红色圆圈", "左边的红色圆圈", "'左边的红色圆圈'"), ("the cat", "the cat", "'cat'"),
+    ("*red* [circle](javascript:x) <b>", "\\*red\\* \\[circle\\]\\(javascript\\:x\\) \\<b\\>",
+     "'javascript', 'x', 'b'"),
+])
+def test_segment_action_returns_the_overlay_and_a_summary(model_and_processor, example, prompt, written, unknown):
+    """The summary is Markdown: what the user wrote is escaped (`written`, by hand), so that it shows as typed."""
     segment = app_module.make_segment(*model_and_processor)
     overlay, summary = segment(example, f"  {prompt} ", "phrase")
     with pytest.warns(UnknownWordsWarning) if unknown else contextlib.nullcontext():
         pixels, mask, score = expected_overlay(model_and_processor, example, prompt)
     assert np.array_equal(np.asarray(overlay), pixels) and overlay.width == example.width
-    line = f"**{prompt}**: {int(mask.sum())} px ({100 * mask.mean():.1f}% of the image), presence score {score:.2f}"
+    line = f"**{written}**: {int(mask.sum())} px ({100 * mask.mean():.1f}% of the image), presence score {score:.2f}"
     if unknown is None:
         assert summary == line
-    else:  # the words the model cannot read are named on the page
-        assert summary.startswith(line + "\n\nWarning: ") and unknown in summary.split("\n")[-1]
+    else:  # the words the model cannot read are named on the page, and "<unk>" shows as written
+        warning = summary.split("\n")[-1]
+        assert summary.startswith(line + "\n\nWarning: ") and unknown in warning and "as \\<unk\\>" in warning
+
+
+def test_bad_uploads_and_prompts_get_their_reason(model_and_processor, tmp_path):
+    """As gradio hands the upload over unprocessed (`{"path": ...}`): files written by hand and by PIL."""
+    (tmp_path / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
+    (tmp_path / "notes.png").write_text("not a picture")
+    Image.new("RGB", (2, 2), (220, 30, 30)).save(tmp_path / "tiny.png")
+    segment = app_module.make_segment(*model_and_processor)
+    for name, prompt, message in [
+        ("bomb.png", "red", "bomb.png is too large: 10,000,000,000 pixels, more than the limit of 89,478,485"),
+        ("notes.png", "red", "not an image file"),
+        ("tiny.png", "?!...,;", "holds no word"),
+    ]:
+        with pytest.raises(gr.Error, match=re.escape(message)):
+            segment({"path": str(tmp_path / name)}, prompt, "phrase")
+    overlay, summary = segment({"path": str(tmp_path / "tiny.png")}, "red circle", "phrase")
+    assert overlay.width == 2 and "**red circle**: " in summary
 
 
 def test_the_page_says_what_the_default_model_knows(model_and_processor):
@@ -76,6 +102,17 @@ def test_segment_action_asks_for_what_is_missing(model_and_processor, example, i
     segment = app_module.make_segment(*model_and_processor)
     with pytest.raises(gr.Error, match=message):
         segment(example if image == "example" else image, prompt, "phrase")
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG file, written by hand, whose header claims `width` x `height` RGB pixels (its data holds a few)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = zlib.compress(bytes(16))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 def free_port() -> int:
@@ -126,3 +163,10 @@ def test_the_page_reads_sixteen_bit_and_exif_rotated_uploads_as_shown(served, mo
         overlay_file, _ = client.predict(handle_file(str(tmp_path / name)), "red", "phrase", api_name="/segment")
         pixels, _, _ = expected_overlay(model_and_processor, image, "red")
         assert np.array_equal(np.asarray(Image.open(overlay_file).convert("RGB")), pixels), name
+
+
+def test_the_served_page_refuses_a_decompression_bomb_with_its_reason(served, tmp_path):
+    (tmp_path / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
+    client = Client(served, verbose=False)
+    with pytest.raises(Exception, match="is too large: 10,000,000,000 pixels"):
+        client.predict(handle_file(str(tmp_path / "bomb.png")), "red", "phrase", api_name="/segment")

@@ -101,3 +101,9 @@ def test_page_segments_the_bundled_example(server, browser, tmp_path):
     prompt.clear()
     prompt.send_keys("左边的红色圆圈\n")  # any script reaches the model and the caption
     wait.until(lambda d: "左边的红色圆圈" in d.find_element(By.ID, "summary").text)
+
+    prompt.clear()  # Markdown and HTML in the prompt, and the warning's "<unk>", show as written
+    prompt.send_keys("*red* <b>circle</b>\n")
+    wait.until(lambda d: "*red* <b>circle</b>" in d.find_element(By.ID, "summary").text)
+    summary = browser.find_element(By.ID, "summary").text
+    assert "it reads them as <unk>, so" in summary and not browser.find_elements(By.CSS_SELECTOR, "#summary b")

@@ -3,7 +3,7 @@
 Importing this package registers the `selfie` model type with `AutoConfig`, `AutoModel` (the base `SelfieModel`, as
 transformers' convention is), `AutoModelForImageTextToText` (`SelfieForSegmentation`), `AutoImageProcessor` and
 `AutoProcessor`, and the `referring-segmentation` pipeline task ([`register_auto_classes`]). The package's own command
-lines (`python -m modeling_selfie.<module>`, the `selfie-train` / `selfie-evaluate` / `selfie-convert` scripts,
+lines (`python -m modeling_selfie.<module>`, the `selfie-*` scripts, `python -m selfie_segment`,
 `processing/check_*.py`) import it without loading torch, so that `--help` and argument errors answer at once; there
 the classes load, and register, when first used.
 """
@@ -24,7 +24,7 @@ _EXPORTS = {
     "SelfieImageProcessor": ".processing_selfie",
     "SelfieProcessor": ".processing_selfie",
 }
-OWN_SCRIPTS = ("selfie-train", "selfie-evaluate", "selfie-convert")
+OWN_SCRIPTS = ("selfie-train", "selfie-evaluate", "selfie-convert", "selfie-segment", "selfie_segment.py")
 
 
 def register_auto_classes() -> None:
@@ -55,8 +55,8 @@ def __getattr__(name: str):
 
 def _running_own_command() -> bool:
     """Whether this process runs one of the package's command lines: `python -m modeling_selfie.<module>` (while
-    Python imports the package to find the module, `sys.argv[0]` is "-m"), a `selfie-*` script of `OWN_SCRIPTS`, or
-    a `processing/check_*.py` script."""
+    Python imports the package to find the module, `sys.argv[0]` is "-m"), a script of `OWN_SCRIPTS` (`selfie-*`, and
+    `selfie_segment.py` run as `python -m selfie_segment`), or a `processing/check_*.py` script."""
     program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
     is_check = program.parent.name == "processing" and program.name.startswith("check_")
     return bool(sys.argv) and (sys.argv[0] == "-m" or program.name in OWN_SCRIPTS or is_check)

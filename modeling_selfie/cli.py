@@ -1,4 +1,5 @@
-"""The work behind `selfie-segment` (see `selfie_segment.py` for its arguments and `--help`).
+"""The work behind `selfie-segment` (`selfie_segment.py` parses and checks its arguments; `cli_inputs` holds the
+checks of its input that need no torch).
 
     selfie-segment examples/assets/shapes.png "red circle"
     selfie-segment photo.jpg "red circle" "blue star" --json masks.json
@@ -8,52 +9,25 @@ Every output file is written atomically (`io_utils.atomic_output_file`), so an i
 half-written mask, overlay or JSON file in place of a good one.
 """
 
-import sys
-
-if __name__ == "__main__":  # `python -m modeling_selfie.cli` is `selfie-segment`: arguments checked before torch loads
-    from selfie_segment import main
-
-    sys.exit(main())
-
 import json
 import os
+import sys
 import warnings
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pycocotools import mask as mask_utils
-from selfie_segment import batch_problem, image_problem, model_problem, names_a_folder, prompt_problem
 from tqdm.auto import tqdm
 
 from . import io_utils
+from .cli_inputs import CLIError, Job, default_model_dir, image_problem, locate_model, names_a_folder, prompt_problem
+from .cli_inputs import read_error
 from .io_utils import atomic_output_file
 from .overlay import render_overlay
 
-DEFAULT_MODEL = "selfie-refshapes"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one `error:` line, exit code 2."""
-
-
-@dataclass
-class Job:
-    """One image + prompt to segment; `line` is its line in a `--batch` file (`None` on the command line)."""
-
-    image: Path
-    prompt: str
-    line: int | None = None
-    name: str | None = None  # the image as the user wrote it
-
-
-def default_model_dir() -> Path:
-    """Folder of the model shipped in the package."""
-    return Path(str(resources.files("modeling_selfie").joinpath("pretrained", DEFAULT_MODEL)))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,20 +64,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str = "auto"):
-    """(model, processor) from a folder or Hub id (the shipped RefShapes model when `None`), on `device` in `dtype`
-    (names as `selfie-segment --device/--dtype` takes them)."""
+    """(model, processor) from a folder or Hub id (the shipped RefShapes model when `None`; see
+    `cli_inputs.locate_model`), on `device` in `dtype` (names as `selfie-segment --device/--dtype` takes them)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from . import register_auto_classes
 
-    register_auto_classes()  # `python -m modeling_selfie.cli` imports the package without registering
+    register_auto_classes()  # `selfie-segment` imports the package without registering
 
     torch_device = resolve_device(device)
-    source = str(name_or_path or default_model_dir())
-    if name_or_path is None and not (default_model_dir() / "config.json").exists():
-        raise CLIError(f"the shipped model is missing from {default_model_dir()}; reinstall modeling-selfie")
-    if problem := model_problem(source):
-        raise CLIError(problem)
+    source = locate_model(name_or_path)
     try:
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=resolve_dtype(dtype, torch_device))
         processor = AutoProcessor.from_pretrained(source)
@@ -120,15 +90,8 @@ def read_image(path: str | Path) -> Image.Image:
         raise CLIError(problem)
     try:
         return io_utils.read_image(path)
-    except (UnidentifiedImageError, OSError) as error:
-        raise CLIError(f"cannot read image {path}: {error}") from error
-
-
-def clean_prompt(prompt) -> str:
-    """The prompt without surrounding whitespace; a `CLIError` when there is nothing left."""
-    if problem := prompt_problem(prompt):
-        raise CLIError(problem)
-    return prompt.strip()
+    except (io_utils.ImageTooLargeError, OSError) as error:
+        raise CLIError(read_error(path, error)) from error
 
 
 def segment_with_scores(model, processor, images, prompts: list[str], query_kind: str = "phrase"):
@@ -186,37 +149,6 @@ def write_json(path: str | Path, records: list[dict]) -> None:
     write_file(path, lambda staging: staging.write_text(text, encoding="utf-8"))
 
 
-def read_batch_file(path: str | Path) -> tuple[list[Job], list[str]]:
-    """The jobs of a JSON Lines file of `{"image", "prompt"}` objects (image paths relative to the file's folder),
-    and one message per line that cannot be used (blank lines are skipped)."""
-    path = Path(path)
-    if problem := batch_problem(path):
-        raise CLIError(problem)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise CLIError(f"cannot read batch file {path}: {error}") from error
-    jobs, problems = [], []
-    for number, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        try:
-            item = json.loads(text)
-        except json.JSONDecodeError as error:
-            problems.append(f"{path} line {number}: not JSON ({error})")
-            continue
-        if not isinstance(item, dict) or not isinstance(item.get("image"), str) or "prompt" not in item:
-            problems.append(f'{path} line {number}: needs an object {{"image": PATH, "prompt": TEXT}}, got {text[:80]}')
-            continue
-        try:
-            prompt = clean_prompt(item["prompt"])
-        except CLIError as error:
-            problems.append(f"{path} line {number}: {error}")
-            continue
-        jobs.append(Job(path.parent / item["image"], prompt, number, item["image"]))
-    return jobs, problems
-
-
 def report(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
@@ -233,12 +165,19 @@ def show_warning(message, category, filename, lineno, file=None, line=None, _sho
 
 
 def run_single(args) -> int:
-    """`selfie-segment IMAGE PROMPT [PROMPT ...]`: all prompts in one forward pass, one mask + overlay each."""
+    """`selfie-segment IMAGE PROMPT [PROMPT ...]`: `--batch-size` prompts per forward pass, one mask + overlay
+    each."""
     image_path = Path(args.image)
-    jobs = [Job(image_path, clean_prompt(prompt), name=args.image) for prompt in args.prompts]
+    jobs = [Job(image_path, prompt.strip(), name=args.image) for prompt in args.prompts]
     image = read_image(image_path)
     model, processor = load_model(args.model, args.device, args.dtype)
-    results = segment_with_scores(model, processor, image, [job.prompt for job in jobs], args.kind)
+    for job in jobs:  # `selfie_segment` checked them already if the model's folder was here
+        if problem := prompt_problem(job.prompt, processor.query_normalization, args.kind):
+            raise CLIError(problem)
+    results = []
+    for start in range(0, len(jobs), args.batch_size):
+        chunk = jobs[start : start + args.batch_size]
+        results += segment_with_scores(model, processor, image, [job.prompt for job in chunk], args.kind)
     prefix = output_prefix(args.output, image_path)
     records = []
     for k, (job, (mask, score)) in enumerate(zip(jobs, results), 1):
@@ -259,31 +198,36 @@ def run_single(args) -> int:
 
 
 def run_batch(args) -> int:
-    """`selfie-segment --batch FILE`: `--batch-size` lines per forward pass; bad lines are reported, not fatal."""
-    jobs, problems = read_batch_file(args.batch)
-    for problem in problems:
-        report(problem)
-    if not jobs:
-        raise CLIError(f"{args.batch} holds no usable line")
+    """`selfie-segment --batch FILE`: `--batch-size` lines per forward pass; a bad line is reported and skipped.
+
+    `args.jobs` are the lines `selfie_segment` found usable and `args.bad_lines` counts the others (reported
+    there). A line this model cannot take is reported here and skipped: its image cannot be decoded, its prompt
+    holds no word it reads, or `model.segment` refuses it (a `ValueError`; its batch is then segmented line by
+    line, so that only that line is lost).
+    """
     model, processor = load_model(args.model, args.device, args.dtype)
+    jobs, failed = args.jobs, args.bad_lines
     folder = Path(args.output or ".")
-    records, failed = [], len(problems)
+    records = []
     with tqdm(total=len(jobs), unit="image", desc="selfie-segment", file=sys.stderr) as progress:
+
+        def skip(job: Job, problem) -> None:
+            nonlocal failed
+            progress.write(f"error: {args.batch} line {job.line}: {problem}", file=sys.stderr)
+            failed += 1
+
         for start in range(0, len(jobs), args.batch_size):
             batch, ready = jobs[start : start + args.batch_size], []
             for job in batch:
                 try:
+                    if problem := prompt_problem(job.prompt, processor.query_normalization, args.kind):
+                        raise CLIError(problem)
                     ready.append((job, read_image(job.image)))
                 except CLIError as error:
-                    progress.write(f"error: {args.batch} line {job.line}: {error}", file=sys.stderr)
-                    failed += 1
-            if ready:
-                results = segment_with_scores(
-                    model, processor, [image for _, image in ready], [job.prompt for job, _ in ready], args.kind
-                )
-                for (job, image), (mask, score) in zip(ready, results):
-                    prefix = None if args.no_images else folder / f"{job.image.stem}_{job.line}"
-                    records.append(save_result(job, image, mask, score, prefix))
+                    skip(job, error)
+            for (job, image), (mask, score) in segment_lines(model, processor, ready, args.kind, skip):
+                prefix = None if args.no_images else folder / f"{job.image.stem}_{job.line}"
+                records.append(save_result(job, image, mask, score, prefix))
             progress.update(len(batch))
     if args.json:
         write_json(args.json, records)
@@ -291,6 +235,21 @@ def run_batch(args) -> int:
     written += [f"COCO RLE in {args.json}"] if args.json else []
     print(f"{len(records)} of {len(records) + failed} lines of {args.batch} segmented; {'; '.join(written)}")
     return 2 if failed else 0
+
+
+def segment_lines(model, processor, ready: list[tuple[Job, Image.Image]], kind: str, skip) -> list:
+    """`((job, image), (mask, score))` for each of `ready`, segmented in one forward pass; when `model.segment`
+    refuses them (`ValueError`), line by line, calling `skip(job, error)` for each line it refuses."""
+    if not ready:
+        return []
+    try:
+        images, prompts = [image for _, image in ready], [job.prompt for job, _ in ready]
+        return list(zip(ready, segment_with_scores(model, processor, images, prompts, kind)))
+    except ValueError as error:
+        if len(ready) == 1:
+            skip(ready[0][0], error)
+            return []
+    return [result for line in ready for result in segment_lines(model, processor, [line], kind, skip)]
 
 
 def run(args) -> int:

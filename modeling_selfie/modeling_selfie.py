@@ -376,8 +376,8 @@ class SelfieSegmentationOutput(InternVLCausalLMOutputWithPast):
     presence_logits (`list[torch.FloatTensor]`, *optional*):
         One `[n_seg]` tensor per sample: whether the referred object is in the image at all (the convention of
         SAM3's `presence_logits`); see [`SelfieForSegmentation.presence_logits`]. Never above the logit of the
-        mask's most confident pixel, so a mask is empty at the default thresholds exactly when its presence score
-        `sigmoid(presence)` is below 0.5 (`post_process_masks` empties it).
+        mask's most confident pixel; `post_process_masks(..., return_scores=True)` caps it again by the most
+        confident pixel at the image's size, so that a mask is empty exactly when its score is below 0.5.
     text_loss (`torch.FloatTensor` of shape `()`, *optional*):
         Next-token cross entropy (when `labels` are given).
     mask_bce_loss, mask_dice_loss (`torch.FloatTensor` of shape `()`, *optional*):
@@ -1023,13 +1023,12 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         out = self(**inputs, seg_layout=layout, logits_to_keep=1)  # masks need no vocabulary logits
         sizes = [image_size_of(image) for image in images]
-        masks = post_process_masks(
-            out.pred_masks, sizes, mask_threshold, not return_logits, out.presence_logits, presence_threshold
+        masks, scores = post_process_masks(
+            out.pred_masks, sizes, mask_threshold, not return_logits, out.presence_logits, presence_threshold,
+            return_scores=True,
         )
         masks = [m[0] for m in masks]
-        if return_scores:
-            return masks, [float(presence[0].float().sigmoid()) for presence in out.presence_logits]
-        return masks
+        return (masks, [float(score[0]) for score in scores]) if return_scores else masks
 
     @torch.inference_mode()
     def chat(
@@ -1057,7 +1056,8 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
             max_new_tokens, generate_kwargs: passed to `generate` (greedy by default).
         Returns:
             `{"text": answer, "masks": bool [n_seg, H, W] at the image size (n_seg = [SEG] in this answer),
-            "scores": presence scores [n_seg]}`.
+            "scores": presence scores [n_seg]}` (a mask is empty exactly when its score is below 0.5, see
+            [`post_process_masks`]).
         """
         from .processing_selfie import image_size_of, post_process_masks
 
@@ -1086,8 +1086,10 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
         full = torch.cat([inputs["input_ids"][0], torch.tensor(answer_ids, device=self.input_device)])[None]
         out = self(input_ids=full, pixel_values=inputs["pixel_values"], tile_grid=tile_grid)
         logits, presence = out.pred_masks[0][-n_seg:], out.presence_logits[0][-n_seg:]
-        masks = post_process_masks([logits], [image_size_of(image)], mask_threshold)[0]
-        return {"text": text, "masks": masks.cpu(), "scores": presence.sigmoid().cpu()}
+        (masks,), (scores,) = post_process_masks(
+            [logits], [image_size_of(image)], mask_threshold, presence_logits=[presence], return_scores=True
+        )
+        return {"text": text, "masks": masks.cpu(), "scores": scores.float().cpu()}
 
     @can_return_tuple
     @deprecated_cache_name

@@ -10,7 +10,6 @@
 import os
 
 import numpy as np
-import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, Pipeline
 from transformers.image_utils import load_image
@@ -77,15 +76,14 @@ class ReferringSegmentationPipeline(Pipeline):
 
     def postprocess(self, model_outputs, mask_threshold: float = 0.0, presence_threshold: float = 0.5):
         sizes = [model_outputs["size"]] * len(model_outputs["labels"])
-        masks = post_process_masks(
+        masks, scores = post_process_masks(
             model_outputs["pred_masks"], sizes, mask_threshold, True, model_outputs["presence_logits"],
-            presence_threshold,
+            presence_threshold, return_scores=True,
         )
         results = []
-        for label, mask, presence in zip(model_outputs["labels"], masks, model_outputs["presence_logits"]):
+        for label, mask, score in zip(model_outputs["labels"], masks, scores):
             pixels = (mask[0].cpu().numpy().astype(np.uint8)) * 255
-            score = float(torch.sigmoid(presence[0].float()))
-            results.append({"mask": Image.fromarray(pixels, mode="L"), "score": score, "label": label})
+            results.append({"mask": Image.fromarray(pixels, mode="L"), "score": float(score[0]), "label": label})
         return results
 
 

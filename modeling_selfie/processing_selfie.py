@@ -3,7 +3,6 @@
 
 import random
 import re
-import unicodedata
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
@@ -27,8 +26,10 @@ from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 from .io_utils import rgb_image, shown_size
+from .queries import QUERY_NORMALIZATIONS, normalize_query, shorten
 
 SEG_TOKEN = "[SEG]"
+UNKNOWN_WORDS_NAMED = 10  # unknown words an `UnknownWordsWarning` names (the others are counted)
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 SELF1E_SYSTEM_MESSAGE = "You are an helpful assistant."  # (sic) the released SELF1E's system turn
 # How the first user turn starts (the authors' evaluation writes "<image>\n "
@@ -38,9 +39,6 @@ PROMPT_STYLES = {
     "self1e": {"image_prefix": "{image}\n "},
     "internvl": {"image_prefix": "{image}\n"},
 }
-# How queries are rewritten before they enter the prompt (`normalize_query`): as given, or as plain words.
-QUERY_NORMALIZATIONS = (None, "words")
-_QUERY_WORD = re.compile(r"[^\W_]+")  # runs of letters and digits: punctuation, hyphens, underscores split words
 # InternVL's image tokens, for tokenizers whose config does not name them (the original InternVL3 folders).
 IMAGE_TOKEN_ROLES = {
     "start_image_token": "<img>",
@@ -102,27 +100,6 @@ def segmentation_question(text: str, kind: str = "phrase", rng: random.Random | 
     if rng is None:
         return VALIDATION_QUESTIONS[kind].format(text=text)
     return rng.choice(LONG_QUESTIONS if kind == "instruction" else SHORT_QUESTIONS).format(text=text)
-
-
-def normalize_query(text: str, kind: str = "phrase", normalization: str | None = None) -> str:
-    """A query written as a model's training text was (`SelfieProcessor(query_normalization=...)`).
-
-    `normalization=None` returns `text` unchanged. `"words"` (the RefShapes demo model's training text) keeps the
-    words only: Unicode NFKC, lower case, runs of letters and digits joined by one space (punctuation, hyphens,
-    underscores and repeated spaces become one space). A phrase is just these words ("Red-Circle!" ->
-    "red circle"); an instruction is a sentence: its first letter upper case and a final "?" (or "." when the text
-    ended with one), as "Which shape has three corners?".
-    """
-    if normalization is None:
-        return text
-    if normalization not in QUERY_NORMALIZATIONS:
-        raise ValueError(f"query_normalization={normalization!r} is not one of {list(QUERY_NORMALIZATIONS)}.")
-    words = " ".join(_QUERY_WORD.findall(unicodedata.normalize("NFKC", text).lower()))
-    if not words:
-        raise ValueError(f"The query {text!r} holds no word (letters or digits) to segment.")
-    if kind == "phrase":
-        return words
-    return words[0].upper() + words[1:] + ("." if text.rstrip().endswith(".") else "?")
 
 
 class UnknownWordsWarning(UserWarning):
@@ -408,13 +385,14 @@ class SelfieProcessor(InternVLProcessor):
 
     def warn_unknown_words(self, queries: Sequence[str], kind: str = "phrase") -> list[str]:
         """Issue one [`UnknownWordsWarning`] naming the words of `queries` the vocabulary lacks (none: no warning);
-        returns the words."""
-        found = {query: self.unknown_words(query, kind) for query in queries}
-        words = list(dict.fromkeys(word for query_words in found.values() for word in query_words))
+        returns the words. The message names each word once (a long one shortened) and at most
+        `UNKNOWN_WORDS_NAMED` of them, never the whole query."""
+        words = list(dict.fromkeys(word for query in queries for word in self.unknown_words(query, kind)))
         if words:
-            where = "; ".join(f"{', '.join(map(repr, ws))} in {query!r}" for query, ws in found.items() if ws)
+            named = ", ".join(repr(shorten(word, 30)) for word in words[:UNKNOWN_WORDS_NAMED])
+            more = f" and {len(words) - UNKNOWN_WORDS_NAMED} more" if len(words) > UNKNOWN_WORDS_NAMED else ""
             warnings.warn(
-                f"the model does not know the word(s) {where}: it reads them as <unk>, so those masks are "
+                f"the model does not know the word(s) {named}{more}: it reads them as <unk>, so those masks are "
                 "guesses and their presence scores are lowered",
                 UnknownWordsWarning,
                 stacklevel=3,
@@ -536,10 +514,11 @@ class SelfieProcessor(InternVLProcessor):
         binarize: bool = True,
         presence_logits: Sequence[torch.Tensor] | None = None,
         presence_threshold: float = 0.5,
-    ) -> list[torch.Tensor]:
-        """Masks at each image's own size; see [`post_process_masks`]."""
+        return_scores: bool = False,
+    ):
+        """Masks at each image's own size (and their presence scores); see [`post_process_masks`]."""
         return post_process_masks(
-            pred_masks, original_sizes, mask_threshold, binarize, presence_logits, presence_threshold
+            pred_masks, original_sizes, mask_threshold, binarize, presence_logits, presence_threshold, return_scores
         )
 
 
@@ -550,37 +529,50 @@ def post_process_masks(
     binarize: bool = True,
     presence_logits: Sequence[torch.Tensor] | None = None,
     presence_threshold: float = 0.5,
-) -> list[torch.Tensor]:
-    """Bring mask logits back to each image's own size (bilinear, `align_corners=False`) and threshold them.
+    return_scores: bool = False,
+) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Bring mask logits back to each image's own size (bilinear, `align_corners=False`), threshold them and score
+    them, so that a mask is empty exactly when its presence score is below `presence_threshold`.
+
+    A mask's presence score is `sigmoid(min(presence_logit, its largest logit at the image's size))`: the model's
+    presence logit is taken on the low-resolution logits, and resizing to a small image (a 2x2 one) can lose
+    their peak. A mask whose score is below `presence_threshold` comes back empty; a mask left with no pixel above
+    `mask_threshold` scores just below `presence_threshold` at most (at the default thresholds its score is at
+    most 0.5 anyway).
 
     Args:
         pred_masks: `SelfieSegmentationOutput.pred_masks`, one `[n_seg, H, W]` logit tensor per sample.
         original_sizes: (height, width) of each sample's image.
         mask_threshold: logit threshold (0.0 = probability 0.5).
-        binarize: return bool masks; `False` returns the resized logits.
-        presence_logits: `SelfieSegmentationOutput.presence_logits` (one `[n_seg]` tensor per sample); with it,
-            a mask whose presence score `sigmoid(presence_logit)` is below `presence_threshold` comes back empty
-            (all False), so a phrase that matches nothing yields no mask.
+        binarize: return bool masks; `False` returns the resized logits (unthresholded; the scores are the same).
+        presence_logits: `SelfieSegmentationOutput.presence_logits` (one `[n_seg]` tensor per sample); without
+            it the scores come from the masks' logits alone.
+        presence_threshold: masks scoring lower come back empty.
+        return_scores: also return the presence scores.
     Returns:
-        One `[n_seg, height, width]` tensor per sample (bool, or float logits without `binarize`).
+        One `[n_seg, height, width]` tensor per sample (bool, or float logits without `binarize`); with
+        `return_scores`, `(masks, scores)` with one float64 `[n_seg]` score tensor per sample, on the CPU.
     """
     if len(pred_masks) != len(original_sizes):
         raise ValueError(f"{len(pred_masks)} mask sets but {len(original_sizes)} original sizes.")
-    results = []
-    for masks, (height, width) in zip(pred_masks, original_sizes):
-        if masks.shape[0] == 0:
-            resized = masks.new_zeros(0, int(height), int(width))
+    below = float(np.nextafter(presence_threshold, 0.0))  # the largest score below the threshold
+    results, all_scores = [], []
+    for b, (masks, (height, width)) in enumerate(zip(pred_masks, original_sizes)):
+        size = (int(height), int(width))
+        if masks.shape[0] == 0 or 0 in size:
+            resized = masks.new_zeros(masks.shape[0], *size, dtype=torch.float32)
         else:
-            resized = F.interpolate(
-                masks[:, None].float(), size=(int(height), int(width)), mode="bilinear", align_corners=False
-            )[:, 0]
-        if binarize:
-            resized = resized > mask_threshold
-            if presence_logits is not None:
-                absent = presence_logits[len(results)].sigmoid() < presence_threshold
-                resized = resized & ~absent.to(resized.device)[:, None, None]
-        results.append(resized)
-    return results
+            resized = F.interpolate(masks[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+        logits = resized.flatten(1).amax(1) if 0 not in size else resized.new_full(resized.shape[:1], -torch.inf)
+        if presence_logits is not None:
+            logits = torch.minimum(logits, presence_logits[b].to(logits.device, torch.float32))
+        scores = logits.detach().cpu().double().sigmoid()  # float64 (on the CPU: MPS has none) tells 0.5 from below
+        present = (scores >= presence_threshold).to(resized.device)
+        binary = (resized > mask_threshold) & present[:, None, None]
+        scores = torch.where(binary.flatten(1).any(1).cpu(), scores, scores.clamp(max=below))
+        results.append(binary if binarize else resized)
+        all_scores.append(scores)
+    return (results, all_scores) if return_scores else results
 
 
 def seg_token_id_in(tokenizer) -> int:

@@ -2,8 +2,11 @@
 bad input gets one clear line and never costs the results of the good input."""
 
 import json
+import os
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -126,16 +129,19 @@ def test_batch_file_keeps_the_good_lines_when_some_are_bad(model_dir, tmp_path, 
         json.dumps({"image": "broken.png", "prompt": "green"}),  # 7: unreadable
         json.dumps(["one.png", "red"]),  # 8: not an object
         json.dumps({"image": "one.png", "prompt": "green shape"}),  # 9
+        json.dumps({"image": "bomb.png", "prompt": "red"}),  # 10: its header claims 10^10 pixels
+        json.dumps({"image": "one.png", "prompt": 42}),  # 11: not text
     ]
+    (tmp_path / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
     (tmp_path / "jobs.jsonl").write_text("\n".join(lines) + "\n")
     code = main(["--batch", str(tmp_path / "jobs.jsonl"), "--batch-size", "2", "--model", str(model_dir),
                  "--output", str(tmp_path / "out") + "/", "--json", str(tmp_path / "out.json")])
     assert code == 2  # some lines failed
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     for number, reason in [(2, "image not found"), (3, "not JSON"), (5, "is empty"), (7, "cannot read image"),
-                           (8, "needs an object")]:
+                           (8, "needs an object"), (10, "is too large: 10,000,000,000 pixels"), (11, "42 is not text")]:
         assert any(f"jobs.jsonl line {number}: " in line and reason in line for line in errors), (number, errors)
-    assert len(errors) == 5
+    assert len(errors) == 7
     assert sum(calls) == 3 and max(calls) <= 2  # the 3 readable lines, at most 2 per forward
 
     model, processor = loaded[0]
@@ -201,17 +207,41 @@ def test_dtype_option_loads_the_model_in_that_dtype(model_dir, tmp_path, forward
     assert read_mask(tmp_path / "a_mask.png").shape == (40, 40)
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG file, written by hand, whose header claims `width` x `height` RGB pixels (its data holds a few)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = zlib.compress(bytes(16))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def run_command(argv: list[str], cwd, **env) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """`python -m selfie_segment ARGV` in a fresh interpreter, and the top-level modules it imported."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "selfie_segment", *argv], capture_output=True,
+                            text=True, cwd=cwd, env={**os.environ, **env}, timeout=300)
+    lines = result.stderr.splitlines()
+    modules = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in lines if line.startswith("import time:")}
+    result.stderr = "".join(f"{line}\n" for line in lines if not line.startswith("import time:"))
+    return result, modules
+
+
 def test_help_and_argument_errors_answer_without_importing_torch(tmp_path):
-    probe = (
-        "import sys, selfie_segment\n"
-        "try:\n    selfie_segment.main(sys.argv[1:])\n"
-        "except SystemExit as exit:\n"
-        "    print(exit.code, sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n"
-    )
     random_image(8, 8).save(tmp_path / "ok.png")
     (tmp_path / "jobs.jsonl").write_text(json.dumps({"image": "ok.png", "prompt": "red"}) + "\n")
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
+    (tmp_path / "big.png").write_bytes(png_claiming(12_000, 12_000))
+    (tmp_path / "notes.txt").write_text("not a picture")
     bad_input = [
+        (["bomb.png", "red"], "bomb.png is too large: 10,000,000,000 pixels, more than the limit of 89,478,485"),
+        (["big.png", "red"], "big.png is too large: 12000x12000 = 144,000,000 pixels, more than the limit of 89,4"),
+        (["notes.txt", "red"], "cannot read image notes.txt: not an image file"),
+        ([".", "red"], ". is a folder, not an image"),
+        (["ok.png", "?!...,;"], "the prompt '?!...,;' holds no word"),  # the shipped model reads words
+        (["ok.png", "red", "--model", "./runs/nothing/final"], "model folder not found: ./runs/nothing/final"),
         (["missing.png", "red circle"], "image not found: missing.png"),
         (["ok.png", "red", " "], "is empty"),
         (["none.jsonl", "red"], "image not found"),
@@ -227,14 +257,15 @@ def test_help_and_argument_errors_answer_without_importing_torch(tmp_path):
     for argv, code in [(["--help"], 0), ([], 2), (["a.png"], 2), (["--batch", "x.jsonl", "a.png"], 2)] + [
         (argv, 2) for argv, _ in bad_input
     ]:
-        result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=tmp_path)
-        assert result.stdout.strip().splitlines()[-1] == f"{code} []", (argv, result.stdout, result.stderr)
+        result, modules = run_command(argv, tmp_path)
+        assert result.returncode == code and not modules & {"torch", "transformers"}, (argv, result.stderr)
         if code:
             assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
         message = dict((tuple(a), m) for a, m in bad_input).get(tuple(argv))
         assert message is None or message in result.stderr, (argv, result.stderr)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "jobs.jsonl", "ok.png"]  # nothing written
-    help_text = subprocess.run([sys.executable, "-c", probe, "--help"], capture_output=True, text=True).stdout
+    inputs = {"a_file", "jobs.jsonl", "ok.png", "bomb.png", "big.png", "notes.txt"}
+    assert {p.name for p in tmp_path.iterdir()} == inputs  # nothing written
+    help_text = run_command(["--help"], tmp_path)[0].stdout
     assert "--batch" in help_text and "--json" in help_text and "--device" in help_text
 
 
@@ -301,7 +332,7 @@ def test_sixteen_bit_and_exif_rotated_images_are_segmented_as_shown(model_dir, t
 
 
 def test_module_entry_point_reports_bad_input_without_a_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "modeling_selfie.cli", "missing.png", "red circle"], cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-m", "selfie_segment", "missing.png", "red circle"], cwd=tmp_path,
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr == "error: image not found: missing.png\n"
@@ -312,3 +343,126 @@ def test_the_shipped_model_is_in_the_package():
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
     assert (folder / "README.md").read_text().count("cIoU") >= 1
     assert sum(f.stat().st_size for f in folder.iterdir()) < 40 * 2**20  # issue 13: under 40 MB
+
+
+def test_bad_batch_lines_are_skipped_and_the_rest_written(tmp_path):
+    """As a user runs it, with the shipped model (which reads words): a decompression bomb, a prompt of punctuation,
+    a prompt that is a number and an image too large to decode are each one error line; the good lines are written."""
+    random_image(40, 32, seed=1).save(tmp_path / "one.png")
+    (tmp_path / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
+    (tmp_path / "big.png").write_bytes(png_claiming(12_000, 12_000))
+    lines = [{"image": "one.png", "prompt": "red circle"}, {"image": "bomb.png", "prompt": "red"},
+             {"image": "one.png", "prompt": "?!...,;"}, {"image": "one.png", "prompt": 42},
+             {"image": "big.png", "prompt": "red"}, {"image": "one.png", "prompt": "blue square"}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result, _ = run_command(["--batch", "jobs.jsonl", "--output", "out/", "--json", "masks.json", "--device", "cpu"],
+                            tmp_path)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 4 and "Traceback" not in result.stderr
+    for number, reason in [(2, "bomb.png is too large: 10,000,000,000 pixels, more than the limit of 89,478,485"),
+                           (3, "the prompt '?!...,;' holds no word"), (4, "the prompt 42 is not text"),
+                           (5, "big.png is too large: 12000x12000 = 144,000,000 pixels")]:
+        assert any(line.startswith(f"error: jobs.jsonl line {number}: ") and reason in line for line in errors)
+    records = json.loads((tmp_path / "masks.json").read_text())
+    assert [(r["line"], r["prompt"]) for r in records] == [(1, "red circle"), (6, "blue square")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "one_1_mask.png", "one_1_overlay.png", "one_6_mask.png", "one_6_overlay.png"]
+    assert "2 of 6 lines of jobs.jsonl segmented" in result.stdout
+
+
+def test_a_line_the_model_refuses_costs_only_that_line(model_dir, tmp_path, monkeypatch, capsys, forwards):
+    refusing = cli.segment_with_scores
+
+    def segment_with_scores(model, processor, images, prompts, kind):
+        if "square" in prompts:
+            raise ValueError("no squares today")
+        return refusing(model, processor, images, prompts, kind)
+
+    monkeypatch.setattr(cli, "segment_with_scores", segment_with_scores)
+    random_image(40, 32).save(tmp_path / "a.png")
+    prompts = ["red", "square", "green"]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps({"image": "a.png", "prompt": p}) + "\n" for p in prompts))
+    code = main(["--batch", str(tmp_path / "jobs.jsonl"), "--model", str(model_dir), "--no-images",
+                 "--json", str(tmp_path / "out.json")])
+    assert code == 2
+    assert [r["prompt"] for r in json.loads((tmp_path / "out.json").read_text())] == ["red", "green"]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {tmp_path / 'jobs.jsonl'} line 2: no squares today"]
+
+
+def test_many_prompts_go_through_the_model_batch_size_at_a_time(model_dir, tmp_path, forwards):
+    calls, _ = forwards
+    random_image(24, 24).save(tmp_path / "a.png")
+    forms = ("circle", "square", "shape", "left", "hello")
+    prompts = [f"{colour} {form}" for colour in ("red", "blue", "green", "the") for form in forms]
+    code = main([str(tmp_path / "a.png"), *prompts, "--model", str(model_dir), "--no-images",
+                 "--json", str(tmp_path / "out.json")])
+    assert code == 0 and calls == [8, 8, 4]
+    assert [r["prompt"] for r in json.loads((tmp_path / "out.json").read_text())] == prompts
+
+
+def test_images_of_every_kind_are_segmented_as_shown(model_dir, tmp_path, forwards):
+    """A GIF (its first frame), a CMYK JPEG, RGBA and palette PNGs with transparent parts (over white), written by
+    PIL."""
+    _, loaded = forwards
+    pixels = np.asarray(random_image(32, 24, seed=3))
+    opaque = np.zeros((24, 32), dtype=bool)
+    opaque[4:20, 6:26] = True
+    white = np.where(opaque[..., None], pixels, 255).astype(np.uint8)
+    Image.fromarray(np.dstack([pixels, opaque * np.uint8(255)]), "RGBA").save(tmp_path / "rgba.png")
+    palette = Image.fromarray(pixels).quantize(16)
+    palette_pixels = np.asarray(palette.convert("RGB"))
+    indices = np.asarray(palette).copy()
+    indices[~opaque] = 15  # the 16th colour is the transparent one
+    palette = Image.fromarray(indices, "P")
+    palette.putpalette(Image.fromarray(pixels).quantize(16).getpalette())
+    palette.save(tmp_path / "palette.png", transparency=15)
+    shown_palette = np.where((indices != 15)[..., None], np.asarray(palette.convert("RGB")), 255).astype(np.uint8)
+    frames = [Image.fromarray(pixels).quantize(64), Image.fromarray(255 - pixels).quantize(64)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray(pixels).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK" and Image.open(tmp_path / "anim.gif").n_frames == 2
+    assert not np.array_equal(palette_pixels, shown_palette)
+    shown = {"rgba.png": white, "palette.png": shown_palette,
+             "anim.gif": np.asarray(Image.open(tmp_path / "anim.gif").convert("RGB")),
+             "cmyk.jpg": np.asarray(Image.open(tmp_path / "cmyk.jpg").convert("RGB"))}
+    for name in shown:
+        assert main([str(tmp_path / name), "red", "--model", str(model_dir), "--output", str(tmp_path / name)]) == 0
+    model, processor = loaded[0]
+    for name, expected_pixels in shown.items():
+        expected = model.segment(processor, Image.fromarray(expected_pixels), "red")[0].numpy()
+        assert np.array_equal(read_mask(tmp_path / f"{name}_mask.png"), expected), name
+    overlay = np.asarray(Image.open(tmp_path / "rgba.png_overlay.png").convert("RGB"))[:24]
+    assert overlay[0, 0].min() > 100  # the transparent corner is shown light (dimmed white), not black
+
+
+def test_hub_ids_fail_fast_without_a_network(tmp_path):
+    """A name shaped like a Hub id that is neither a folder here nor in the cache: one line at once, before torch,
+    offline (`HF_HUB_OFFLINE=1`) and with a Hub that cannot be reached (one try)."""
+    random_image(8, 8).save(tmp_path / "ok.png")
+    offline = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    unreachable = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    for env, reason in [(offline, "HF_HUB_OFFLINE is set"), (unreachable, "the Hub cannot be reached")]:
+        result, modules = run_command(["ok.png", "red", "--model", "owner/name"], tmp_path, **env)
+        assert result.returncode == 2 and not modules & {"torch", "transformers"}
+        assert result.stderr.startswith("error: no folder owner/name here, and the Hub model owner/name is not in "
+                                        "the local cache") and reason in result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_hub_id_in_the_cache_loads_offline(model_dir, tmp_path):
+    """A cached Hub snapshot (the cache's layout, written by hand) loads without the network."""
+    repo = tmp_path / "hf" / "hub" / "models--owner--name"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for file in model_dir.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    random_image(16, 16).save(tmp_path / "ok.png")
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result, _ = run_command(["ok.png", "red", "--model", "owner/name", "--no-images", "--json", "out.json",
+                             "--device", "cpu"], tmp_path, **env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out.json").read_text())[0]["segmentation"]["size"] == [16, 16]

@@ -12,8 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CHECK_SCRIPTS = sorted(str(path.relative_to(REPO)) for path in (REPO / "processing").glob("check_*.py"))
-MODULES = ("training", "evaluate", "evaluate_vqa", "convert", "cli")
-COMMANDS = [*(["-m", f"modeling_selfie.{module}"] for module in MODULES), *([script] for script in CHECK_SCRIPTS)]
+MODULES = ("training", "evaluate", "evaluate_vqa", "convert")
+COMMANDS = [*(["-m", f"modeling_selfie.{module}"] for module in MODULES), ["-m", "selfie_segment"],
+            *([script] for script in CHECK_SCRIPTS)]
 # each installed script (setup.py's console_scripts) and an option its help names
 SCRIPTS = {"selfie-train": "--recipe", "selfie-evaluate": "--protocol", "selfie-convert": "--base-tokenizer",
            "selfie-segment": "--batch"}

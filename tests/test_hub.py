@@ -187,12 +187,17 @@ def test_presence_scores_empty_the_masks_of_absent_objects(tiny):
         out = model(**inputs)
     for masks, presence in zip(out.pred_masks, out.presence_logits):
         assert presence.shape == (1,) and torch.equal(presence, masks.flatten(1).amax(1))
-    scores = torch.cat(out.presence_logits).sigmoid()
+    _, scores = processor.post_process_masks(out.pred_masks, [(64, 80)] * 2, presence_logits=out.presence_logits,
+                                             return_scores=True)  # capped again at the image's size
+    scores = torch.cat(scores)
+    assert (scores <= torch.cat(out.presence_logits).double().sigmoid()).all()
     cut = float(scores.min() + scores.max()) / 2  # keeps one, drops the other
-    masks = processor.post_process_masks(out.pred_masks, [(64, 80)] * 2, presence_logits=out.presence_logits,
-                                         presence_threshold=cut)
+    masks, cut_scores = processor.post_process_masks(out.pred_masks, [(64, 80)] * 2,
+                                                     presence_logits=out.presence_logits, presence_threshold=cut,
+                                                     return_scores=True)
     kept = [bool(m.any()) for m in masks]
-    assert kept == [bool(s >= cut) for s in scores]
+    assert kept == [bool(s >= cut) for s in scores] and sorted(kept) == [False, True]
+    assert torch.equal(torch.cat(cut_scores), scores)
 
 
 def test_referring_segmentation_pipeline_from_a_folder(tmp_path):

@@ -1,8 +1,10 @@
 """Atomic outputs: a failed write never replaces a good file or folder, and results get the usual permissions.
-Images read as shown: 16-bit grayscale scaled, EXIF orientation applied, by every reader."""
+Images read as shown: 16-bit grayscale scaled, EXIF orientation applied, transparency over white, by every reader;
+images over the size limit refused or (JPEG) read reduced."""
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +13,14 @@ from PIL import Image
 from transformers import pipeline
 
 from modeling_selfie.data.custom import CustomReferringDataset
-from modeling_selfie.io_utils import atomic_output_dir, atomic_output_file, read_image, rgb_image, shown_size
+from modeling_selfie.io_utils import (
+    ImageTooLargeError,
+    atomic_output_dir,
+    atomic_output_file,
+    read_image,
+    rgb_image,
+    shown_size,
+)
 from modeling_selfie.presets import tiny_model_and_processor
 
 from .helpers import WORDS
@@ -144,3 +153,43 @@ def test_the_pipeline_reads_files_and_pil_images_as_shown(tmp_path):
             (result,) = segmenter(given, text=["red"])
             assert result["mask"].size == image.size
             assert (torch.from_numpy(np.array(result["mask"])) > 0).equal(expected), (file, type(given))
+
+
+def test_images_over_the_size_limit_are_refused_or_read_reduced(tmp_path, monkeypatch):
+    """Pillow's `Image.MAX_IMAGE_PIXELS` is the limit (lowered here so that small files written by PIL exceed it):
+    a larger JPEG decodes reduced by libjpeg, any other larger image is refused with its size and the limit, and
+    Pillow prints no decompression-bomb warning."""
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", quality=95)
+    Image.fromarray(pixels).save(tmp_path / "scan.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 70_000)  # 120,000 pixels: over it, under twice it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reduced = read_image(tmp_path / "photo.jpg")
+        with pytest.raises(ImageTooLargeError, match=r"scan.png is too large: 400x300 = 120,000 pixels, more than the "
+                                                     r"limit of 70,000 \(Pillow's Image.MAX_IMAGE_PIXELS\)"):
+            read_image(tmp_path / "scan.png")
+    assert reduced.size == (200, 150)  # halved: the largest reduction that fits
+    halved = np.asarray(Image.fromarray(pixels).resize((200, 150), Image.Resampling.BOX), dtype=np.int16)
+    assert np.abs(np.asarray(reduced, dtype=np.int16) - halved).mean() < 12  # the same picture, smaller
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # over twice the limit: Pillow opens nothing
+    for name in ("photo.jpg", "scan.png"):
+        with pytest.raises(ImageTooLargeError, match=f"{name} is too large: 120,000 pixels, more than the limit of "
+                                                     "20,000"):
+            read_image(tmp_path / name)
+
+
+def test_transparent_images_are_laid_over_white():
+    rgba = np.zeros((2, 3, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[0, 0, 3], rgba[0, 1, 3] = 200, 255, 0  # red; opaque, transparent, transparent
+    shown = np.asarray(rgb_image(Image.fromarray(rgba, "RGBA")))
+    assert shown[0, 0].tolist() == [200, 0, 0] and shown[0, 1].tolist() == [255, 255, 255]
+    gray = Image.fromarray(np.dstack([np.full((2, 2), 40, np.uint8), np.array([[255, 0], [0, 255]], np.uint8)]), "LA")
+    assert np.asarray(rgb_image(gray))[..., 0].tolist() == [[40, 255], [255, 40]]
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([10, 20, 30, 90, 90, 90])
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow warns when such a palette image is converted to RGB directly
+        assert np.asarray(rgb_image(palette)).tolist() == [[[10, 20, 30], [255, 255, 255]]]

@@ -15,7 +15,7 @@ from modeling_selfie.cli import default_model_dir, load_model
 from modeling_selfie.data.refshapes import UNKNOWN_WORDS, presence_probes, vocabulary
 from modeling_selfie.modeling_selfie import UNKNOWN_TOKEN_PRESENCE_PENALTY
 from modeling_selfie.presets import tiny_model_and_processor
-from modeling_selfie.processing_selfie import UnknownWordsWarning, normalize_query
+from modeling_selfie.processing_selfie import UnknownWordsWarning, normalize_query, post_process_masks
 from selfie_segment import main
 
 from .helpers import WORDS, random_image
@@ -199,3 +199,43 @@ def test_the_pipeline_names_unknown_words_and_scores_them_low():
     with pytest.warns(UnknownWordsWarning, match="'cat'"):
         results = segmenter(image, text=["the cat", "Red Circle"])
     assert results[0]["score"] < 0.5 <= results[1]["score"] and results[1]["label"] == "Red Circle"
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (3, 5), (16, 16), (300, 200)])
+def test_post_processing_keeps_presence_and_mask_in_agreement_at_any_size(size):
+    """Logits written by hand: one confident corner pixel (that a tiny image's resize misses), a flat map at the
+    threshold itself, and a confident blob; a presence logit that says "present" for each."""
+    corner = torch.full((8, 8), -6.0)
+    corner[0, 0] = 6.0
+    blob = torch.full((8, 8), -6.0)
+    blob[1:7, 1:7] = 6.0
+    logits = torch.stack([corner, torch.zeros(8, 8), blob])
+    masks, scores = post_process_masks([logits], [size], presence_logits=[torch.full((3,), 4.0)], return_scores=True)
+    assert masks[0].shape == (3, *size) and scores[0].shape == (3,)
+    for mask, score in zip(masks[0], scores[0].tolist()):
+        assert bool(mask.any()) == (score >= 0.5), (size, score)
+    assert not masks[0][1].any() and scores[0][1] < 0.5  # nothing above the threshold: scored below it
+    assert masks[0][2].any() and scores[0][2] > 0.9
+    if size == (1, 1):  # the corner's peak is lost: no mask, and a low score with it
+        assert not masks[0][0].any() and scores[0][0] < 0.5
+    absent, absent_scores = post_process_masks([logits], [size], presence_logits=[torch.full((3,), -1.0)],
+                                               return_scores=True)
+    assert not absent[0].any() and (absent_scores[0] < 0.5).all()
+
+
+@pytest.mark.parametrize("width, height", [(1, 1), (2, 2), (1, 3), (5, 2)])
+def test_segment_scores_agree_with_masks_on_tiny_images(demo, width, height):
+    model, processor = demo
+    image = Image.new("RGB", (width, height), RED)
+    masks, scores = model.segment(processor, [image] * 3, ["red circle", "shape", "blue star"], return_scores=True)
+    for mask, score in zip(masks, scores):
+        assert mask.shape == (height, width) and bool(mask.any()) == (score >= 0.5), (width, height, score)
+
+
+def test_unknown_words_warning_names_the_words_not_the_prompt(demo):
+    model, processor = demo
+    long_word, prompt = "z" * 5000, "red circle " + " ".join(f"zz{i}" for i in range(1000))
+    with pytest.warns(UnknownWordsWarning) as caught:
+        model.segment(processor, scene((245, 242, 235), SCENES[0][0]), [f"red {long_word}", prompt])
+    (message,) = [str(warning.message) for warning in caught if warning.category is UnknownWordsWarning]
+    assert len(message) < 400 and "'zzzzz" in message and "'zz0', 'zz1'" in message and "and 991 more" in message
