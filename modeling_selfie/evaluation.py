@@ -479,9 +479,9 @@ def evaluate_referring(
     """
     protocol = evaluation_protocol(protocol)
     batch_size = protocol.batch_size(batch_size)
+    _prepare_model(model, processor, device)  # a processor that does not match the model is refused first
     if len(dataset) == 0:
         raise ValueError("evaluate_referring got an empty dataset.")
-    _prepare_model(model, processor, device)
     metrics = ReferringMetrics(protocol)
     batches = distributed.shard(referring_batches(dataset, batch_size))
     updates, shard_records = [], []  # this process's per-sample scores, one dict per metrics update
@@ -602,9 +602,9 @@ def evaluate_open_vocab(
     Returns:
         [`SemanticMetrics.compute`]'s dict.
     """
+    _prepare_model(model, processor, device)  # a processor that does not match the model is refused first
     if len(dataset) == 0:
         raise ValueError("evaluate_open_vocab got an empty dataset.")
-    _prepare_model(model, processor, device)
     ignore_index = getattr(_base_dataset(dataset), "ignore_index", 255) if ignore_index is None else ignore_index
     metrics = None
     share = distributed.shard(range(len(dataset)))
