@@ -502,24 +502,26 @@ def usable_cores() -> int:
 
 
 def training_method(argv: list[str]) -> tuple[str, list[str]]:
-    """`--method sft|grpo` (default `sft`: this module's supervised run) and the other arguments."""
-    rest, method = list(argv), "sft"
-    for i, arg in enumerate(rest):
+    """`--method` (one of `METHODS`; default `sft`: this module's supervised run) and the other arguments; raises
+    `ValueError` for another method."""
+    for i, arg in enumerate(argv):
         if arg == "--method" or arg.startswith("--method="):
-            value = arg.partition("=")[2] if "=" in arg else (rest[i + 1] if i + 1 < len(rest) else "")
-            del rest[i : i + (1 if "=" in arg else 2)]
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
             if value not in METHODS:
-                print(f"error: --method must be one of {', '.join(METHODS)}, got {value!r}", file=sys.stderr)
-                raise SystemExit(2)
-            return value, rest
-    return method, rest
+                raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {value!r}")
+            return value, [*argv[:i], *argv[i + (1 if "=" in arg else 2) :]]
+    return "sft", list(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Train on a recipe's mixture, then write the merged checkpoint (bf16 when training in bf16) with its card and
     settings, and push it with `--push-to-hub`."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    method, argv = training_method(argv)
+    try:
+        method, argv = training_method(argv)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if method == "grpo":
         from .train_grpo import main as grpo_main
 

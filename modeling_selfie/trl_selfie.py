@@ -207,7 +207,7 @@ class SelfieSFTTrainer(SFTTrainer):
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if "masks" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "masks", "image", "images", "messages"]
+            self._signature_columns = [*self._signature_columns, "masks"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The model's loss (text CE + BCE + DICE); its terms go to the logged metrics."""
@@ -362,12 +362,12 @@ class SelfieGRPOTrainer(GRPOTrainer):
     def _tokenize_prompts(self, prompts: list):
         """SELFIE's rendering of each prompt (instead of TRL's `apply_chat_template`): ids, images, pixel values."""
         rendered = [self._selfie_prompt(prompt) for prompt in prompts]
-        pixels = [pixel_values for _, _, pixel_values in rendered if pixel_values is not None]
-        if pixels and any(pixel_values.shape[0] != 1 for pixel_values in pixels):
+        if any(image is None for _, image, _ in rendered):
+            raise ValueError("Every GRPO prompt needs its image (the row's `images`): the reward scores a mask of it.")
+        if any(pixel_values.shape[0] != 1 for _, _, pixel_values in rendered):
             raise ValueError("GRPO with SELFIE takes one tile per image (the processor's max_patches=1).")
-        images = [[image] if image is not None else None for _, image, _ in rendered]
-        fields = {"pixel_values": torch.cat(pixels)} if pixels else {}
-        return [ids for ids, _, _ in rendered], images if pixels else None, fields
+        fields = {"pixel_values": torch.cat([pixel_values for _, _, pixel_values in rendered])}
+        return [ids for ids, _, _ in rendered], [[image] for _, image, _ in rendered], fields
 
     def _get_per_token_logps_and_entropies(self, *args, tile_grid=None, **kwargs):
         # The processor's `tile_grid` (one tile per image here) is no argument of TRL's log-probability pass.
