@@ -1,6 +1,6 @@
 """Does GRPO with a mask reward teach a SELFIE model? SFT, then GRPO, on RefShapes reasoning questions, on a CPU.
 
-    python benchmarks/grpo_refshapes.py                     # ~5-8 min on 2 busy cores
+    python benchmarks/grpo_refshapes.py                     # ~7 min on 2 busy cores
     python benchmarks/grpo_refshapes.py --grpo-steps 20 --eval-size 32   # a quick look
 
 1. Start from the shipped tiny RefShapes model (`modeling_selfie/pretrained/selfie-refshapes`, 3.4 M parameters,
@@ -63,7 +63,7 @@ def evaluate(model, processor, dataset: RefShapesDataset) -> dict:
     """Greedy answers (`chat`) to the held-out questions: mean IoU + format reward, cIoU, and how often the answer
     names the target."""
     model.eval()
-    rewards, intersection, union, named = [], 0, 0, 0
+    rewards, intersection, union, named, answers = [], 0, 0, 0, []
     for i in range(len(dataset)):
         sample = dataset[i]
         out = model.chat(processor, sample["image"], [sample["conversation"][0]], max_new_tokens=8)
@@ -74,8 +74,9 @@ def evaluate(model, processor, dataset: RefShapesDataset) -> dict:
         intersection += int(np.logical_and(pred, target).sum())
         union += int(np.logical_or(pred, target).sum())
         named += out["text"].startswith(target_name(dataset, i))
+        answers.append(f"{sample['conversation'][0]['content']} -> {out['text']!r} (target: {target_name(dataset, i)})")
     return {"mean_reward": float(np.mean(rewards)), "cIoU": intersection / max(union, 1),
-            "names_target": named / len(dataset)}
+            "names_target": named / len(dataset), "answers": answers[:4]}
 
 
 def interval_rewards(log_history: list[dict]) -> tuple[float, float]:
@@ -86,13 +87,14 @@ def interval_rewards(log_history: list[dict]) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sft-steps", type=int, default=100)
-    parser.add_argument("--grpo-steps", type=int, default=40)
+    parser.add_argument("--sft-steps", type=int, default=150)
+    parser.add_argument("--grpo-steps", type=int, default=60)
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--prompts-per-step", type=int, default=4)
     parser.add_argument("--grpo-learning-rate", type=float, default=5e-4)
     parser.add_argument("--eval-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
+    # one thread: on cores other work keeps busy, a second thread stalls every operation (docs/performance.md)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", default="/tmp/grpo_refshapes")
     parser.add_argument("--output", help="also write the figures to this JSON file")
@@ -159,6 +161,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|")
     for name, row in (("after SFT", before), (f"after {args.grpo_steps} GRPO steps", after)):
         print(f"| {name} | {row['mean_reward']:.3f} | {row['cIoU']:.3f} | {row['names_target']:.1%} |")
+    for name, row in (("after SFT", before), ("after GRPO", after)):
+        print(f"{name}, first answers:\n  " + "\n  ".join(row["answers"]))
     print(f"GRPO training reward (mean of {args.num_generations} samples x {args.prompts_per_step} prompts per step): "
           f"first interval {first_reward:.3f}, last interval {last_reward:.3f}")
     print(f"minutes: SFT {sft_minutes:.1f}, GRPO {grpo_minutes:.1f}, total {figures['minutes']['total']:.1f}")

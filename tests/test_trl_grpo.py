@@ -211,7 +211,8 @@ def test_help_answers_without_torch():
 
 def test_cli_runs_saves_loads_and_resumes(tmp_path, model_dir, dataset_dir):
     """A GRPO run on a datasets folder writes checkpoints and final/ (merged: loads without peft and segments,
-    LLM weights moved by the LoRA, the head as it was); a second run with more steps resumes from the last checkpoint."""
+    LLM weights moved by the LoRA, the head as it was); a second run with more steps resumes from the last
+    checkpoint."""
     out = tmp_path / "run"
     first = train("--model", str(model_dir), "--dataset", str(dataset_dir), "--output-dir", str(out),
                   "--max-steps", "1", "--save-steps", "1", *COMMON)
