@@ -41,8 +41,6 @@ from .data.common import coco_segmentation_mask
 from .processing_selfie import SEG_TOKEN, image_size_of, post_process_masks
 from .trainer_selfie import LOSS_COMPONENTS, SelfieDataCollator, selfie_lora_config
 
-REWARD_FUNCTIONS = ("mask_iou", "format", "no_target")
-
 # ----------------------------------------------------------------------------------------------------------------
 # TRL rows -> SELFIE samples
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,7 +90,7 @@ def decode_mask(mask, height: int, width: int, where: str = "row") -> np.ndarray
 
 def row_masks(row: dict, image: Image.Image | None, where: str = "row") -> np.ndarray:
     """The row's `masks` as uint8 `[n, H, W]` (`n` may be 0)."""
-    masks = row.get("masks") or []
+    masks = [] if row.get("masks") is None else row["masks"]
     if image is None:
         if len(masks):
             raise ValueError(f"{where} has masks but no image.")
@@ -106,11 +104,12 @@ def sample_from_row(row: dict, where: str = "row") -> dict:
     """A TRL conversational SFT row (`messages`, `images`, `masks`) as a SELFIE sample
     (`modeling_selfie.data.sample`)."""
     image = row_image(row, where)
+    masks = row_masks(row, image, where)
     return {
         "image": image,
         "conversation": selfie_turns(row["messages"], where),
-        "masks": row_masks(row, image, where),
-        "task": "referring" if row.get("masks") else "vqa",
+        "masks": masks,
+        "task": "referring" if len(masks) else "vqa",
         "source": row.get("source", "trl"),
     }
 
@@ -417,7 +416,7 @@ class SelfieGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         if self.args.mask_loss_weight > 0:
-            output["mask_targets"] = [row.get("masks") or [] for row in inputs]
+            output["mask_targets"] = [[] if row.get("masks") is None else row["masks"] for row in inputs]
         return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -451,15 +450,15 @@ class SelfieGRPOTrainer(GRPOTrainer):
 
 
 def reward_functions(names: Sequence[str]) -> list:
-    """The reward functions called `names` (of `REWARD_FUNCTIONS`)."""
+    """The reward functions called `names` (keys of `REWARDS`: mask_iou, format, no_target)."""
     unknown = [name for name in names if name not in REWARDS]
     if unknown:
-        raise ValueError(f"Unknown reward function(s) {unknown}; choose from {list(REWARD_FUNCTIONS)}.")
+        raise ValueError(f"Unknown reward function(s) {unknown}; choose from {list(REWARDS)}.")
     return [REWARDS[name] for name in names]
 
 
 __all__ = [
-    "REWARD_FUNCTIONS",
+    "REWARDS",
     "SelfieGRPOConfig",
     "SelfieGRPOTrainer",
     "SelfieSFTCollator",
