@@ -26,6 +26,8 @@ setup(
         "pycocotools>=2.0.11,<2.1",
         "numpy>=2,<3",
         "tqdm>=4.66",
+        # SFTTrainer / GRPOTrainer (modeling_selfie/trl_selfie.py); 1.16 accepts transformers 5.17 to 5.24 (README)
+        "trl>=1.16,<1.17",
     ],
     extras_require={
         "dev": ["pytest>=9,<10", "parameterized>=0.9,<1"],

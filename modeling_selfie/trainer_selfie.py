@@ -5,6 +5,7 @@ module once the arguments are read, so that `--help` needs no torch).
 * [`SelfieDataCollator`]: dataset samples (`modeling_selfie.data.sample`) -> one model batch.
 * [`SelfieTrainer`]: `transformers.Trainer` that takes the loss from the model and logs `text_loss`,
   `mask_bce_loss` and `mask_dice_loss` next to `loss`, in training and evaluation.
+* [`selfie_lora_config`]: the peft `LoraConfig` of SELFIE's LoRA (`peft_config` of TRL's trainers).
 * [`apply_lora`]: wrap the LLM (and optionally the vision tower) with LoRA; `seg_head`, `embed_tokens` and
   `lm_head` are trained fully and saved with the adapter.
 * [`merge_and_save`]: merge the LoRA and write a plain checkpoint (model + processor) that
@@ -370,8 +371,7 @@ def _module_pattern(prefix: str, names: Sequence[str], what: str) -> str:
     return rf"{prefix}\.(?:{'|'.join(names)})"
 
 
-def apply_lora(
-    model: SelfieForSegmentation,
+def selfie_lora_config(
     rank: int = 8,
     alpha: float = 16,
     dropout: float = 0.05,
@@ -381,26 +381,20 @@ def apply_lora(
     modules_to_save: Sequence[str] = FULLY_TRAINED_MODULES,
     vision_rank: int | None = None,
     vision_alpha: float | None = None,
-) -> PeftModel:
-    """Wrap the LLM's projections (and with `vision_lora` the vision tower's) with LoRA adapters.
-
-    Only the adapters and `modules_to_save` are trainable afterwards; `modules_to_save` (the segmentation head and
-    both token embeddings by default: `[SEG]` is a new token) are trained fully and saved with the adapter. The
-    projector stays frozen.
+) -> LoraConfig:
+    """The peft `LoraConfig` of SELFIE's LoRA: adapters on the LLM's projections (and with `vision_lora` the vision
+    tower's), `modules_to_save` trained fully. [`apply_lora`] wraps a model with it; TRL's trainers take it as
+    `peft_config`.
 
     Args:
-        model ([`SelfieForSegmentation`]): the model to wrap (modified in place).
         rank, alpha, dropout: LoRA rank r, scaling numerator (the update is scaled by `alpha / rank`) and dropout.
         target_modules: names of the `Linear` layers to adapt inside each decoder layer of the text model.
         vision_lora: also adapt the `vision_target_modules` of each `InternVLVisionLayer`.
-        modules_to_save: names (suffixes) of modules trained and saved in full.
+        modules_to_save: names (suffixes) of modules trained and saved in full (the segmentation head and both token
+            embeddings by default: `[SEG]` is a new token). The projector stays frozen.
         vision_rank, vision_alpha: rank and alpha of the vision tower's adapters (default: `rank`, `alpha`); the
             dropout is shared (peft has one dropout per adapter).
-    Returns:
-        The `PeftModel` (train it; [`merge_and_save`] merges it).
     """
-    if not isinstance(model, SelfieForSegmentation):
-        raise TypeError(f"apply_lora expects a SelfieForSegmentation, got {type(model).__name__}.")
     for name, value in (("rank", rank), ("vision rank", rank if vision_rank is None else vision_rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"LoRA {name} must be a positive int, got {value!r}.")
@@ -419,7 +413,7 @@ def apply_lora(
         patterns.append(vision_pattern)
         rank_pattern[vision_pattern] = rank if vision_rank is None else vision_rank
         alpha_pattern[vision_pattern] = alpha if vision_alpha is None else vision_alpha
-    config = LoraConfig(
+    return LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
@@ -428,7 +422,21 @@ def apply_lora(
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
-    return get_peft_model(model, config)
+
+
+def apply_lora(model: SelfieForSegmentation, rank: int = 8, alpha: float = 16, dropout: float = 0.05,
+               **kwargs) -> PeftModel:
+    """Wrap the LLM's projections (and with `vision_lora` the vision tower's) with LoRA adapters: `get_peft_model`
+    with [`selfie_lora_config`]`(rank, alpha, dropout, **kwargs)` (its arguments).
+
+    Only the adapters and `modules_to_save` are trainable afterwards. `model` is modified in place.
+
+    Returns:
+        The `PeftModel` (train it; [`merge_and_save`] merges it).
+    """
+    if not isinstance(model, SelfieForSegmentation):
+        raise TypeError(f"apply_lora expects a SelfieForSegmentation, got {type(model).__name__}.")
+    return get_peft_model(model, selfie_lora_config(rank, alpha, dropout, **kwargs))
 
 
 # ----------------------------------------------------------------------------------------------------------------

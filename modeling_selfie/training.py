@@ -183,8 +183,10 @@ TABLE_KEYS = (
     "activation_checkpointing", "model_max_length", "max_tiles", "bf16", "use_cpu", "seed", "data_seed", "sample_rates",
     "datasets", "push_to_hub", "hub_model_id",
 )  # fmt: skip
+METHODS = ("sft", "grpo")
 SHORT_HELP = """\
 usage: python -m modeling_selfie.training --model DIR --recipe RECIPE --data-root DATA --output-dir OUT [options]
+       python -m modeling_selfie.training --method grpo --model DIR --output-dir OUT [options]  (--method grpo --help)
 
 Fine-tune SELFIE (an InternVL3 MLLM that segments with one [SEG] token) on a recipe's data mixture with the
 transformers Trainer and LoRA, then write the merged model to OUT/final (loads with SelfieForSegmentation or,
@@ -499,10 +501,31 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def training_method(argv: list[str]) -> tuple[str, list[str]]:
+    """`--method` (one of `METHODS`; default `sft`: this module's supervised run) and the other arguments; raises
+    `ValueError` for another method."""
+    for i, arg in enumerate(argv):
+        if arg == "--method" or arg.startswith("--method="):
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            if value not in METHODS:
+                raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {value!r}")
+            return value, [*argv[:i], *argv[i + (1 if "=" in arg else 2) :]]
+    return "sft", list(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train on a recipe's mixture, then write the merged checkpoint (bf16 when training in bf16) with its card and
     settings, and push it with `--push-to-hub`."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        method, argv = training_method(argv)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if method == "grpo":
+        from .train_grpo import main as grpo_main
+
+        return grpo_main(argv)
     if "-h" in argv or "--help" in argv:
         print(short_help())
         return 0
