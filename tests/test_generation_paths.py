@@ -102,32 +102,39 @@ def test_without_seg_the_static_cache_generates_what_the_dynamic_cache_does(tiny
     assert_same_generation(generate(model, inputs, cache_implementation="static"), generate(model, inputs))
 
 
-@pytest.fixture(scope="module", params=["eager", "flex_attention"])
-def attention_model(request):
-    """A tiny model (the `tiny` weights) with another attention implementation than sdpa."""
-    model, processor = tiny_model_and_processor(WORDS, seed=0)
-    model.set_attn_implementation(request.param)
-    return model, processor
+@pytest.fixture(scope="module")
+def attention_models():
+    """Tiny models (the `tiny` weights) with another attention implementation than sdpa, by name."""
+    models = {}
+
+    def model_and_processor(implementation):
+        if implementation not in models:
+            models[implementation] = tiny_model_and_processor(WORDS, seed=0)
+            models[implementation][0].set_attn_implementation(implementation)
+        return models[implementation]
+
+    return model_and_processor
 
 
 @pytest.mark.parametrize("source", ["input_ids", "inputs_embeds"])
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(  # flex attention's two prebuilt forms (no padding, padding); its compiles are slow
+    "implementation, layout", [*(("eager", layout) for layout in LAYOUTS), ("flex_attention", "one query"),
+                               ("flex_attention", "padded")]
+)
 def test_the_static_cache_prefill_uses_the_dual_pathway_with_every_attention(
-    attention_model, dynamic_results, layout, source
+    attention_models, dynamic_results, implementation, layout, source
 ):
-    if attention_model[0].config.text_config._attn_implementation == "flex_attention" and layout == "equal lengths":
-        pytest.skip("flex attention's two block-mask forms are covered by the other layouts (compiles are slow)")
     """With eager attention the prebuilt mask is a float 4-D mask (or `None` without padding), with flex attention a
     `BlockMask`: the prefill's logits equal sdpa's with the dynamic cache, and differ from causal attention's. (The
     decoding steps of transformers' flex attention with a static cache differ from its dynamic cache's by up to 0.05
     on an unpadded batch, without `[SEG]` too, so only eager's whole generation is compared.)"""
-    model, processor = attention_model
+    model, processor = attention_models(implementation)
     inputs = seg_inputs(processor, layout)
     if source == "inputs_embeds":
         inputs = as_embeddings(model, inputs)
     static, expected = generate(model, inputs, cache_implementation="static"), dynamic_results(layout, "greedy")
     torch.testing.assert_close(static[1][0], expected[1][0], atol=1e-5, rtol=1e-4)
-    if model.config.text_config._attn_implementation == "eager":
+    if implementation == "eager":
         assert_same_generation(static, expected)
     mode, model.config.seg_attention = model.config.seg_attention, "causal"
     try:
@@ -141,7 +148,8 @@ def test_the_unknown_word_penalty_reads_a_prebuilt_mask(tiny):
     """The presence score's unknown-word count takes padding from a `[B, L]` mask only; static-cache generation's
     prebuilt one (a dict) is not read as one."""
     model, processor = tiny
-    inputs = seg_inputs(processor, "one query")
+    inputs = seg_inputs(processor, "padded")  # the prebuilt mask: {"full_attention": 4-D mask}
+    assert processor.tokenizer.unk_token_id is not None
     model.config.unk_token_id = processor.tokenizer.unk_token_id
     try:
         assert_same_generation(generate(model, inputs, cache_implementation="static"), generate(model, inputs))
