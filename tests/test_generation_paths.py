@@ -117,9 +117,8 @@ def attention_models():
 
 
 @pytest.mark.parametrize("source", ["input_ids", "inputs_embeds"])
-@pytest.mark.parametrize(  # flex attention's two prebuilt forms (no padding, padding); its compiles are slow
-    "implementation, layout", [*(("eager", layout) for layout in LAYOUTS), ("flex_attention", "one query"),
-                               ("flex_attention", "padded")]
+@pytest.mark.parametrize(  # flex attention: a `BlockMask` with and without padding alike; its compiles are slow
+    "implementation, layout", [*(("eager", layout) for layout in LAYOUTS), ("flex_attention", "padded")]
 )
 def test_the_static_cache_prefill_uses_the_dual_pathway_with_every_attention(
     attention_models, dynamic_results, implementation, layout, source
