@@ -39,7 +39,9 @@ def seg_inputs(processor, layout):
 
 def chat_inputs(processor, layout):
     """The same layouts without `[SEG]`: InternVL's chat prompt (causal attention, as InternVL)."""
-    questions = {"one query": ["hello"], "equal lengths": ["hello", "describe"], "padded": ["describe the shape", "hello"]}
+    questions = {
+        "one query": ["hello"], "equal lengths": ["hello", "describe"], "padded": ["describe the shape", "hello"]
+    }
     text = [f"<|im_start|>user\n<IMG_CONTEXT>\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in questions[layout]]
     return processor(images=list(IMAGES[: len(text)]), text=text)
 
