@@ -18,6 +18,7 @@ from logging import Filter
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import GenerationMixin, InternVLForConditionalGeneration, InternVLModel
 from transformers.activations import ACT2FN
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -26,6 +27,7 @@ from transformers.models.internvl.modeling_internvl import (
     InternVLModelOutputWithPast,
 )
 from transformers.cache_utils import Cache
+from transformers.masking_utils import and_masks, or_masks
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 
@@ -144,10 +146,32 @@ def dual_pathway_mask_function(queries: torch.Tensor, keys: torch.Tensor) -> Cal
     """The pattern of `dual_pathway_pattern` as a mask function `(batch, head, q, kv) -> bool`, to OR with the
     causal mask in `transformers.masking_utils.create_causal_mask` (used for flex attention's block mask)."""
 
+    length = keys.shape[1]
+
     def mask_function(batch_idx, head_idx, q_idx, kv_idx):
-        return queries[batch_idx, q_idx] & keys[batch_idx, kv_idx]
+        # positions past the prompt (a static cache's free slots, flex attention's block padding) add nothing
+        inside = (q_idx < length) & (kv_idx < length)
+        q_idx, kv_idx = q_idx.clamp(max=length - 1), kv_idx.clamp(max=length - 1)
+        return inside & queries[batch_idx, q_idx] & keys[batch_idx, kv_idx]
 
     return mask_function
+
+
+def add_to_block_mask(block_mask: BlockMask, queries: torch.Tensor, keys: torch.Tensor) -> BlockMask:
+    """A prefill's flex-attention `BlockMask` (its queries are the prompt's positions) that also lets query q of sample
+    b attend to key k when `queries[b, q] & keys[b, k]` (`[B, L]` bool) and the prompt's last query attends to k (so
+    padding keys and a static cache's free slots stay masked)."""
+    q_length, kv_length = block_mask.seq_lengths
+    given = block_mask.mask_mod
+
+    def seen_by_last_query(batch_idx, head_idx, q_idx, kv_idx):
+        return given(batch_idx, head_idx, torch.full_like(q_idx, q_length - 1), kv_idx)
+
+    added = and_masks(dual_pathway_mask_function(queries, keys), seen_by_last_query)
+    return create_block_mask(
+        or_masks(given, added), B=queries.shape[0], H=None, Q_LEN=q_length, KV_LEN=kv_length,
+        device=queries.device, BLOCK_SIZE=block_mask.BLOCK_SIZE,
+    )
 
 
 def add_to_dense_mask(
@@ -582,34 +606,33 @@ class SelfieModel(InternVLModel):
         self,
         input_ids: torch.LongTensor | None,
         inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | BlockMask | dict | None,
         cache,
         position_ids: torch.LongTensor | None,
         has_seg: bool | None = None,
         token_masks: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor | dict | None:
+    ) -> torch.Tensor | BlockMask | dict | None:
         """Attention mask for the LLM: the dual pathway in samples with `[SEG]` (full forwards only), else as given.
 
         `has_seg` says on the host whether any sample has a `[SEG]` (`SegmentationLayout.segmenting`); `None`
         reads it from the inputs (a host synchronisation on an accelerator). `token_masks` are the `[SEG]` and
         image token masks of `token_masks()` when known; else they are read from `input_ids` or `inputs_embeds`.
 
-        Returns the 4D mask built by `create_causal_mask` (a `BlockMask` for flex attention) from a `[B, L]` (or no)
-        padding mask, a prepared mask (4D, or a per-layer-type dict of them, as static-cache generation passes) with
-        the pattern added, or `attention_mask` unchanged when no sample segments, the mode is `"causal"`, or this is a
-        cached decoding step (keys already computed). A prepared 4D mask is what every text model InternVL carries
-        takes: its `create_causal_mask` returns it as is (Qwen2 / Qwen3 would also take a per-layer-type dict, Llama
-        would not).
+        `attention_mask` comes in any form transformers hands a model: `None` or a `[B, L]` padding mask (the 4D
+        mask is then built by `create_causal_mask`, a `BlockMask` for flex attention), or a mask prepared for
+        static-cache generation (`create_masks_for_generate`): a 4D mask, a `BlockMask`, or a per-layer-type dict
+        holding one of these or `None` (no padding: causal). The pattern is added to whichever mask results, and a
+        dict comes back as a dict. `attention_mask` is returned unchanged when no sample segments, the mode is
+        `"causal"`, or this is a cached decoding step (keys already computed). A 4D mask is what every text model
+        InternVL carries takes (its `create_causal_mask` returns it as is); Qwen2 / Qwen3 also take the dict.
         """
         if has_seg is False or self.config.seg_token_id is None or self.config.seg_attention == "causal":
             return attention_mask
         if cache is not None and cache.get_seq_length() > 0:  # decoding: the keys are already computed
             return attention_mask
-        prebuilt = attention_mask.get("full_attention") if isinstance(attention_mask, dict) else attention_mask
-        if prebuilt is not None and (not isinstance(prebuilt, torch.Tensor) or prebuilt.dim() not in (2, 4)):
-            return attention_mask  # a flex block mask: its pattern cannot be extended here
+        given = attention_mask.get("full_attention") if isinstance(attention_mask, dict) else attention_mask
         if token_masks is None:
-            token_masks = self.token_masks(input_ids, inputs_embeds, attention_mask)
+            token_masks = self.token_masks(input_ids, inputs_embeds, given)
         seg_mask, image_mask = token_masks
         segmenting = seg_mask.any(dim=1)
         if not (bool(segmenting.any()) if has_seg is None else has_seg):
@@ -626,29 +649,32 @@ class SelfieModel(InternVLModel):
                 "SELFIE's dual-pathway attention cannot be expressed with flash_attention_2 (it keeps only padding "
                 "masks). Load the model with attn_implementation='sdpa', 'eager' or 'flex_attention'."
             )
-        if prebuilt is not None and prebuilt.dim() == 4:
+        mode = self.config.seg_attention
+        if isinstance(given, BlockMask):  # prepared for flex attention: padding is in its mask function
+            mask = add_to_block_mask(given, *dual_pathway_pattern(image_mask, seg_mask, segmenting, mode))
+        elif isinstance(given, torch.Tensor) and given.dim() == 4:
             # keys of the cache past the inputs (a static cache's free slots) and padding keys stay masked
-            valid_keys = (prebuilt if prebuilt.dtype == torch.bool else prebuilt == 0).any(-2)[:, 0]
-            queries, keys = dual_pathway_pattern(image_mask, seg_mask, segmenting, self.config.seg_attention)
+            valid_keys = (given if given.dtype == torch.bool else given == 0).any(-2)[:, 0]
+            queries, keys = dual_pathway_pattern(image_mask, seg_mask, segmenting, mode)
             keys = keys & valid_keys[:, : keys.shape[1]]
-            mask = add_to_dense_mask(prebuilt, queries, keys, inputs_embeds.dtype)
-            return {**attention_mask, "full_attention": mask} if isinstance(attention_mask, dict) else mask
-        pattern = dual_pathway_pattern(image_mask, seg_mask, segmenting, self.config.seg_attention, attention_mask)
-        mask_kwargs = dict(
-            config=self.config.text_config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
-        if implementation == "flex_attention":
-            mask = create_causal_mask(**mask_kwargs, or_mask_function=dual_pathway_mask_function(*pattern))
-        else:
-            # A dense mask either way: build causal + padding in the backend's format (fast path), then add the
-            # pattern with tensor ops (the mask-function path evaluates it under vmap, ~10x slower here).
-            mask = create_causal_mask(**mask_kwargs, allow_is_causal_skip=False)
-            mask = add_to_dense_mask(mask, *pattern, inputs_embeds.dtype)
-        return mask
+            mask = add_to_dense_mask(given, queries, keys, inputs_embeds.dtype)
+        else:  # `None` or a `[B, L]` padding mask
+            pattern = dual_pathway_pattern(image_mask, seg_mask, segmenting, mode, given)
+            mask_kwargs = dict(
+                config=self.config.text_config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=given,
+                cache=cache,
+                position_ids=position_ids,
+            )
+            if implementation == "flex_attention":
+                mask = create_causal_mask(**mask_kwargs, or_mask_function=dual_pathway_mask_function(*pattern))
+            else:
+                # A dense mask either way: build causal + padding in the backend's format (fast path), then add the
+                # pattern with tensor ops (the mask-function path evaluates it under vmap, ~10x slower here).
+                mask = create_causal_mask(**mask_kwargs, allow_is_causal_skip=False)
+                mask = add_to_dense_mask(mask, *pattern, inputs_embeds.dtype)
+        return {**attention_mask, "full_attention": mask} if isinstance(attention_mask, dict) else mask
 
     @can_return_tuple
     @deprecated_cache_name
@@ -944,8 +970,9 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
             logits = torch.minimum(logits, head.to(logits.dtype))
         if self.config.unk_token_id is not None and input_ids is not None:
             unknown = input_ids == self.config.unk_token_id
-            if attention_mask is not None:
-                unknown = unknown & attention_mask.bool()
+            padding = padding_mask(attention_mask)  # a mask prebuilt for generation holds no [B, L] padding
+            if padding is not None:
+                unknown = unknown & padding
             logits = logits - UNKNOWN_TOKEN_PRESENCE_PENALTY * unknown.cumsum(1).flatten()[predicting].to(logits.dtype)
         return list(logits.split(list(seg_layout.seg_counts)))
 
