@@ -23,22 +23,19 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from selfie_segment import batch_problem, image_problem, model_problem, names_a_folder, prompt_problem
 from tqdm.auto import tqdm
 
 from . import io_utils
+from .errors import UsageError
 from .io_utils import atomic_output_file
+from .loading import load_model_and_processor, resolve_device, resolve_dtype
 from .overlay import render_overlay
 
 DEFAULT_MODEL = "selfie-refshapes"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one `error:` line, exit code 2."""
+CLIError = UsageError  # a user-facing error: printed as one `error:` line, exit code 2
 
 
 @dataclass
@@ -56,60 +53,16 @@ def default_model_dir() -> Path:
     return Path(str(resources.files("modeling_selfie").joinpath("pretrained", DEFAULT_MODEL)))
 
 
-def resolve_device(name: str) -> torch.device:
-    """`"auto"`: the accelerator torch sees (CUDA, ...), else the CPU. Any other name must work on this machine."""
-    if name == "auto":
-        return torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as error:
-        raise CLIError(f"--device {name} is not a device name (try auto, cpu, cuda or cuda:1)") from error
-    if device.type == "meta":
-        raise CLIError("--device meta holds no data: use auto, cpu or cuda")
-    if device.type != "cpu":
-        accelerator = torch.accelerator.current_accelerator(check_available=True)
-        if accelerator is None or accelerator.type != device.type:
-            seen = f"only {accelerator.type} and cpu" if accelerator is not None else "only the cpu"
-            raise CLIError(f"--device {name} cannot be used here: torch sees {seen} (try --device auto or cpu)")
-        if (device.index or 0) >= torch.accelerator.device_count():
-            raise CLIError(f"--device {name} cannot be used here: torch sees {torch.accelerator.device_count()} "
-                           f"{device.type} device(s), numbered from 0 (try --device auto)")
-    try:
-        torch.empty(1, device=device)
-    except (AssertionError, RuntimeError, NotImplementedError) as error:
-        reason = str(error).strip().split("\n")[0].split(". ")[0][:120] or type(error).__name__
-        raise CLIError(f"--device {name} cannot be used here: {reason} (try --device auto or cpu)") from error
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`"auto"`: bfloat16 on a CUDA GPU that supports it, float32 elsewhere; else the named dtype."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return DTYPES[name]
-
-
 def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str = "auto"):
     """(model, processor) from a folder or Hub id (the shipped RefShapes model when `None`), on `device` in `dtype`
     (names as `selfie-segment --device/--dtype` takes them)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from . import register_auto_classes
-
-    register_auto_classes()  # `python -m modeling_selfie.cli` imports the package without registering
-
     torch_device = resolve_device(device)
     source = str(name_or_path or default_model_dir())
     if name_or_path is None and not (default_model_dir() / "config.json").exists():
         raise CLIError(f"the shipped model is missing from {default_model_dir()}; reinstall modeling-selfie")
     if problem := model_problem(source):
         raise CLIError(problem)
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=resolve_dtype(dtype, torch_device))
-        processor = AutoProcessor.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as error:
-        raise CLIError(f"cannot load the model from {source}: {error}") from error
-    return model.to(torch_device).eval(), processor
+    return load_model_and_processor(source, torch_device, resolve_dtype(dtype, torch_device))
 
 
 def read_image(path: str | Path) -> Image.Image:

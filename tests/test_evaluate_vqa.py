@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from modeling_selfie.evaluate_vqa import main, mmbench_prompt
+from modeling_selfie.evaluate_vqa import main
+from modeling_selfie.vqa_benchmarks import mmbench_prompt
 from modeling_selfie.vqa_metrics import (
     binary_scores,
     circular_options,
