@@ -6,6 +6,9 @@ This module imports no torch: the arguments are parsed and checked here, so that
 at once, then [`modeling_selfie.evaluation.run`] loads the data and the model and scores. Bad input is one `error:`
 line on stderr and exit code 2.
 
+On several GPUs, `torchrun --nproc_per_node N -m modeling_selfie.evaluate ...` (or `accelerate launch`) shares the
+split between the processes and gives one process's metrics (`modeling_selfie.distributed`).
+
 The benchmark names and the scoring protocols (`--protocol`) are defined in `modeling_selfie.protocols` and
 importable from here; docs/evaluation.md lists every difference between the protocols.
 """
@@ -56,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output", help="write the results as JSON here (referring: with one record per expression)"
     )
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--device", help="torch device (default: cuda if available, else cpu; under torchrun / accelerate launch: "
+        "cpu or cuda, each process on its own, see docs/evaluation.md)",
+    )  # fmt: skip
     parser.add_argument(
         "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
         help="weights dtype (default: auto, the checkpoint's)",

@@ -25,6 +25,10 @@ tile dynamically, up to 6 tiles plus a thumbnail: `--max-tiles 6` comes close, w
 | `mme` | `image`, `question`, `answer` ("Yes"/"No"), `category` (the subtask: existence, count, ..., code_reasoning) |
 | `mmbench` | `image`, `question`, `options` (`{"A": text, "B": text, ...}`), `answer` (a letter), `hint` (optional) |
 
+On several GPUs, `torchrun --nproc_per_node N -m modeling_selfie.evaluate_vqa ...` (or `accelerate launch`) answers
+a share of the questions in each process; rank 0 scores all the answers once, prints and writes
+(`modeling_selfie.distributed`).
+
 A question that already ends with its benchmark's suffix is asked as written. The output JSON holds the metrics
 and one record per question (prompt, prediction, ground truth, score); a bad line or image is one `error:` line
 (exit code 2) and nothing is written.
@@ -42,6 +46,7 @@ from collections.abc import Sequence
 from .errors import UsageError
 from .vqa_benchmarks import BENCHMARKS
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m modeling_selfie.evaluate_vqa",
@@ -55,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="evaluate the first N questions only")
     parser.add_argument("--max-tiles", type=int, help="most tiles per image (default: the processor's saved value)")
     parser.add_argument("--system-message", help="system turn of the chat (default: the processor's; '' for none)")
-    parser.add_argument("--device", default="auto", help="auto (default: the GPU torch sees, else cpu), cpu, cuda")
+    parser.add_argument(
+        "--device", default="auto",
+        help="auto (default: the GPU torch sees, else cpu), cpu, cuda; under torchrun / accelerate launch each "
+        "process takes its own",
+    )  # fmt: skip
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     return parser
 
@@ -70,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if results is None:  # not rank 0 of a launched evaluation: rank 0 prints and writes
+        return 0
     print(summary(results))
     if args.output:
         with atomic_output_file(args.output) as staging:

@@ -7,8 +7,10 @@
 * [`run`]: the work of the `python -m modeling_selfie.evaluate` command line, whose arguments `main` (in
   `modeling_selfie.evaluate`) parses and checks without torch.
 
-Both accumulators can be filled in any order, merged ([`merge`]) and summed over `torch.distributed` processes
-([`all_reduce`]): give each process a shard of the data, `all_reduce()`, then `compute()`.
+Both loops share a split between the processes of `torch.distributed` (`torchrun` / `accelerate launch`, see
+`modeling_selfie.distributed`): each process runs a contiguous share of the forward passes that one process would
+run, and rank 0 puts what they computed together in split order, so the metrics equal one process's to the last
+digit under both protocols (the `self1e` float32 meters are summed in one process's order).
 
 The scoring protocols ([`EvaluationProtocol`], `PROTOCOLS`, `--protocol`) and the benchmark names are defined in
 `modeling_selfie.protocols` and importable from here; docs/evaluation.md lists the differences between protocols.
@@ -26,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import PIL
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import UsageError
 from .io_utils import atomic_output_file
 from .loading import load_model_and_processor
@@ -52,7 +54,7 @@ from .protocols import (
 
 
 class _SummableState:
-    """Accumulators whose whole state is one 1-D tensor of sums, so they merge and all-reduce by addition."""
+    """Accumulators whose whole state is one 1-D tensor of sums, so they merge by addition."""
 
     def _state(self) -> torch.Tensor:
         raise NotImplementedError
@@ -63,15 +65,6 @@ class _SummableState:
     def merge(self, other: "_SummableState") -> "_SummableState":
         """Add the counts of `other` (same kind, same settings) to this accumulator; returns `self`."""
         self._set_state(self._state() + other._state())
-        return self
-
-    def all_reduce(self, group=None) -> "_SummableState":
-        """Sum the counts over the processes of `torch.distributed` (a no-op when it is not initialised)."""
-        if dist.is_available() and dist.is_initialized():
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-            state = self._state().to(device)
-            dist.all_reduce(state, group=group)
-            self._set_state(state.cpu())
         return self
 
 
@@ -167,6 +160,12 @@ class ReferringMetrics(_SummableState):
         """Add samples. `pred`, `target` and the optional `ignore`: bool (or 0/1) `[H, W]` masks of one sample, or
         `[N, H, W]` for N samples (under `self1e`: one batch of the authors). Returns [`per_sample`]'s dict."""
         scores = self.per_sample(pred, target, ignore)
+        self.add(scores)
+        return scores
+
+    def add(self, scores: dict[str, torch.Tensor]) -> None:
+        """Add the samples of one [`per_sample`] dict, as [`update`] adds them (under `self1e`: one batch of the
+        authors' meters)."""
         intersection, union = scores["intersection"], scores["union"]
         has_target, pred_empty = ~scores["target_empty"], scores["pred_empty"]
         counts = torch.stack(
@@ -186,13 +185,12 @@ class ReferringMetrics(_SummableState):
             self.intersection += int(intersection.sum())
             self.union += int(union.sum())
             self.iou_sum += float(scores["iou"].sum())
-        return scores
 
     def compute(self) -> dict:
         """`{"cIoU", "gIoU", "count"}` plus `"N-acc"` / `"T-acc"` on splits with no-target samples."""
         if self.count == 0:
             raise ValueError("ReferringMetrics.compute() needs at least one sample: call update() first.")
-        if self.protocol.authors_arithmetic:  # float32 numpy, as their meters after all_reduce
+        if self.protocol.authors_arithmetic:  # float32 numpy, as their meters
             ciou = float(np.float32(self.intersection) / (np.float32(self.union) + np.float32(1e-10)))
             giou = float(np.float32(self.iou_sum) / np.float32(self.count + 1e-5))
         else:
@@ -211,7 +209,7 @@ class ReferringMetrics(_SummableState):
     def _set_state(self, state: torch.Tensor) -> None:
         for name, value in zip(self._COUNTERS, state.tolist()):
             if self.protocol.authors_arithmetic and name in ("intersection", "union", "iou_sum"):
-                setattr(self, name, float(np.float32(value)))  # their all_reduce sums float32 meters
+                setattr(self, name, float(np.float32(value)))  # float32 meters, as theirs
             else:
                 setattr(self, name, value if name == "iou_sum" else round(value))
 
@@ -399,20 +397,48 @@ def _check_referring_sample(sample: dict, index: int) -> None:
         raise ValueError(f"Evaluation sample {index} lacks {missing}: referring evaluation needs image, masks, query.")
 
 
-def _image_batches(dataset, batch_size: int | None, num_workers: int):
-    """Lists of `(index, sample)`: `batch_size` samples each, or (`None`) the consecutive samples that share an
-    `image_id` (a sample without one is a batch of its own)."""
-    loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=num_workers)
-    batch, key = [], None
-    for index, sample in enumerate(loader):
-        sample_key = sample.get("image_id", ("sample", index)) if batch_size is None else None
-        if batch and (len(batch) == batch_size if batch_size is not None else sample_key != key):
-            yield batch
-            batch = []
-        batch.append((index, sample))
-        key = sample_key
-    if batch:
-        yield batch
+def _base_dataset(dataset):
+    """`dataset` without the `Subset`s around it (where its attributes, e.g. `ignore_index`, are)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def _sample_image_ids(dataset) -> list:
+    """The `image_id` of every sample of `dataset`, through `Subset`s: from the dataset's `image_ids()` (the loaders
+    of this project read them without loading a sample), else from the samples themselves (a dataset without that
+    method is read once more for them); `("sample", index)` for a sample without one."""
+    if isinstance(dataset, Subset):
+        image_ids = _sample_image_ids(dataset.dataset)
+        return [image_ids[index] for index in dataset.indices]
+    if hasattr(dataset, "image_ids"):
+        return list(dataset.image_ids())
+    return [dataset[index].get("image_id", ("sample", index)) for index in range(len(dataset))]
+
+
+def referring_batches(dataset, batch_size: int | None) -> list[list[int]]:
+    """The forward passes over `dataset` as lists of sample indices: `batch_size` consecutive samples each, or
+    (`None`) the consecutive samples that share an `image_id` (a sample without one is a batch of its own)."""
+    if batch_size is not None:
+        starts = range(0, len(dataset), batch_size)
+        return [list(range(start, min(start + batch_size, len(dataset)))) for start in starts]
+    batches, previous = [], object()
+    for index, image_id in enumerate(_sample_image_ids(dataset)):
+        if batches and image_id == previous:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+        previous = image_id
+    return batches
+
+
+def _load_batches(dataset, batches: list[list[int]], num_workers: int):
+    """The samples of `batches` (lists of indices into `dataset`), loaded in order: one list of `(index, sample)`
+    per batch."""
+    indices = [index for batch in batches for index in batch]
+    samples = iter(DataLoader(Subset(dataset, indices), batch_size=None, collate_fn=_identity, num_workers=num_workers))
+    for batch in batches:
+        yield [(index, next(samples)) for index in batch]
 
 
 def evaluate_referring(
@@ -431,8 +457,9 @@ def evaluate_referring(
     Each sample (a dict with `image`, `masks` `[1, H, W]`, `query` and `query_kind`, `"phrase"` by default) gets
     the paper's validation prompt answered "[SEG]."; its predicted mask (logit > 0 at image size) is compared with
     the union of its `masks`, leaving out the pixels of its `ignore_masks` if it has them (ReasonSeg). Under
-    `torch.distributed`, give each process its shard: counts are summed over processes before the metrics are
-    computed.
+    `torch.distributed` every process calls this with the whole `dataset` and runs a contiguous share of the
+    forward passes ([`referring_batches`]: under `self1e` whole images); rank 0 adds the per-sample scores of all
+    shares to the metrics in split order, as one process adds them, and every process returns the metrics.
 
     Args:
         model: a [`SelfieForSegmentation`] (put in eval mode, moved to `device` when given).
@@ -441,21 +468,27 @@ def evaluate_referring(
             under a protocol (which samples and which targets are the protocol's: this loop scores what it gets).
         batch_size: samples per forward pass; `None` gives the protocol's (8 under `default`; under `self1e` the
             consecutive samples of one `image_id`, and no other size is allowed).
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (on rank 0, over its share).
         num_workers: `DataLoader` workers that load samples.
         protocol: `"default"` or `"self1e"`: batches, token layout and metric arithmetic (module docstring).
         records: a list that receives one dict per sample, in order: `index`, `image_id`, `query`,
-            `intersection`, `union`, `iou`, `target_empty`, `pred_empty`.
+            `intersection`, `union`, `iou`, `target_empty`, `pred_empty` (under `torch.distributed`: on rank 0,
+            the samples of every process).
     Returns:
         [`ReferringMetrics.compute`]'s dict.
     """
     protocol = evaluation_protocol(protocol)
     batch_size = protocol.batch_size(batch_size)
+    if len(dataset) == 0:
+        raise ValueError("evaluate_referring got an empty dataset.")
     _prepare_model(model, processor, device)
     metrics = ReferringMetrics(protocol)
-    bar = tqdm(total=len(dataset), desc="referring", unit="sample", disable=not progress)
+    batches = distributed.shard(referring_batches(dataset, batch_size))
+    updates, shard_records = [], []  # this process's per-sample scores, one dict per metrics update
+    bar = tqdm(total=sum(map(len, batches)), desc="referring", unit="sample",
+               disable=not progress or not distributed.is_main_process())  # fmt: skip
     with torch.inference_mode(), bar:
-        for batch in _image_batches(dataset, batch_size, num_workers):
+        for batch in _load_batches(dataset, batches, num_workers):
             for index, sample in batch:
                 _check_referring_sample(sample, index)
             conversations = [
@@ -472,20 +505,31 @@ def evaluate_referring(
                 for (index, sample), target in zip(batch, targets)
             ]
             if len({tuple(target.shape) for target in targets}) == 1:  # one image: one update, as the authors
-                scores = metrics.update(torch.stack([pred[0] for pred in preds]), torch.stack(targets),
-                                        torch.stack(ignores))  # fmt: skip
-                scores = [{key: value[i] for key, value in scores.items()} for i in range(len(batch))]
+                batch_updates = [metrics.per_sample(torch.stack([pred[0] for pred in preds]), torch.stack(targets),
+                                                    torch.stack(ignores))]  # fmt: skip
             else:
-                scores = [
-                    {key: value[0] for key, value in metrics.update(pred[0], target, ignore).items()}
-                    for pred, target, ignore in zip(preds, targets, ignores)
+                batch_updates = [
+                    metrics.per_sample(pred[0], target, ignore) for pred, target, ignore in zip(preds, targets, ignores)
                 ]
+            batch_updates = [{key: value.cpu() for key, value in scores.items()} for scores in batch_updates]
+            updates += batch_updates
             if records is not None:
+                scores = [{key: value[i].item() for key, value in group.items()}
+                          for group in batch_updates for i in range(len(group["iou"]))]  # fmt: skip
                 for (index, sample), score in zip(batch, scores):
-                    records.append({"index": index, "image_id": sample.get("image_id"), "query": sample["query"],
-                                    **{key: value.item() for key, value in score.items()}})  # fmt: skip
+                    shard_records.append({"index": index, "image_id": sample.get("image_id"),
+                                          "query": sample["query"], **score})  # fmt: skip
             bar.update(len(batch))
-    return metrics.all_reduce().compute()
+    result = None
+    shares = distributed.gather_to_main((updates, shard_records))
+    if shares is not None:  # rank 0: every share, in split order
+        for share_updates, share_records in shares:
+            for scores in share_updates:
+                metrics.add(scores)
+            if records is not None:
+                records += share_records
+        result = metrics.compute()
+    return distributed.broadcast_from_main(result)
 
 
 def chunked_argmax(class_scores: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -545,22 +589,29 @@ def evaluate_open_vocab(
     num_workers: int = 0,
 ) -> dict:
     """Open-vocabulary semantic segmentation of every sample of `dataset` ([`predict_open_vocab`]), scored by
-    [`SemanticMetrics`] over the class list of the samples.
+    [`SemanticMetrics`] over the class list of the samples. Under `torch.distributed` every process calls this with
+    the whole `dataset` and predicts a contiguous share of its images; rank 0 sums the confusion matrices (exact
+    integer counts) and every process returns the metrics.
 
     Args:
         dataset: yields `{"image", "label" int64 [H, W], "class_names"}` (see `modeling_selfie.data.open_vocab`).
         query_batch_size: class queries per forward pass.
-        ignore_index: label value left out; defaults to `dataset.ignore_index`, else 255.
+        ignore_index: label value left out; defaults to the `ignore_index` of `dataset` (seen through `Subset`s),
+            else 255.
         Others as in [`evaluate_referring`].
     Returns:
         [`SemanticMetrics.compute`]'s dict.
     """
+    if len(dataset) == 0:
+        raise ValueError("evaluate_open_vocab got an empty dataset.")
     _prepare_model(model, processor, device)
-    ignore_index = getattr(dataset, "ignore_index", 255) if ignore_index is None else ignore_index
+    ignore_index = getattr(_base_dataset(dataset), "ignore_index", 255) if ignore_index is None else ignore_index
     metrics = None
-    loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=num_workers)
+    share = distributed.shard(range(len(dataset)))
+    loader = DataLoader(Subset(dataset, share), batch_size=None, collate_fn=_identity, num_workers=num_workers)
+    progress = progress and distributed.is_main_process()
     with torch.inference_mode():
-        for sample in tqdm(loader, total=len(dataset), desc="open-vocab", unit="image", disable=not progress):
+        for sample in tqdm(loader, total=len(share), desc="open-vocab", unit="image", disable=not progress):
             class_names = tuple(sample["class_names"])
             if metrics is None:
                 metrics = SemanticMetrics(len(class_names), ignore_index=ignore_index, class_names=class_names)
@@ -568,9 +619,16 @@ def evaluate_open_vocab(
                 raise ValueError("All samples of an open-vocabulary dataset must share one class list.")
             pred = predict_open_vocab(model, processor, sample["image"], class_names, query_batch_size)
             metrics.update(pred, torch.as_tensor(sample["label"]))
-    if metrics is None:
-        raise ValueError("evaluate_open_vocab got an empty dataset.")
-    return metrics.all_reduce().compute()
+    result = None
+    shares = distributed.gather_to_main(metrics)
+    if shares is not None:  # rank 0: the processes' confusion matrices (none from a process without an image)
+        total = None
+        for share_metrics in filter(None, shares):
+            if total is not None and share_metrics.class_names != total.class_names:
+                raise ValueError("All samples of an open-vocabulary dataset must share one class list.")
+            total = share_metrics if total is None else total.merge(share_metrics)
+        result = total.compute()
+    return distributed.broadcast_from_main(result)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -684,23 +742,41 @@ def _summary(args: argparse.Namespace, metrics: dict, seconds: float) -> str:
     return f"{args.dataset} {where}: {scores} ({details})"
 
 
+def _process_device(name: str | None) -> torch.device:
+    """The device of this process: `--device` (default: cuda if available, else cpu), or under a launcher
+    (torchrun, accelerate launch) its local one, once it has joined the launcher's process group."""
+    if not distributed.launched():
+        return _resolve_device(name)
+    try:
+        return distributed.join_launched_processes(name)
+    except ValueError as error:
+        raise UsageError(f"--device: {error}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Evaluate as the checked command-line arguments `args` ask ([`main`]), print a one-line summary, optionally
-    write JSON; `UsageError` when the device, the data or the model cannot be used."""
-    device = _resolve_device(args.device)
+    write JSON; `UsageError` when the device, the data or the model cannot be used. Under a launcher each process
+    evaluates its share and rank 0 alone prints and writes (`modeling_selfie.distributed`)."""
+    device = _process_device(args.device)
+    try:
+        return _evaluate_and_report(args, device)
+    finally:
+        distributed.leave()
+
+
+def _evaluate_and_report(args: argparse.Namespace, device: torch.device) -> int:
     dataset = _load_dataset(args)
     model, processor = _load_model(args, device)
+    main_process = distributed.is_main_process()
 
-    if args.protocol == "self1e" and int(PIL.__version__.split(".")[0]) >= 13:
+    if args.protocol == "self1e" and int(PIL.__version__.split(".")[0]) >= 13 and main_process:
         print(f"warning: Pillow {PIL.__version__} resizes some images differently from the authors' Pillow 12.1.1: "
               "install pillow>=12.1.1,<13 (setup.py's range) for their tiles", file=sys.stderr)  # fmt: skip
     start = time.perf_counter()
     if args.dataset in OPEN_VOCAB_DATASETS:
-        ignore_index = (dataset.dataset if isinstance(dataset, Subset) else dataset).ignore_index
         batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
         metrics = evaluate_open_vocab(
-            model, processor, dataset, query_batch_size=batch_size, ignore_index=ignore_index,
-            num_workers=args.num_workers,
+            model, processor, dataset, query_batch_size=batch_size, num_workers=args.num_workers
         )  # fmt: skip
     else:
         batch_size, records = PROTOCOLS[args.protocol].batch_size(args.batch_size), []
@@ -709,6 +785,8 @@ def run(args: argparse.Namespace) -> int:
             records=records,
         )  # fmt: skip
     seconds = time.perf_counter() - start
+    if not main_process:
+        return 0
 
     print(_summary(args, metrics, seconds))
     if args.output:
@@ -719,6 +797,7 @@ def run(args: argparse.Namespace) -> int:
             "annotations": args.annotations,
             "protocol": args.protocol,
             "batch_size": batch_size,
+            "processes": distributed.process_count(),
             "count": metrics["count"],
             "time_s": round(seconds, 3),
             "metrics": metrics,
@@ -744,6 +823,7 @@ __all__ = [
     "evaluate_referring",
     "evaluation_protocol",
     "predict_open_vocab",
+    "referring_batches",
     "run",
     "segment_images",
 ]

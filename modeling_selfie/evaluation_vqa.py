@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data.vqa import read_json_line
 from .errors import UsageError
 from .io_utils import read_image
@@ -157,8 +158,10 @@ def load_model(path: str, device: str, dtype: str, max_tiles: int | None, system
     return model, processor
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    """Read, answer and score; the results dict `main` writes."""
+def evaluate(args: argparse.Namespace) -> dict | None:
+    """Read, answer and score; the results dict `main` writes. Under a launcher (`torchrun`, `accelerate launch`;
+    `modeling_selfie.distributed`) each process answers a contiguous share of the questions on its local device and
+    rank 0 gathers the answers and scores them all at once: the other ranks return `None`."""
     benchmark = BENCHMARKS[args.benchmark]
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
@@ -170,9 +173,23 @@ def evaluate(args: argparse.Namespace) -> dict:
     for record in records:  # every image is checked before the model loads
         if not (image_root / record["image"]).is_file():
             raise UsageError(f"{data} line {record['line']}: image not found: {image_root / record['image']}")
-    model, processor = load_model(args.model, args.device, args.dtype, args.max_tiles, args.system_message)
-    start = time.perf_counter()
-    predict(model, processor, records, benchmark, image_root)
+    device = args.device
+    if distributed.launched():
+        try:
+            device = str(distributed.join_launched_processes(args.device))
+        except ValueError as error:
+            raise UsageError(f"--device: {error}") from None
+    try:
+        model, processor = load_model(args.model, device, args.dtype, args.max_tiles, args.system_message)
+        start = time.perf_counter()
+        share = distributed.shard(records)
+        predict(model, processor, share, benchmark, image_root, progress=distributed.is_main_process())
+        shares = distributed.gather_to_main(share)
+    finally:
+        distributed.leave()
+    if shares is None:
+        return None
+    records = [record for share in shares for record in share]
     metrics = SCORERS[benchmark.metric](records)
     return {
         "model": str(args.model),
@@ -181,6 +198,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "system_message": processor.system_message,
         "max_tiles": processor.image_processor.max_patches,
         "count": len(records),
+        "processes": len(shares),
         "time_s": round(time.perf_counter() - start, 3),
         "metrics": metrics,
         "items": records,

@@ -157,21 +157,6 @@ def test_semantic_merge_adds_confusions():
     assert a.compute() == both.compute()
 
 
-def test_all_reduce_sums_over_a_process_group_and_keeps_types():
-    import torch.distributed as dist
-
-    referring, semantic = ReferringMetrics(), SemanticMetrics(3)
-    referring.update(mask((2, 2), (0, 0)), mask((2, 2), (0, 0), (1, 1)))
-    semantic.update(np.array([[0, 1]]), np.array([[0, 2]]))
-    expected = referring.compute(), semantic.compute()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        assert (referring.all_reduce().compute(), semantic.all_reduce().compute()) == expected
-    finally:
-        dist.destroy_process_group()
-    assert isinstance(referring.intersection, int) and semantic.confusion.dtype == torch.int64
-
-
 # --------------------------------------------------------------------------------------------- open vocabulary
 
 
@@ -323,6 +308,47 @@ def test_evaluate_referring_names_a_sample_without_query(tiny):
     del samples[1]["query"]
     with pytest.raises(ValueError, match="sample 1 lacks"):
         evaluate_referring(model, processor, samples, progress=False)
+
+
+def test_referring_batches_group_an_images_expressions_through_a_subset_without_loading_them(tmp_path, monkeypatch):
+    """Under self1e a forward pass is one image's expressions; the shares of several processes are made of these
+    batches, read from the dataset's image ids, not from loaded samples."""
+    from torch.utils.data import Subset
+
+    from modeling_selfie.data.refer import ReferringDataset
+    from modeling_selfie.evaluation import referring_batches
+
+    write_refer_dataset(tmp_path / "refer_seg")
+    dataset = ReferringDataset(tmp_path / "refer_seg", "refcoco", "train", by_image=True)  # image 1: 3 expressions
+    monkeypatch.setattr(ReferringDataset, "build_sample", lambda *args: pytest.fail("a sample was loaded"))
+    assert referring_batches(dataset, None) == [[0, 1, 2]]
+    assert referring_batches(Subset(dataset, [1, 2]), None) == [[0, 1]]
+    assert referring_batches(dataset, 2) == [[0, 1], [2]]
+    samples = [{"image_id": 7}, {"image_id": 7}, {}, {"image_id": 7}]  # a list: ids read from the samples
+    assert referring_batches(samples, None) == [[0, 1], [2], [3]]
+
+
+def test_evaluate_open_vocab_on_a_subset_keeps_the_datasets_ignore_index(tiny):
+    """Your own label maps (custom_semantic) mark unnamed values -1; cut with a `Subset` (`--limit`, a process's
+    share), the dataset's `ignore_index` still applies."""
+    from torch.utils.data import Dataset, Subset
+
+    class MinusOneIgnored(Dataset):
+        ignore_index = -1
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            label = np.random.default_rng(index).integers(-1, 2, (20, 24))
+            return {"image": random_image(24, 20, seed=index), "label": label, "class_names": ("red", "blue")}
+
+    model, processor = tiny
+    result = evaluate_open_vocab(model, processor, Subset(MinusOneIgnored(), [1]), progress=False)
+    expected = SemanticMetrics(2, ignore_index=-1, class_names=("red", "blue"))
+    sample = MinusOneIgnored()[1]
+    expected.update(predict_open_vocab(model, processor, sample["image"], ("red", "blue")), sample["label"])
+    assert result == expected.compute()
 
 
 # --------------------------------------------------------------------------------------------- command line

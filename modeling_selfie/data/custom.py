@@ -223,6 +223,11 @@ class CustomReferringDataset(SelfieDataset):
     def expected_paths(cls, annotations, root=None, image_root=None, source=None) -> list[Path]:
         return [_resolve(annotations, Path(root) if root is not None else None)]
 
+    def image_ids(self) -> list[str]:
+        """The `image_id` of each sample (its image path as written), without loading any (evaluation groups an
+        image's samples by it)."""
+        return [item[0] if self.train else self.records[item[0]]["image"] for item in self.items]
+
     def data_files(self) -> list[Path]:
         files = {}
         for record in self.records:

@@ -108,6 +108,11 @@ class ReasonSegDataset(SelfieDataset):
         """The split folder."""
         return [Path(root) / "reason_seg" / "ReasonSeg" / split]
 
+    def image_ids(self) -> list[str]:
+        """The `image_id` of each sample (the image file's stem), without loading any (evaluation groups an image's
+        samples by it)."""
+        return [image.stem for image, _ in self.items]
+
     def data_files(self) -> list[Path]:
         images = sorted({image for image, _ in self.items})
         return [path for image in images for path in (image, image.with_suffix(".json"))]

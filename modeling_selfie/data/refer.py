@@ -199,9 +199,12 @@ class ReferringDataset(SelfieDataset):
         """The target of a ref: `uint8` `[H, W]`, the union of its annotations (empty for a no-target ref)."""
         return self.coco.mask(ref_annotation_ids(ref), ref["image_id"], self.overlapping_polygons)
 
+    def image_ids(self) -> list[int]:
+        """The `image_id` of each sample, without loading any (evaluation groups an image's samples by it)."""
+        return [item[0] if self.train else item[0]["image_id"] for item in self.items]
+
     def data_files(self) -> list[Path]:
-        image_ids = {item[0] if self.train else item[0]["image_id"] for item in self.items}
-        return [self.image_path(image_id) for image_id in sorted(image_ids)]
+        return [self.image_path(image_id) for image_id in sorted(set(self.image_ids()))]
 
     def build_sample(self, item, rng: random.Random | None) -> dict:
         if rng is None:
