@@ -1,11 +1,13 @@
 """SELFIE (SELF1E) for Hugging Face transformers: an InternVL3 MLLM that segments with one `[SEG]` token.
 
-Importing this package registers the `selfie` model type with `AutoConfig`, `AutoModel` (the base `SelfieModel`, as
-transformers' convention is), `AutoModelForImageTextToText` (`SelfieForSegmentation`), `AutoImageProcessor` and
-`AutoProcessor`, and the `referring-segmentation` pipeline task ([`register_auto_classes`]). The package's own command
-lines (`python -m modeling_selfie.<module>`, the `selfie-*` scripts, `python -m selfie_segment`,
+Importing this package registers the `selfie` model type with `AutoConfig`, `AutoModel` and
+`AutoModelForImageTextToText` (both `SelfieForSegmentation`, the model that segments; `SelfieModel` is its base
+model), `AutoImageProcessor` and `AutoProcessor`, and the `referring-segmentation` pipeline task
+([`register_auto_classes`]). The package's own command lines (`python -m modeling_selfie.<module>`, the `selfie-*`
+scripts, `python -m selfie_segment`,
 `processing/check_*.py`) import it without loading torch, so that `--help` and argument errors answer at once; there
-the classes load, and register, when first used.
+the classes load, and register, when first used (`modeling_selfie.loading`, which every command loads its model
+with, registers them first).
 """
 
 import importlib
@@ -33,12 +35,12 @@ def register_auto_classes() -> None:
 
     from .compat import AutoImageProcessor
     from .configuration_selfie import SelfieConfig
-    from .modeling_selfie import SelfieForSegmentation, SelfieModel
+    from .modeling_selfie import SelfieForSegmentation
     from .pipeline_selfie import ReferringSegmentationPipeline  # noqa: F401  (registers the pipeline task)
     from .processing_selfie import SelfieImageProcessor, SelfieProcessor
 
     AutoConfig.register("selfie", SelfieConfig, exist_ok=True)
-    AutoModel.register(SelfieConfig, SelfieModel, exist_ok=True)
+    AutoModel.register(SelfieConfig, SelfieForSegmentation, exist_ok=True)
     AutoModelForImageTextToText.register(SelfieConfig, SelfieForSegmentation, exist_ok=True)
     AutoImageProcessor.register(SelfieConfig, image_processor_classes={"pil": SelfieImageProcessor}, exist_ok=True)
     AutoProcessor.register(SelfieConfig, SelfieProcessor, exist_ok=True)

@@ -16,70 +16,23 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
 from . import io_utils
-from .cli_inputs import CLIError, Job, default_model_dir, image_problem, locate_model, names_a_folder, prompt_problem
-from .cli_inputs import read_error
+from .cli_inputs import CLIError, Job, image_problem, locate_model, names_a_folder, prompt_problem, read_error
+from .cli_inputs import default_model_dir  # noqa: F401  (re-exported: the examples and tests import it from here)
 from .io_utils import atomic_output_file
+from .loading import load_model_and_processor, resolve_device, resolve_dtype
 from .overlay import render_overlay
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    """`"auto"`: the accelerator torch sees (CUDA, ...), else the CPU. Any other name must work on this machine."""
-    if name == "auto":
-        return torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as error:
-        raise CLIError(f"--device {name} is not a device name (try auto, cpu, cuda or cuda:1)") from error
-    if device.type == "meta":
-        raise CLIError("--device meta holds no data: use auto, cpu or cuda")
-    if device.type != "cpu":
-        accelerator = torch.accelerator.current_accelerator(check_available=True)
-        if accelerator is None or accelerator.type != device.type:
-            seen = f"only {accelerator.type} and cpu" if accelerator is not None else "only the cpu"
-            raise CLIError(f"--device {name} cannot be used here: torch sees {seen} (try --device auto or cpu)")
-        if (device.index or 0) >= torch.accelerator.device_count():
-            raise CLIError(f"--device {name} cannot be used here: torch sees {torch.accelerator.device_count()} "
-                           f"{device.type} device(s), numbered from 0 (try --device auto)")
-    try:
-        torch.empty(1, device=device)
-    except (AssertionError, RuntimeError, NotImplementedError) as error:
-        reason = str(error).strip().split("\n")[0].split(". ")[0][:120] or type(error).__name__
-        raise CLIError(f"--device {name} cannot be used here: {reason} (try --device auto or cpu)") from error
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`"auto"`: bfloat16 on a CUDA GPU that supports it, float32 elsewhere; else the named dtype."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return DTYPES[name]
 
 
 def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str = "auto"):
     """(model, processor) from a folder or Hub id (the shipped RefShapes model when `None`; see
     `cli_inputs.locate_model`), on `device` in `dtype` (names as `selfie-segment --device/--dtype` takes them)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from . import register_auto_classes
-
-    register_auto_classes()  # `selfie-segment` imports the package without registering
-
     torch_device = resolve_device(device)
-    source = locate_model(name_or_path)
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=resolve_dtype(dtype, torch_device))
-        processor = AutoProcessor.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as error:
-        raise CLIError(f"cannot load the model from {source}: {error}") from error
-    return model.to(torch_device).eval(), processor
+    return load_model_and_processor(locate_model(name_or_path), torch_device, resolve_dtype(dtype, torch_device))
 
 
 def read_image(path: str | Path) -> Image.Image:

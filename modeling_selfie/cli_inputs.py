@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import UnidentifiedImageError
 
+from .errors import UsageError
 from .io_utils import ImageTooLargeError, open_image
 from .queries import normalize_query, shorten
 
@@ -20,8 +21,7 @@ DEFAULT_MODEL = "selfie-refshapes"
 HUB_TIMEOUT = 10  # seconds to wait for the Hub's answer about a model that is not in the local cache
 
 
-class CLIError(Exception):
-    """A user-facing error: printed as one `error:` line, exit code 2."""
+CLIError = UsageError  # a user-facing error: printed as one `error:` line, exit code 2
 
 
 @dataclass

@@ -8,6 +8,13 @@ SEG_ATTENTION_MODES = ("causal", "image_bidirectional", "image_to_seg", "image_t
 MASK_LOSS_NORMALIZATIONS = ("batch", "mask")
 
 
+# The Auto classes a saved folder's remote code maps to a model class (`auto_map`): the model that segments.
+REMOTE_CODE_MODELS = {
+    "AutoModel": "modeling_selfie.SelfieForSegmentation",
+    "AutoModelForImageTextToText": "modeling_selfie.SelfieForSegmentation",
+}
+
+
 @strict
 class SelfieConfig(InternVLConfig):
     r"""
@@ -119,6 +126,16 @@ class SelfieConfig(InternVLConfig):
         image_size = self.vision_config.image_size[0]
         patch_size = self.vision_config.patch_size[0]
         return image_size // patch_size // self.unshuffle_factor
+
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """As `PreTrainedConfig.save_pretrained`; where the saved `auto_map` names a model class (remote code, written
+        by a model's `save_pretrained`), `AutoModel` and `AutoModelForImageTextToText` both name
+        `SelfieForSegmentation`, the model that segments, as `modeling_selfie.register_auto_classes` maps them."""
+        auto_map = getattr(self, "auto_map", None)
+        if auto_map and set(auto_map) - {"AutoConfig"}:
+            self.auto_map = {**auto_map, **REMOTE_CODE_MODELS}
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
 
 SelfieConfig.register_for_auto_class()  # save_pretrained writes auto_map + this file (remote code)

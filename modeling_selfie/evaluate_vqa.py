@@ -33,59 +33,18 @@ A question that already ends with its benchmark's suffix is asked as written. Th
 and one record per question (prompt, prediction, ground truth, score); a bad line or image is one `error:` line
 (exit code 2) and nothing is written.
 
-This module holds the benchmarks' definitions and parses the arguments without torch, so that `--help` answers at
-once; `modeling_selfie.evaluation_vqa` reads, answers and scores (torch and transformers load there).
+This module parses the arguments without torch, so that `--help` answers at once; the benchmarks' definitions are in
+`modeling_selfie.vqa_benchmarks`, and `modeling_selfie.evaluation_vqa` reads, answers and scores (torch and
+transformers load there).
 """
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."  # InternVL's suffix of short answers
-VIZWIZ_PROMPT = "When the provided information is insufficient, respond with 'Unanswerable'. " + SHORT_ANSWER_PROMPT
-MMBENCH_PROMPT = "Answer with the option's letter from the given choices directly."
-MMBENCH_PROMPT_CN = "请直接回答选项字母。"  # MMBench-CN: asked in Chinese
-CJK = re.compile(r"[\u4e00-\u9fff]")
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    """How one benchmark is asked and scored: its `metric` (a key of `evaluation_vqa.SCORERS`), the prompt suffix,
-    the most new tokens, and the keys each record must have."""
-
-    metric: str
-    suffix: str
-    max_new_tokens: int
-    keys: tuple[str, ...] = ("image", "question", "answer")
-
-
-BENCHMARKS = {
-    "vqav2": Benchmark("vqa", SHORT_ANSWER_PROMPT, 10, ("image", "question", "answers")),
-    "okvqa": Benchmark("vqa", SHORT_ANSWER_PROMPT, 10, ("image", "question", "answers")),
-    "textvqa": Benchmark("vqa", SHORT_ANSWER_PROMPT, 10, ("image", "question", "answers")),
-    "vizwiz": Benchmark("vqa", VIZWIZ_PROMPT, 10, ("image", "question", "answers")),
-    "gqa": Benchmark("gqa", SHORT_ANSWER_PROMPT, 10),
-    "pope": Benchmark("pope", SHORT_ANSWER_PROMPT, 100),
-    "mme": Benchmark("mme", SHORT_ANSWER_PROMPT, 20, ("image", "question", "answer", "category")),
-    "mmbench": Benchmark("mmbench", MMBENCH_PROMPT, 100, ("image", "question", "options", "answer")),
-}
-
-
-def with_suffix(question: str, suffix: str) -> str:
-    """`question` followed by `suffix` after a space, unless it already ends with it."""
-    question = question.strip()
-    return question if question.endswith(suffix) else f"{question} {suffix}"
-
-
-def mmbench_prompt(record: dict, options: dict[str, str]) -> str:
-    """MMBench as InternVL asks it: the hint, the question, one "X. option" line per option, the instruction (in
-    Chinese when the rest has Chinese characters)."""
-    lines = [record["hint"]] if record.get("hint") else []
-    body = "\n".join([*lines, record["question"].strip(), *(f"{letter}. {text}" for letter, text in options.items())])
-    return f"{body}\n{MMBENCH_PROMPT_CN if CJK.search(body) else MMBENCH_PROMPT}"
+from .errors import UsageError
+from .vqa_benchmarks import BENCHMARKS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,13 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .cli import CLIError  # torch loads here, once the arguments parse
-    from .evaluation_vqa import evaluate, summary
+    from .evaluation_vqa import evaluate, summary  # torch loads here, once the arguments parse
     from .io_utils import atomic_output_file
 
     try:
         results = evaluate(args)
-    except CLIError as error:
+    except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if results is None:  # not rank 0 of a launched evaluation: rank 0 prints and writes
@@ -131,8 +89,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run `main` of `modeling_selfie.evaluate_vqa`, the module `evaluation_vqa` imports, not of this `__main__` copy:
-    # the benchmark definitions then load once.
-    from modeling_selfie.evaluate_vqa import main
-
     raise SystemExit(main())

@@ -4,8 +4,8 @@
 * [`SemanticMetrics`]: confusion matrix -> mIoU, per-class IoU, pixel accuracy;
 * [`evaluate_referring`], [`evaluate_open_vocab`]: batched inference loops returning the metrics dict;
 * [`build_benchmark`]: a benchmark's evaluation samples under a protocol;
-* [`run`]: the work of the `python -m modeling_selfie.evaluate` command line, whose arguments [`main`] (in
-  `modeling_selfie.evaluate`, importable from here) parses and checks without torch.
+* [`run`]: the work of the `python -m modeling_selfie.evaluate` command line, whose arguments `main` (in
+  `modeling_selfie.evaluate`) parses and checks without torch.
 
 Both loops share a split between the processes of `torch.distributed` (`torchrun` / `accelerate launch`, see
 `modeling_selfie.distributed`): each process runs a contiguous share of the forward passes that one process would
@@ -13,7 +13,7 @@ run, and rank 0 puts what they computed together in split order, so the metrics 
 digit under both protocols (the `self1e` float32 meters are summed in one process's order).
 
 The scoring protocols ([`EvaluationProtocol`], `PROTOCOLS`, `--protocol`) and the benchmark names are defined in
-`modeling_selfie.evaluate` and importable from here; docs/evaluation.md lists the differences between protocols.
+`modeling_selfie.protocols` and importable from here; docs/evaluation.md lists the differences between protocols.
 """
 
 import argparse
@@ -33,19 +33,19 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import distributed
-from .evaluate import (
+from .errors import UsageError
+from .io_utils import atomic_output_file
+from .loading import load_model_and_processor
+from .processing_selfie import image_size_of
+from .protocols import (
     CUSTOM_DATASETS,
     DEFAULT_BATCH_SIZE,
     OPEN_VOCAB_DATASETS,
     PROTOCOLS,
     REFERRING_DATASETS,
     EvaluationProtocol,
-    UsageError,
     evaluation_protocol,
-    main,
 )
-from .io_utils import atomic_output_file
-from .processing_selfie import image_size_of
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -728,19 +728,9 @@ def _load_dataset(args: argparse.Namespace):
 
 def _load_model(args: argparse.Namespace, device: torch.device):
     """Model and processor from `--model`, the processor set to `--max-tiles`."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from . import register_auto_classes
-
-    register_auto_classes()  # `python -m modeling_selfie.evaluate` imports the package without registering
-
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=args.dtype)
-        processor = AutoProcessor.from_pretrained(args.model)
-    except (OSError, ValueError, KeyError) as error:
-        raise UsageError(f"cannot load a SELFIE model from {args.model}: {_one_line(error)}") from None
+    model, processor = load_model_and_processor(args.model, device, args.dtype)
     processor.image_processor.max_patches = args.max_tiles
-    return model.to(device), processor
+    return model, processor
 
 
 def _summary(args: argparse.Namespace, metrics: dict, seconds: float) -> str:
@@ -832,7 +822,6 @@ __all__ = [
     "evaluate_open_vocab",
     "evaluate_referring",
     "evaluation_protocol",
-    "main",
     "predict_open_vocab",
     "referring_batches",
     "run",

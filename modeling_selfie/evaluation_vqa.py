@@ -5,12 +5,15 @@ import argparse
 import time
 from pathlib import Path
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from . import distributed
-from .cli import CLIError, read_image, resolve_device, resolve_dtype
 from .data.vqa import read_json_line
-from .evaluate_vqa import BENCHMARKS, Benchmark, mmbench_prompt, with_suffix
+from .errors import UsageError
+from .io_utils import read_image
+from .loading import load_model_and_processor, resolve_device, resolve_dtype
+from .vqa_benchmarks import BENCHMARKS, Benchmark, mmbench_prompt, with_suffix
 from .vqa_metrics import (
     binary_scores,
     circular_options,
@@ -29,9 +32,9 @@ def human_answers(record: dict) -> list[str]:
 
 
 def read_records(path: Path, benchmark: Benchmark) -> list[dict]:
-    """The records of a `--data` file, each with its `line`; a `CLIError` names the first bad line."""
+    """The records of a `--data` file, each with its `line`; a `UsageError` names the first bad line."""
     if not path.is_file():
-        raise CLIError(f"--data {path}: no such file")
+        raise UsageError(f"--data {path}: no such file")
     records = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -40,17 +43,18 @@ def read_records(path: Path, benchmark: Benchmark) -> list[dict]:
         try:
             record = read_json_line(line, where)
         except ValueError as error:
-            raise CLIError(str(error)) from None
+            raise UsageError(str(error)) from None
         missing = [key for key in benchmark.keys if key not in record]
         if missing:
-            raise CLIError(f"{where} lacks {', '.join(map(repr, missing))} (needs {', '.join(benchmark.keys)})")
+            raise UsageError(f"{where} lacks {', '.join(map(repr, missing))} (needs {', '.join(benchmark.keys)})")
         if benchmark.metric == "mmbench" and record["answer"] not in record["options"]:
-            raise CLIError(f"{where}: answer {record['answer']!r} is not one of the options {list(record['options'])}")
+            options = list(record["options"])
+            raise UsageError(f"{where}: answer {record['answer']!r} is not one of the options {options}")
         if benchmark.metric == "vqa" and not record["answers"]:
-            raise CLIError(f"{where} has an empty 'answers' list")
+            raise UsageError(f"{where} has an empty 'answers' list")
         records.append({**record, "line": number})
     if not records:
-        raise CLIError(f"--data {path} holds no questions")
+        raise UsageError(f"--data {path} holds no questions")
     return records
 
 
@@ -114,10 +118,20 @@ def score_mmbench(records: list[dict]) -> dict:
 SCORERS = {"vqa": score_vqa, "gqa": score_gqa, "pope": score_pope, "mme": score_mme, "mmbench": score_mmbench}
 
 
+def read_record_image(image_root: Path, record: dict) -> Image.Image:
+    """The image of a record as it is shown (`io_utils.read_image`); a `UsageError` names the line it cannot be read
+    for."""
+    path = image_root / record["image"]
+    try:
+        return read_image(path)
+    except (OSError, Image.DecompressionBombError) as error:
+        raise UsageError(f"line {record['line']}: cannot read image {path}: {error}") from None
+
+
 def predict(model, processor, records: list[dict], benchmark: Benchmark, image_root: Path, progress: bool = True):
     """Fill each record's `prompt` and `prediction` (MMBench: `rotations`, one answer per option order)."""
     for record in tqdm(records, desc="vqa", unit="question", disable=not progress):
-        image = read_image(image_root / record["image"])
+        image = read_record_image(image_root, record)
         if benchmark.metric != "mmbench":
             record["prompt"] = with_suffix(record["question"], benchmark.suffix)
             record["prediction"] = answer(model, processor, image, record["prompt"], benchmark.max_new_tokens)
@@ -135,22 +149,13 @@ def predict(model, processor, records: list[dict], benchmark: Benchmark, image_r
 def load_model(path: str, device: str, dtype: str, max_tiles: int | None, system_message: str | None = None):
     """Model and processor from a SELFIE folder or a plain InternVL3 one (`[SEG]` added as for fine-tuning), the
     processor set to `max_tiles` and `system_message` where given."""
-    from .modeling_selfie import SelfieForSegmentation
-    from .processing_selfie import SelfieProcessor
-
     torch_device = resolve_device(device)
-    if Path(path).exists() and not (Path(path) / "config.json").is_file():
-        raise CLIError(f"--model {path} is not a model folder (no config.json)")
-    try:
-        model = SelfieForSegmentation.from_pretrained(path, dtype=resolve_dtype(dtype, torch_device))
-        processor = SelfieProcessor.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as error:
-        raise CLIError(f"cannot load a model from {path}: {' '.join(str(error).split())}") from None
+    model, processor = load_model_and_processor(path, torch_device, resolve_dtype(dtype, torch_device))
     if max_tiles is not None:
         processor.image_processor.max_patches = max_tiles
     if system_message is not None:
         processor.system_message = system_message
-    return model.to(torch_device).eval(), processor
+    return model, processor
 
 
 def evaluate(args: argparse.Namespace) -> dict | None:
@@ -159,21 +164,21 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     rank 0 gathers the answers and scores them all at once: the other ranks return `None`."""
     benchmark = BENCHMARKS[args.benchmark]
     if args.limit is not None and args.limit < 1:
-        raise CLIError(f"--limit must be at least 1, got {args.limit}")
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
     if args.max_tiles is not None and args.max_tiles < 1:
-        raise CLIError(f"--max-tiles must be at least 1, got {args.max_tiles}")
+        raise UsageError(f"--max-tiles must be at least 1, got {args.max_tiles}")
     data = Path(args.data)
     records = read_records(data, benchmark)[: args.limit]
     image_root = Path(args.image_root) if args.image_root else data.parent
     for record in records:  # every image is checked before the model loads
         if not (image_root / record["image"]).is_file():
-            raise CLIError(f"{data} line {record['line']}: image not found: {image_root / record['image']}")
+            raise UsageError(f"{data} line {record['line']}: image not found: {image_root / record['image']}")
     device = args.device
     if distributed.launched():
         try:
             device = str(distributed.join_launched_processes(args.device))
         except ValueError as error:
-            raise CLIError(f"--device: {error}") from None
+            raise UsageError(f"--device: {error}") from None
     try:
         model, processor = load_model(args.model, device, args.dtype, args.max_tiles, args.system_message)
         start = time.perf_counter()

@@ -19,10 +19,10 @@ no mask decoder (*Rethinking MLLM Itself as a Segmenter with a Single Segmentati
 
 ```python
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModel, AutoProcessor
 from PIL import Image
 
-model = AutoModelForImageTextToText.from_pretrained("{repo_id}", trust_remote_code=True)
+model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)  # a SelfieForSegmentation
 processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
 image = Image.open("image.png")  # any mode: the processor applies EXIF orientation and scales 16-bit images
 mask = model.segment(processor, image, "the red circle")[0]  # bool [height, width]

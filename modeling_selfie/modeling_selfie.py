@@ -752,8 +752,8 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
     Chat without `[SEG]` is exactly InternVL (same logits, `generate()` works). The text model is whichever InternVL
     carries (Qwen2 for InternVL3, Qwen3 for InternVL3.5, Llama for InternVL2.5 as transformers converts it);
     `_no_split_modules` (InternVL's vision layer) gains its decoder layer in `post_init`, as transformers gathers the
-    sub-models' ones. The auto class of this head is `AutoModelForImageTextToText`; `AutoModel` gives the base
-    [`SelfieModel`].
+    sub-models' ones. `AutoModel` and `AutoModelForImageTextToText` both give this class (the model that segments);
+    [`SelfieModel`] is its base model (`base_model_prefix`: a checkpoint of either loads into the other).
     """
 
     config_class = SelfieConfig
@@ -1212,8 +1212,10 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
         )
 
 
-SelfieModel.register_for_auto_class("AutoModel")  # remote code: auto_map + module files
-SelfieForSegmentation.register_for_auto_class("AutoModelForImageTextToText")
+# Remote code: save_pretrained copies the module files and writes `auto_map`, where `SelfieConfig.save_pretrained`
+# names `SelfieForSegmentation` for both `AutoModel` and `AutoModelForImageTextToText`, as the package registers them.
+SelfieModel.register_for_auto_class("AutoModel")
+SelfieForSegmentation.register_for_auto_class("AutoModel")
 
 __all__ = [
     "SegmentationLayout",

@@ -34,7 +34,7 @@ from .data.sample import check_sample
 from .io_utils import atomic_output_dir
 from .modeling_selfie import SelfieForSegmentation
 from .processing_selfie import SelfieProcessor
-from .training import LLM_LORA_TARGETS, VISION_LEARNING_RATE_HELP, VISION_LORA_TARGETS
+from .training_defaults import LLM_LORA_TARGETS, VISION_LEARNING_RATE_HELP, VISION_LORA_TARGETS
 
 LOSS_COMPONENTS = ("text_loss", "mask_bce_loss", "mask_dice_loss")
 FULLY_TRAINED_MODULES = ("seg_head", "embed_tokens", "lm_head")

@@ -74,13 +74,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .data.registry import load_recipe
+from .errors import UsageError
+from .training_defaults import LLM_LORA_TARGETS, VISION_LEARNING_RATE_HELP, VISION_LORA_TARGETS
 
-LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-VISION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2")
-VISION_LEARNING_RATE_HELP = (
-    "learning rate of the vision tower's trainable weights (its own optimizer param group, on the same schedule); "
-    "default: --learning-rate"
-)
 # The names `modeling_selfie.trainer_selfie` defines, importable from here (loaded on first use).
 TRAINER_EXPORTS = (
     "FULLY_TRAINED_MODULES", "LOSS_COMPONENTS", "SelfieDataCollator", "SelfieTrainer", "SelfieTrainingArguments",
@@ -461,8 +457,7 @@ def load_model_and_processor(model: str, processor: str | None = None, dtype=Non
     float32): a checkpoint folder, or `selfie-tiny` built on `train_dataset`'s words."""
     import torch
 
-    from .modeling_selfie import SelfieForSegmentation
-    from .processing_selfie import SelfieProcessor
+    from .loading import load_model_and_processor as load_checkpoint
 
     dtype = torch.float32 if dtype is None else dtype
     if model == "selfie-tiny":
@@ -477,9 +472,7 @@ def load_model_and_processor(model: str, processor: str | None = None, dtype=Non
             f"--model {model!r} is neither a checkpoint folder nor the preset 'selfie-tiny' (the 2B and "
             "8B presets have no weights or tokenizer: convert a checkpoint with selfie-convert)."
         )
-    loaded = SelfieForSegmentation.from_pretrained(model, dtype=dtype)
-    loaded_processor = SelfieProcessor.from_pretrained(processor or model)
-    loaded_processor.check_model(loaded.config)
+    loaded, loaded_processor = load_checkpoint(model, dtype=dtype, processor_source=processor)
     return loaded.train(), loaded_processor
 
 
@@ -571,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = load_model_and_processor(
             script.model, script.processor, getattr(torch, script.model_dtype), train_dataset
         )
-    except ValueError as error:
+    except (ValueError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if script.lora_rank > 0:

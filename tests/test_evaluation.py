@@ -18,6 +18,7 @@ from modeling_selfie.data.open_vocab import (
     VOC20Dataset,
     build_open_vocab_dataset,
 )
+from modeling_selfie.evaluate import main
 from modeling_selfie.evaluation import (
     ReferringMetrics,
     authors_collate,
@@ -26,7 +27,6 @@ from modeling_selfie.evaluation import (
     chunked_argmax,
     evaluate_open_vocab,
     evaluate_referring,
-    main,
     predict_open_vocab,
     segment_images,
 )

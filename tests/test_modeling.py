@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-from modeling_selfie import SelfieConfig, SelfieForSegmentation, SelfieModel
+from modeling_selfie import SelfieConfig, SelfieForSegmentation
 from modeling_selfie.modeling_selfie import (
     depth_to_space,
     dual_pathway_mask_function,
@@ -336,7 +336,7 @@ def test_save_and_load_round_trip_is_exact(tiny, image, tmp_path):
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
     loaded_processor = AutoProcessor.from_pretrained(tmp_path)
     assert type(loaded) is SelfieForSegmentation
-    assert type(AutoModel.from_pretrained(tmp_path)) is SelfieModel  # transformers' convention: the base model
+    assert type(AutoModel.from_pretrained(tmp_path)) is SelfieForSegmentation  # the model that segments
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
     inputs = loaded_processor(images=[image], queries=["the red circle"])

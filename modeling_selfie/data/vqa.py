@@ -27,7 +27,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from ..evaluate_vqa import SHORT_ANSWER_PROMPT
+from ..vqa_benchmarks import SHORT_ANSWER_PROMPT
 from .common import SelfieDataset, empty_masks, load_image, read_json, require_paths
 
 IMAGE_MARKER = "<image>"

@@ -5,10 +5,15 @@
 distribution); `tests/test_generation_paths.py` checks SELFIE's generation."""
 
 import unittest
+from unittest import mock
 
 import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, MODEL_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    MODEL_MAPPING,
+    MODEL_MAPPING_NAMES,
+)
 from transformers.testing_utils import torch_device
 from transformers_release_tests.generation.test_utils import GenerationTesterMixin
 from transformers_release_tests.test_configuration_common import ConfigTester
@@ -18,10 +23,24 @@ from modeling_selfie import SelfieConfig, SelfieForSegmentation, SelfieModel
 
 from .testers import InternVLTester, SelfieTester
 
-# The mixins find a model's task (labels for `test_training`, the base model for `test_base_model_prefix_...`) in
-# transformers' class-name tables, which list only in-tree models: SELFIE is entered as an in-tree model would be.
-MODEL_MAPPING_NAMES.setdefault("selfie", "SelfieModel")
-MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.setdefault("selfie", "SelfieForSegmentation")
+class TransformersConventionMapping:
+    """While a SELFIE test class runs, SELFIE is entered in transformers' tables as an in-tree model would be: the
+    mixins find a model's task (labels for `test_training`, the base model for `test_base_model_prefix_...`,
+    `test_torch_save_load`) in the class-name tables, which list only in-tree models, and take `AutoModel`'s class
+    for the base model. The package maps `AutoModel` to `SelfieForSegmentation`, the model that segments; these
+    tests map it to the base `SelfieModel`, transformers' convention, for themselves only."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        patches = [
+            mock.patch.dict(MODEL_MAPPING_NAMES, {"selfie": "SelfieModel"}),
+            mock.patch.dict(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, {"selfie": "SelfieForSegmentation"}),
+            mock.patch.dict(MODEL_MAPPING._extra_content, {SelfieConfig: SelfieModel}),
+        ]
+        for patch in patches:
+            patch.start()
+            cls.addClassCleanup(patch.stop)
 
 
 class VisionTextModelTest(ModelTesterMixin, GenerationTesterMixin):
@@ -64,7 +83,7 @@ class VisionTextModelTest(ModelTesterMixin, GenerationTesterMixin):
             torch.testing.assert_close(out_embeds, out_ids)
 
 
-class SelfieWithSegModelTest(VisionTextModelTest, unittest.TestCase):
+class SelfieWithSegModelTest(TransformersConventionMapping, VisionTextModelTest, unittest.TestCase):
     """Every sample holds a `[SEG]`: the forward also predicts masks."""
 
     all_model_classes = (SelfieForSegmentation, SelfieModel)
