@@ -111,12 +111,12 @@ def resolve(argv: list[str]) -> tuple[GrpoArguments, "SelfieGRPOConfig", dict]: 
     for key, value in recipe.get("training", {}).items():
         if key not in given:
             values[key] = value
-    from .training import _accelerator_available, _bf16_available
+    from .training_defaults import accelerator_available, bf16_available
 
-    if "use_cpu" not in given and "use_cpu" not in recipe.get("training", {}) and not _accelerator_available():
+    if "use_cpu" not in given and "use_cpu" not in recipe.get("training", {}) and not accelerator_available():
         values["use_cpu"] = True  # as the supervised run: the CPU without a GPU
     if "bf16" not in given and "bf16" not in recipe.get("training", {}):
-        values["bf16"] = _bf16_available()
+        values["bf16"] = bf16_available()
     script = GrpoArguments(**{f.name: values[f.name] for f in fields(GrpoArguments)})
     config = SelfieGRPOConfig(**{f.name: values[f.name] for f in fields(SelfieGRPOConfig) if f.init})
     return script, config, recipe.get("data", {})
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import SelfieForSegmentation, SelfieProcessor  # through the package: registers the Auto classes
     from .trainer_selfie import merge_and_save, selfie_lora_config
-    from .training import last_complete_checkpoint
+    from .training_defaults import last_complete_checkpoint
     from .trl_selfie import SelfieGRPOTrainer
 
     model = SelfieForSegmentation.from_pretrained(script.model)

@@ -76,6 +76,7 @@ from pathlib import Path
 from .data.registry import load_recipe
 from .errors import UsageError
 from .training_defaults import LLM_LORA_TARGETS, VISION_LEARNING_RATE_HELP, VISION_LORA_TARGETS
+from .training_defaults import accelerator_available, bf16_available, last_complete_checkpoint
 
 # The names `modeling_selfie.trainer_selfie` defines, importable from here (loaded on first use).
 TRAINER_EXPORTS = (
@@ -226,7 +227,7 @@ def _parser(suppress_defaults: bool = False):
         for action in parser._actions:
             action.default = argparse.SUPPRESS
     else:
-        parser.set_defaults(**SCRIPT_DEFAULTS, bf16=_bf16_available())
+        parser.set_defaults(**SCRIPT_DEFAULTS, bf16=bf16_available())
     return parser
 
 
@@ -238,20 +239,6 @@ def short_help() -> str:
         flag = "--" + name.replace("_", "-")
         options.append(textwrap.fill(text, 116, initial_indent=f"  {flag:<34} ", subsequent_indent=" " * 37))
     return SHORT_HELP.format(options="\n".join(options) + "\n")
-
-
-def _bf16_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def _accelerator_available() -> bool:
-    """Whether a GPU (or another accelerator torch knows) is there; without one the run uses the CPU."""
-    import torch
-
-    accelerator = getattr(torch, "accelerator", None)
-    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def parse_sample_rates(text: str) -> dict[str, int]:
@@ -405,7 +392,7 @@ def resolve_settings(argv: Sequence[str]) -> RunSettings:
         values["sample_rates"] = parse_sample_rates(values["sample_rates"])
     if values["sample_rates"] is None:
         values["sample_rates"] = {}  # every dataset entry then needs a "rate"
-    if "use_cpu" not in given and not _accelerator_available():
+    if "use_cpu" not in given and not accelerator_available():
         values["use_cpu"], sources["use_cpu"] = True, "derived: no GPU"
     if values["lora_rank"] == 0 and values["vision_lora_rank"]:
         raise ValueError("vision_lora_rank needs lora_rank > 0 (lora_rank 0 trains every weight, vision included).")
@@ -427,18 +414,6 @@ def resolve_settings(argv: Sequence[str]) -> RunSettings:
     data_seed = values["data_seed"] if values["data_seed"] is not None else values["seed"]
     recipe = {**recipe, "seed": data_seed, "sample_rates": values["sample_rates"]}
     return RunSettings(script, training, recipe, values, sources)
-
-
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest `checkpoint-N` in `output_dir` that was written to the end (has `trainer_state.json`, which the
-    Trainer writes last); `None` if there is none."""
-    folder = Path(output_dir)
-    steps = [
-        (int(path.name.split("-")[1]), path)
-        for path in (folder.glob("checkpoint-*") if folder.is_dir() else [])
-        if re.fullmatch(r"checkpoint-\d+", path.name) and (path / "trainer_state.json").is_file()
-    ]
-    return str(max(steps)[1]) if steps else None
 
 
 def _conversation_words(dataset, limit: int = 1000) -> list[str]:

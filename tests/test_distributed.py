@@ -263,7 +263,7 @@ LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", 
 def test_two_cpu_processes_train_data_parallel_and_resume_after_a_kill(tmp_path):
     """torchrun with no device flag trains 2 gloo processes; killed after a checkpoint, `accelerate launch` with
     ddp.yaml and `--resume-from-checkpoint last` continues from it; only rank 0 prints and writes the results."""
-    from modeling_selfie.training import last_complete_checkpoint
+    from modeling_selfie.training_defaults import last_complete_checkpoint
 
     root = squares_data(tmp_path)
     log = (tmp_path / "first.log").open("w")
