@@ -487,12 +487,13 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
 
 
 def init_from(model, folder: Path, parser) -> list[dict]:
-    """Load the weights of a model folder written by this script into `model`; returns its training stages. A
-    presence head is left out: it reads the trained model's states, so it is fitted again after training
-    (`examples/fit_presence_head.py`)."""
+    """Load the weights of a model folder written by this script into `model`; returns its training stages. The
+    presence and IoU heads are left out: they read the trained model's states, so they are fitted again after
+    training (`examples/fit_presence_head.py`)."""
     try:
         state = load_file(folder / "model.safetensors")
-        model.load_state_dict({key: value for key, value in state.items() if not key.startswith("seg_head.presence.")})
+        fitted_after = ("seg_head.presence.", "seg_head.iou.")  # heads that read the trained model's states
+        model.load_state_dict({key: value for key, value in state.items() if not key.startswith(fitted_after)})
         stages = json.loads((folder / "eval_results.json").read_text())["training"]
     except (OSError, KeyError, RuntimeError) as error:
         parser.error(f"--init-from {folder}: not a model of this script with the same design ({error})".split("\n")[0])
