@@ -39,9 +39,11 @@ def make_segment(model, processor):
         image, prompt = rgb_image(image), prompt.strip()  # 16-bit scaled (EXIF orientation: gradio applies it)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UnknownWordsWarning)
-            ((mask, score),) = segment_with_scores(model, processor, image, [prompt], kind)
+            ((mask, score, iou),) = segment_with_scores(model, processor, image, [prompt], kind)
         area = int(mask.sum())
         summary = f"**{prompt}**: {area} px ({100 * area / mask.size:.1f}% of the image), presence score {score:.2f}"
+        if iou is not None:
+            summary += f", predicted IoU {iou:.2f}"
         for warning in caught:
             if issubclass(warning.category, UnknownWordsWarning):
                 gr.Warning(str(warning.message))

@@ -345,8 +345,11 @@ def score(model, processor, items: list[Item], batch_size: int = 16) -> list[dic
     records = []
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
-        masks, scores = model.segment(processor, [i.image for i in batch], [i.text for i in batch], return_scores=True)
-        for item, mask, value in zip(batch, masks, scores):
+        masks, scores, ious = model.segment(
+            processor, [i.image for i in batch], [i.text for i in batch], return_scores=True, return_iou_scores=True
+        )
+        max_tiles = processor.image_processor.max_patches
+        for item, mask, presence, iou in zip(batch, masks, scores, ious):
             pred = mask.cpu().numpy().astype(bool)
             target = item.masks[list(item.targets)].any(0)
             union = (pred | target).sum()
@@ -354,10 +357,12 @@ def score(model, processor, items: list[Item], batch_size: int = 16) -> list[dic
             record = {
                 "family": item.family, "kind": item.kind, "text": item.text, "iou": iou,
                 "intersection": int((pred & target).sum()), "union": int(union),
-                "size_patches": size_in_patches(item, item.targets[0], tile, patch, processor.image_processor.max_patches),
+                "size_patches": size_in_patches(item, item.targets[0], tile, patch, max_tiles),
                 "outcome": outcome(item, pred, iou) if item.kind == "colour_shape" else None,
             }  # fmt: skip
-            record.update({k: float(v) for k, v in (value.items() if isinstance(value, dict) else [("presence", value)])})
+            record["presence"] = presence
+            if iou is not None:
+                record["predicted_iou"] = iou
             records.append(record)
     return records
 
@@ -439,7 +444,8 @@ def markdown(summary: dict, model: str, count: int, seed: int) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="a model folder, or a training checkpoint")
+    parser.add_argument("--processor", default=None, help="processor folder (default: --model; a checkpoint has none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pale", type=int, default=192, help="expressions on pale backgrounds")
     parser.add_argument("--per-family", type=int, default=32, help="expressions on each other background family")
@@ -456,7 +462,7 @@ def main(argv=None):
         for n, item in enumerate(items[:: max(1, len(items) // 28)][:28]):
             item.image.save(args.save_images / f"{n:02d}_{item.family}_{item.text.replace(' ', '_')}.png")
     model = SelfieForSegmentation.from_pretrained(args.model).eval()
-    processor = SelfieProcessor.from_pretrained(args.model)
+    processor = SelfieProcessor.from_pretrained(args.processor or args.model)
     unknown = {w for i in items for w in i.text.split() if processor.tokenizer.convert_tokens_to_ids(w) ==
                processor.tokenizer.unk_token_id}  # fmt: skip
     if unknown:
