@@ -349,7 +349,7 @@ def score(model, processor, items: list[Item], batch_size: int = 16) -> list[dic
             processor, [i.image for i in batch], [i.text for i in batch], return_scores=True, return_iou_scores=True
         )
         max_tiles = processor.image_processor.max_patches
-        for item, mask, presence, iou in zip(batch, masks, scores, ious):
+        for item, mask, presence, predicted in zip(batch, masks, scores, ious):
             pred = mask.cpu().numpy().astype(bool)
             target = item.masks[list(item.targets)].any(0)
             union = (pred | target).sum()
@@ -361,8 +361,8 @@ def score(model, processor, items: list[Item], batch_size: int = 16) -> list[dic
                 "outcome": outcome(item, pred, iou) if item.kind == "colour_shape" else None,
             }  # fmt: skip
             record["presence"] = presence
-            if iou is not None:
-                record["predicted_iou"] = iou
+            if predicted is not None:
+                record["predicted_iou"] = predicted
             records.append(record)
     return records
 
@@ -375,9 +375,7 @@ def summarise(items: list[Item], records: list[dict]) -> dict:
         keys = ["overall", item.kind, f"family:{item.family}", "non-pale" if item.family != "pale" else "pale"]
         if item.kind == "colour_shape":
             keys.append(f"colour_shape:{item.family}")
-        pred = torch.zeros_like(target)
-        pred.view(-1)[: record["intersection"]] = True  # the metrics need only the sums: rebuild them exactly
-        for key in keys:
+        for key in keys:  # the model's masks were scored in `score`: add their sums
             m = metrics[key]
             m.intersection += record["intersection"]
             m.union += record["union"]

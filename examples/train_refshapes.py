@@ -348,6 +348,7 @@ def model_card(results: dict, baseline: dict, ceiling: dict, args, stages: list[
                 f"| {baseline[key]['cIoU']:.3f} | {best['cIoU']:.3f} / {best['gIoU']:.3f} |"
             )
     cells = TILE // args.patch_size * round(1 / args.downsample_ratio)
+    scenes = f" ({', '.join(args.backgrounds)} backgrounds{'; shapes down to about one ViT patch' * args.tiny_shapes})"
     tokens = round(TILE // args.patch_size * args.downsample_ratio) ** 2
     return f"""---
 library_name: transformers
@@ -365,7 +366,7 @@ tags:
 A small SELFIE model (InternVL-shaped: {args.vision_layers}-layer ViT of width {args.vision_width} with
 {args.patch_size} px patches on {TILE} px tiles, up to 2 tiles per image, {tokens} LLM tokens per tile,
 {args.llm_layers}-layer Qwen2 LLM of width {args.llm_width},
-{args.param_count / 1e6:.1f} M parameters) trained **from scratch on CPU** on RefShapes, the package's synthetic
+{args.param_count / 1e6:.1f} M parameters) trained **from scratch on CPU** on RefShapes{scenes}, the package's synthetic
 referring-segmentation set (coloured shapes; expressions by colour and shape, position, size, relation, several
 targets, no target, and reasoning-style questions). It is the default model of `selfie-segment` and exists to show
 the whole pipeline working out of the box; it knows nothing but shapes.
@@ -429,13 +430,15 @@ cIoU on the first {size} test expressions during training (`--curve-every`), aga
 
 
 CARD_SECTIONS = ("How it was made", "Held-out results", "Learning curve")  # the "## " sections the script writes
+DROPPED_SECTIONS = ("Held-out shapes on any background",)  # measured on the model before: stale after training
 
 
 def kept_sections(card: str) -> str:
     """The "## " sections of an existing model card that `model_card` does not write (e.g. a "Chat" paragraph added
-    by hand), to carry over when the card is rewritten; "" when there are none."""
+    by hand), to carry over when the card is rewritten, less the `DROPPED_SECTIONS` (figures of the model before,
+    e.g. `examples/score_heldout.py`'s table: rerun it); "" when there are none."""
     sections = re.split(r"^(?=## )", card, flags=re.MULTILINE)[1:]
-    kept = [section for section in sections if not section[3:].startswith(CARD_SECTIONS)]
+    kept = [section for section in sections if not section[3:].startswith(CARD_SECTIONS + DROPPED_SECTIONS)]
     return "".join("\n" + section.strip() + "\n" for section in kept)
 
 
