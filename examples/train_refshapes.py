@@ -482,8 +482,10 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
         saved[name] = parse_kind_weights(saved[name])
     saved["init_from"] = Path(saved["init_from"]) if saved["init_from"] else None
     for name in RUN_SETTINGS:
-        given = getattr(args, name)
-        if given != parser.get_default(name) and given != saved[name]:
+        given, default = getattr(args, name), parser.get_default(name)
+        if name in KIND_SETTINGS:  # argparse parses a string default, so `given` is a dict even when not given
+            default = parse_kind_weights(default)
+        if given != default and given != saved[name]:
             parser.error(f"--resume: --{name.replace('_', '-')} {given} differs from the run's {saved[name]}")
         setattr(args, name, saved[name])
     return checkpoint
