@@ -60,10 +60,12 @@ def make_segment(model, processor):
         prompt = prompt.strip()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UnknownWordsWarning)
-            ((mask, score),) = segment_with_scores(model, processor, image, [prompt], kind)
+            ((mask, score, iou),) = segment_with_scores(model, processor, image, [prompt], kind)
         area = int(mask.sum())
         summary = (f"**{markdown_text(prompt)}**: {area} px ({100 * area / mask.size:.1f}% of the image), presence "
                    f"score {score:.2f}")
+        if iou is not None:
+            summary += f", predicted IoU {iou:.2f}"
         for warning in caught:
             if issubclass(warning.category, UnknownWordsWarning):
                 gr.Warning(html.escape(str(warning.message)))

@@ -77,10 +77,12 @@ def run_probes(model, processor, probes, batch_size: int = 16) -> dict[str, np.n
     return result
 
 
-def fit_logistic(features: np.ndarray, labels: np.ndarray, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic(
+    features: np.ndarray, labels: np.ndarray, keep: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights `[1, D]` and bias `[1]` of an L2-regularised logistic regression (L-BFGS on standardised features,
-    folded back into the raw features' scale), the bias moved so that a share `keep` of the positives get a logit
-    of at least 0."""
+    folded back into the raw features' scale) of `labels` in [0, 1] (soft targets allowed), the bias moved so that
+    a share `keep` of the positives (label 1) get a logit of at least 0 (`None`: left as fitted)."""
     x = torch.tensor(features, dtype=torch.float64)
     y = torch.tensor(labels, dtype=torch.float64)
     mean, std = x.mean(0), x.std(0) + 1e-6
@@ -97,7 +99,7 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, keep: float) -> tuple
 
     optimizer.step(closure)
     with torch.no_grad():
-        shift = torch.quantile((x @ weight + bias)[y == 1], 1 - keep)
+        shift = torch.quantile((x @ weight + bias)[y == 1], 1 - keep) if keep is not None else 0.0
         raw_weight = weight / std
         return raw_weight[None].float(), (bias - shift - (raw_weight * mean).sum())[None].float()
 

@@ -164,8 +164,10 @@ def main(argv=None):
     scene = example_scene()
     on_example = np.array_equal(np.asarray(image), np.asarray(scene.image))  # the shapes' masks are known
     results, cells = [], []
-    for prompt, (mask, score) in zip(args.prompts, segment_with_scores(model, processor, image, args.prompts)):
+    for prompt, (mask, score, iou) in zip(args.prompts, segment_with_scores(model, processor, image, args.prompts)):
         result = {"prompt": prompt, "area": int(mask.sum()), "presence_score": round(score, 4)}
+        if iou is not None:
+            result["iou_score"] = round(iou, 4)
         if on_example and prompt in PROMPTS:
             result.update(names=[shape_name(i) for i in PROMPTS[prompt]], **judge(mask, scene.masks, PROMPTS[prompt]))
         result["segmentation"] = coco_rle(mask)

@@ -47,7 +47,7 @@ def example():
 
 
 def expected_overlay(model_and_processor, image, prompt):
-    ((mask, score),) = segment_with_scores(*model_and_processor, image, [prompt])
+    ((mask, score, _),) = segment_with_scores(*model_and_processor, image, [prompt])
     return np.asarray(render_overlay(image, mask, prompt)), mask, score
 
 

@@ -50,10 +50,12 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_selfie import SelfieConfig, SelfieForSegmentation, SelfieImageProcessor, SelfieProcessor
 from modeling_selfie.data.refshapes import (
+    BACKGROUND_FAMILIES,
     COLOURS,
     DEFAULT_KIND_WEIGHTS,
     EXPRESSION_KINDS,
     RefShapesDataset,
+    check_backgrounds,
     curriculum_dataset,
     parse_kind_weights,
     split_words,
@@ -144,6 +146,22 @@ class TimeBudget(TrainerCallback):
         if time.monotonic() > self.deadline and state.global_step < state.max_steps:
             control.should_training_stop = True
             control.should_save = True
+
+
+class SaveEvery(TrainerCallback):
+    """Save a checkpoint whenever `minutes` have passed since the last one, so that a run stopped at any time
+    (killed, or its machine taken back) loses at most that much training."""
+
+    def __init__(self, minutes: float):
+        self.interval = 60 * minutes
+        self.last = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self.last > self.interval:
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last = time.monotonic()
 
 
 class TrainingClock(TrainerCallback):
@@ -301,6 +319,8 @@ def command_line(args) -> str:
         f"--max-turns {args.max_turns} --patch-size {args.patch_size} --downsample-ratio {args.downsample_ratio:g} "
         f"--vision-layers {args.vision_layers} --llm-layers {args.llm_layers} --vision-width {args.vision_width} "
         f"--llm-width {args.llm_width} "
+        + (f"--backgrounds {','.join(args.backgrounds)} " if args.backgrounds != ("pale",) else "")
+        + ("--tiny-shapes " if args.tiny_shapes else "")
         + ("--device cuda" if args.device == "cuda" else f"--threads {args.threads}")
         + (" --init-from MODEL_OF_THE_STAGE_BEFORE" if args.init_from else "")
     )
@@ -328,6 +348,7 @@ def model_card(results: dict, baseline: dict, ceiling: dict, args, stages: list[
                 f"| {baseline[key]['cIoU']:.3f} | {best['cIoU']:.3f} / {best['gIoU']:.3f} |"
             )
     cells = TILE // args.patch_size * round(1 / args.downsample_ratio)
+    scenes = f" ({', '.join(args.backgrounds)} backgrounds{'; shapes down to about one ViT patch' * args.tiny_shapes})"
     tokens = round(TILE // args.patch_size * args.downsample_ratio) ** 2
     return f"""---
 library_name: transformers
@@ -345,7 +366,7 @@ tags:
 A small SELFIE model (InternVL-shaped: {args.vision_layers}-layer ViT of width {args.vision_width} with
 {args.patch_size} px patches on {TILE} px tiles, up to 2 tiles per image, {tokens} LLM tokens per tile,
 {args.llm_layers}-layer Qwen2 LLM of width {args.llm_width},
-{args.param_count / 1e6:.1f} M parameters) trained **from scratch on CPU** on RefShapes, the package's synthetic
+{args.param_count / 1e6:.1f} M parameters) trained **from scratch on CPU** on RefShapes{scenes}, the package's synthetic
 referring-segmentation set (coloured shapes; expressions by colour and shape, position, size, relation, several
 targets, no target, and reasoning-style questions). It is the default model of `selfie-segment` and exists to show
 the whole pipeline working out of the box; it knows nothing but shapes.
@@ -409,13 +430,15 @@ cIoU on the first {size} test expressions during training (`--curve-every`), aga
 
 
 CARD_SECTIONS = ("How it was made", "Held-out results", "Learning curve")  # the "## " sections the script writes
+DROPPED_SECTIONS = ("Held-out shapes on any background",)  # measured on the model before: stale after training
 
 
 def kept_sections(card: str) -> str:
     """The "## " sections of an existing model card that `model_card` does not write (e.g. a "Chat" paragraph added
-    by hand), to carry over when the card is rewritten; "" when there are none."""
+    by hand), to carry over when the card is rewritten, less the `DROPPED_SECTIONS` (figures of the model before,
+    e.g. `examples/score_heldout.py`'s table: rerun it); "" when there are none."""
     sections = re.split(r"^(?=## )", card, flags=re.MULTILINE)[1:]
-    kept = [section for section in sections if not section[3:].startswith(CARD_SECTIONS)]
+    kept = [section for section in sections if not section[3:].startswith(CARD_SECTIONS + DROPPED_SECTIONS)]
     return "".join("\n" + section.strip() + "\n" for section in kept)
 
 
@@ -434,7 +457,7 @@ def drop_remote_code(folder: Path) -> None:
 RUN_SETTINGS = (  # what defines a training run: a resumed run keeps the values it was started with
     "max_steps", "batch_size", "learning_rate", "warmup_steps", "warmup_kinds", "warmup_fraction", "max_turns",
     "seed", "patch_size", "downsample_ratio", "vision_layers", "llm_layers", "vision_width", "llm_width", "init_from",
-    "train_kinds",
+    "train_kinds", "backgrounds", "tiny_shapes",
 )  # fmt: skip
 KIND_SETTINGS = ("warmup_kinds", "train_kinds")  # run settings stored as "KIND=WEIGHT,..." text
 
@@ -452,24 +475,30 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
     if checkpoint is None:
         parser.error(f"--resume: no checkpoint in {run_dir}")
     saved = json.loads((run_dir / "run_settings.json").read_text())
+    saved.setdefault("backgrounds", "pale")  # runs started before the background families existed
+    saved["backgrounds"] = check_backgrounds(saved["backgrounds"])
+    saved.setdefault("tiny_shapes", False)
     for name in KIND_SETTINGS:
         saved[name] = parse_kind_weights(saved[name])
     saved["init_from"] = Path(saved["init_from"]) if saved["init_from"] else None
     for name in RUN_SETTINGS:
-        given = getattr(args, name)
-        if given != parser.get_default(name) and given != saved[name]:
+        given, default = getattr(args, name), parser.get_default(name)
+        if name in KIND_SETTINGS:  # argparse parses a string default, so `given` is a dict even when not given
+            default = parse_kind_weights(default)
+        if given != default and given != saved[name]:
             parser.error(f"--resume: --{name.replace('_', '-')} {given} differs from the run's {saved[name]}")
         setattr(args, name, saved[name])
     return checkpoint
 
 
 def init_from(model, folder: Path, parser) -> list[dict]:
-    """Load the weights of a model folder written by this script into `model`; returns its training stages. A
-    presence head is left out: it reads the trained model's states, so it is fitted again after training
-    (`examples/fit_presence_head.py`)."""
+    """Load the weights of a model folder written by this script into `model`; returns its training stages. The
+    presence and IoU heads are left out: they read the trained model's states, so they are fitted again after
+    training (`examples/fit_presence_head.py`)."""
     try:
         state = load_file(folder / "model.safetensors")
-        model.load_state_dict({key: value for key, value in state.items() if not key.startswith("seg_head.presence.")})
+        fitted_after = ("seg_head.presence.", "seg_head.iou.")  # heads that read the trained model's states
+        model.load_state_dict({key: value for key, value in state.items() if not key.startswith(fitted_after)})
         stages = json.loads((folder / "eval_results.json").read_text())["training"]
     except (OSError, KeyError, RuntimeError) as error:
         parser.error(f"--init-from {folder}: not a model of this script with the same design ({error})".split("\n")[0])
@@ -481,8 +510,16 @@ def save_settings(args, run_dir: Path) -> None:
     for name in KIND_SETTINGS:
         settings[name] = format_kind_weights(getattr(args, name))
     settings["init_from"] = str(args.init_from) if args.init_from else None
+    settings["backgrounds"] = ",".join(args.backgrounds)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def background_families(text: str) -> tuple[str, ...]:
+    try:
+        return check_backgrounds(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -514,6 +551,10 @@ def main(argv=None):
     parser.add_argument("--minutes", type=float, default=90.0,
                         help="time budget of this invocation's training loop; a checkpoint is saved when it ends")
     parser.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps")
+    parser.add_argument("--save-minutes", type=float, default=None,
+                        help="also checkpoint whenever this many minutes passed since the last checkpoint")
+    parser.add_argument("--keep-checkpoints", type=int, default=2,
+                        help="checkpoints kept in --run-dir (1 for a run state small enough to commit)")
     parser.add_argument("--curve-every", type=int, default=0, help="score --curve-size test items every N steps")
     parser.add_argument("--curve-size", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -528,6 +569,10 @@ def main(argv=None):
     parser.add_argument("--train-kinds", type=parse_kind_weights, default=format_kind_weights(DEFAULT_KIND_WEIGHTS),
                         help="expression kinds after the warm-up, KIND=WEIGHT,...")
     parser.add_argument("--warmup-fraction", type=float, default=0.2, help="share of samples from --warmup-kinds")
+    parser.add_argument("--backgrounds", type=background_families, default=("pale",),
+                        help=f"background families of the training images: 'all' or some of {BACKGROUND_FAMILIES}")
+    parser.add_argument("--tiny-shapes", action="store_true",
+                        help="also draw shapes about one ViT patch across (a third of the shapes)")
     parser.add_argument("--max-turns", type=int, default=6, help="expressions ([SEG] turns) per training image")
     parser.add_argument("--patch-size", type=int, default=14, help="ViT patch side in pixels")
     parser.add_argument("--downsample-ratio", type=float, default=0.25,
@@ -561,7 +606,7 @@ def main(argv=None):
         stages = init_from(model, args.init_from, parser)
     train = curriculum_dataset(
         args.max_steps * args.batch_size, args.warmup_fraction, args.warmup_kinds, args.seed, args.max_turns,
-        args.train_kinds,
+        args.train_kinds, args.backgrounds, args.tiny_shapes,
     )
     save_settings(args, args.run_dir)
     training_args = TrainingArguments(
@@ -575,7 +620,7 @@ def main(argv=None):
         logging_steps=50,
         save_strategy="steps",
         save_steps=args.save_steps,
-        save_total_limit=2,
+        save_total_limit=args.keep_checkpoints,
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=args.data_workers,
@@ -585,8 +630,11 @@ def main(argv=None):
     )
     clock = TrainingClock(TrainingClock.saved_seconds(checkpoint) if checkpoint else 0.0)
     callbacks = [TimeBudget(args.minutes), clock]
+    if args.save_minutes:
+        callbacks.append(SaveEvery(args.save_minutes))
     if args.curve_every:
-        curve_set = RefShapesDataset("test", size=args.curve_size, seed=TEST_SEED)
+        curve_set = RefShapesDataset("test", size=args.curve_size, seed=TEST_SEED, backgrounds=args.backgrounds,
+                                     tiny_shapes=args.tiny_shapes)
         callbacks.append(LearningCurve(args.run_dir / "curve.jsonl", args.curve_every, curve_set, processor, clock))
     trainer = SelfieTrainer(
         model=model, args=training_args, train_dataset=train, data_collator=SelfieDataCollator(processor),

@@ -49,14 +49,17 @@ def read_image(path: str | Path) -> Image.Image:
 
 def segment_with_scores(model, processor, images, prompts: list[str], query_kind: str = "phrase"):
     """`model.segment` for one image per prompt (or one image for all) in a single forward pass, with each mask's
-    presence score.
+    presence score and predicted IoU.
 
     Returns:
-        One `(mask, score)` per prompt: bool numpy `[H, W]` at its image's size, and `sigmoid(presence_logit)`
-        (the mask is empty exactly when it is below 0.5).
+        One `(mask, score, iou_score)` per prompt: bool numpy `[H, W]` at its image's size,
+        `sigmoid(presence_logit)` (the mask is empty exactly when it is below 0.5) and the IoU head's predicted IoU
+        (`None` for a model without `config.iou_head`).
     """
-    masks, scores = model.segment(processor, images, prompts, query_kind=query_kind, return_scores=True)
-    return [(mask.cpu().numpy(), score) for mask, score in zip(masks, scores)]
+    masks, scores, ious = model.segment(
+        processor, images, prompts, query_kind=query_kind, return_scores=True, return_iou_scores=True
+    )
+    return [(mask.cpu().numpy(), score, iou) for mask, score, iou in zip(masks, scores, ious)]
 
 
 def output_prefix(output: str | None, image: Path) -> Path:
@@ -73,12 +76,18 @@ def coco_rle(mask: np.ndarray) -> dict:
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def save_result(job: Job, image: Image.Image, mask: np.ndarray, score: float, prefix: Path | None) -> dict:
-    """Write `{prefix}_mask.png` and `{prefix}_overlay.png` (nothing when `prefix` is `None`); the JSON record."""
+def save_result(
+    job: Job, image: Image.Image, mask: np.ndarray, score: float, prefix: Path | None, iou_score: float | None = None
+) -> dict:
+    """Write `{prefix}_mask.png` and `{prefix}_overlay.png` (nothing when `prefix` is `None`); the JSON record (with
+    `iou_score` when the model predicts one)."""
     record = {"image": job.name or str(job.image), "prompt": job.prompt}
     if job.line is not None:
         record["line"] = job.line
-    record.update(presence_score=score, area=int(mask.sum()), segmentation=coco_rle(mask))
+    record["presence_score"] = score
+    if iou_score is not None:
+        record["iou_score"] = iou_score
+    record.update(area=int(mask.sum()), segmentation=coco_rle(mask))
     if prefix is not None:
         mask_path, overlay_path = Path(f"{prefix}_mask.png"), Path(f"{prefix}_overlay.png")
         write_file(mask_path, lambda staging: Image.fromarray(mask.astype(np.uint8) * 255).save(staging, format="PNG"))
@@ -133,17 +142,18 @@ def run_single(args) -> int:
         results += segment_with_scores(model, processor, image, [job.prompt for job in chunk], args.kind)
     prefix = output_prefix(args.output, image_path)
     records = []
-    for k, (job, (mask, score)) in enumerate(zip(jobs, results), 1):
+    for k, (job, (mask, score, iou)) in enumerate(zip(jobs, results), 1):
         if args.no_images:
             job_prefix = None
         else:
             job_prefix = prefix if len(jobs) == 1 else Path(f"{prefix}_{k}")
-        record = save_result(job, image, mask, score, job_prefix)
+        record = save_result(job, image, mask, score, job_prefix, iou)
         records.append(record)
         height, width = mask.shape
         written = f" -> {record['mask']}, {record['overlay']}" if "mask" in record else ""
+        predicted = "" if iou is None else f", predicted IoU {iou:.2f}"
         print(f"{job.prompt!r}: mask of {record['area']} px ({100 * record['area'] / mask.size:.1f}% of "
-              f"{width}x{height}), presence {score:.2f}{written}")
+              f"{width}x{height}), presence {score:.2f}{predicted}{written}")
     if args.json:
         write_json(args.json, records)
         print(f"wrote {len(records)} masks (COCO RLE) to {args.json}")
@@ -178,9 +188,9 @@ def run_batch(args) -> int:
                     ready.append((job, read_image(job.image)))
                 except CLIError as error:
                     skip(job, error)
-            for (job, image), (mask, score) in segment_lines(model, processor, ready, args.kind, skip):
+            for (job, image), (mask, score, iou) in segment_lines(model, processor, ready, args.kind, skip):
                 prefix = None if args.no_images else folder / f"{job.image.stem}_{job.line}"
-                records.append(save_result(job, image, mask, score, prefix))
+                records.append(save_result(job, image, mask, score, prefix, iou))
             progress.update(len(batch))
     if args.json:
         write_json(args.json, records)
@@ -191,7 +201,7 @@ def run_batch(args) -> int:
 
 
 def segment_lines(model, processor, ready: list[tuple[Job, Image.Image]], kind: str, skip) -> list:
-    """`((job, image), (mask, score))` for each of `ready`, segmented in one forward pass; when `model.segment`
+    """`((job, image), (mask, score, iou_score))` for each of `ready`, segmented in one forward pass; when `model.segment`
     refuses them (`ValueError`), line by line, calling `skip(job, error)` for each line it refuses."""
     if not ready:
         return []

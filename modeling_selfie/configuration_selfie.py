@@ -50,6 +50,10 @@ class SelfieConfig(InternVLConfig):
         Add a presence head: a linear map of the hidden state that predicts each `[SEG]` to a presence logit (is
         the referred object in the image at all?). Without it a mask's presence logit is its most confident pixel.
         See `SelfieForSegmentation.presence_logits`.
+    iou_head (`bool`, *optional*, defaults to `False`):
+        Add a mask-quality head (as SAM's IoU prediction): a linear map of the same hidden state to a logit whose
+        sigmoid is the mask's predicted IoU with the referred object. It says how far to trust a mask that is
+        there; whether a mask is empty stays the presence score's decision. See `SelfieForSegmentation.iou_logits`.
     unk_token_id (`int`, *optional*):
         Id of the tokenizer's unknown-word token (`<unk>`) for a word-level vocabulary: every `<unk>` before a
         `[SEG]` lowers that mask's presence logit by `UNKNOWN_TOKEN_PRESENCE_PENALTY`, so a query the model cannot
@@ -69,6 +73,7 @@ class SelfieConfig(InternVLConfig):
     aux_mask_loss_weight: float = 1.0
     mask_loss_normalization: str = "batch"
     presence_head: bool = False
+    iou_head: bool = False
     unk_token_id: int | None = None
     tie_word_embeddings: bool = False
 

@@ -402,6 +402,9 @@ class SelfieSegmentationOutput(InternVLCausalLMOutputWithPast):
         SAM3's `presence_logits`); see [`SelfieForSegmentation.presence_logits`]. Never above the logit of the
         mask's most confident pixel; `post_process_masks(..., return_scores=True)` caps it again by the most
         confident pixel at the image's size, so that a mask is empty exactly when its score is below 0.5.
+    iou_logits (`list[torch.FloatTensor]`, *optional*):
+        With `config.iou_head`, one `[n_seg]` tensor per sample: `sigmoid(iou_logits)` is each mask's predicted IoU
+        with the referred object (SAM's `iou_scores`); see [`SelfieForSegmentation.iou_logits`].
     text_loss (`torch.FloatTensor` of shape `()`, *optional*):
         Next-token cross entropy (when `labels` are given).
     mask_bce_loss, mask_dice_loss (`torch.FloatTensor` of shape `()`, *optional*):
@@ -411,6 +414,7 @@ class SelfieSegmentationOutput(InternVLCausalLMOutputWithPast):
 
     pred_masks: list[torch.FloatTensor] | None = None
     presence_logits: list[torch.FloatTensor] | None = None
+    iou_logits: list[torch.FloatTensor] | None = None
     text_loss: torch.FloatTensor | None = None
     mask_bce_loss: torch.FloatTensor | None = None
     mask_dice_loss: torch.FloatTensor | None = None
@@ -460,6 +464,7 @@ class SelfieSegmentationHead(nn.Module):
         self.pus_vision = SelfieMLP(hidden, hidden, unshuffled, act)
         self.proj_out = SelfieMLP(config.seg_hidden_size, config.seg_hidden_size, config.seg_hidden_size, act)
         self.presence = nn.Linear(hidden, 1, dtype=torch.float32) if config.presence_head else None
+        self.iou = nn.Linear(hidden, 1, dtype=torch.float32) if config.iou_head else None
 
     def _to_pixels(self, unshuffled: torch.Tensor) -> torch.Tensor:
         """RFA unshuffles the r*r chunks into r x r pixels; the other modes average them at the token grid."""
@@ -976,6 +981,25 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
             logits = logits - UNKNOWN_TOKEN_PRESENCE_PENALTY * unknown.cumsum(1).flatten()[predicting].to(logits.dtype)
         return list(logits.split(list(seg_layout.seg_counts)))
 
+    def iou_logits(
+        self, seg_tokens: torch.Tensor, hidden_states: torch.Tensor, seg_layout: SegmentationLayout
+    ) -> list[torch.Tensor] | None:
+        """The mask-quality head's logits, one `[n_seg]` tensor per sample (`None` without `config.iou_head`):
+        `sigmoid` of each is the predicted IoU of the `[SEG]`'s mask, read from the hidden state that predicts the
+        `[SEG]` (the presence head's input). Fitted after training, as the presence head is
+        (`examples/fit_iou_head.py`).
+
+        Args:
+            seg_tokens: `[B, L]` bool `[SEG]` mask, padding excluded ([`SelfieModel.token_masks`]).
+            hidden_states: `[B, L, D]` final-norm LLM states.
+            seg_layout: the batch's [`SegmentationLayout`].
+        """
+        if self.seg_head.iou is None:
+            return None
+        predicting = self.seg_state_index(seg_tokens, seg_layout)
+        states = hidden_states.flatten(0, 1)[predicting].to(self.seg_head.iou.weight.dtype)
+        return list(self.seg_head.iou(states)[:, 0].split(list(seg_layout.seg_counts)))
+
     def mask_loss(
         self, pred_masks: list[torch.Tensor], aux_masks: list[torch.Tensor], mask_labels: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1015,7 +1039,8 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
         presence_threshold: float = 0.5,
         return_logits: bool = False,
         return_scores: bool = False,
-    ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[float]]:
+        return_iou_scores: bool = False,
+    ) -> list[torch.Tensor] | tuple:
         """Segment each image from its query in one teacher-forced forward pass (prompt + "[SEG].").
 
         Args:
@@ -1029,8 +1054,11 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
             return_logits: return the mask logits (float) instead of bool masks.
             return_scores: also return each mask's presence score, `sigmoid(presence_logit)` (see
                 [`SelfieForSegmentation.presence_logits`]).
+            return_iou_scores: also return each mask's predicted IoU, `sigmoid(iou_logit)` (see
+                [`SelfieForSegmentation.iou_logits`]; `None` for each mask of a model without `config.iou_head`).
         Returns:
-            One `[height, width]` mask per query, at its image's own size; with `return_scores`, `(masks, scores)`.
+            One `[height, width]` mask per query, at its image's own size; with `return_scores`, `(masks, scores)`;
+            with `return_iou_scores`, `(masks, iou_scores)`; with both, `(masks, scores, iou_scores)`.
 
         Queries are normalised as the processor's `query_normalization` says; words the vocabulary lacks are named in
         one [`UnknownWordsWarning`].
@@ -1055,7 +1083,13 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
             return_scores=True,
         )
         masks = [m[0] for m in masks]
-        return (masks, [float(score[0]) for score in scores]) if return_scores else masks
+        if not (return_scores or return_iou_scores):
+            return masks
+        scores = [float(score[0]) for score in scores]
+        iou_scores = [None] * len(masks)
+        if out.iou_logits is not None:
+            iou_scores = [float(iou[0].float().sigmoid()) for iou in out.iou_logits]
+        return (masks, *([scores] if return_scores else []), *([iou_scores] if return_iou_scores else []))
 
     @torch.inference_mode()
     def chat(
@@ -1173,7 +1207,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
-        pred_masks = aux_masks = presence_logits = None
+        pred_masks = aux_masks = presence_logits = iou_logits = None
         if seg_layout is not None and seg_layout.segmenting and outputs.image_features is not None:
             pred_masks, aux_masks = self.predict_masks(
                 *token_masks,
@@ -1186,6 +1220,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
             presence_logits = self.presence_logits(
                 input_ids, attention_mask, token_masks[0], hidden_states, pred_masks, seg_layout
             )
+            iou_logits = self.iou_logits(token_masks[0], hidden_states, seg_layout)
 
         loss = text_loss = bce_loss = dice_loss = None
         if labels is not None:
@@ -1206,6 +1241,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
             **shared_fields(outputs, SelfieSegmentationOutput),
             pred_masks=pred_masks,
             presence_logits=presence_logits,
+            iou_logits=iou_logits,
             text_loss=text_loss,
             mask_bce_loss=bce_loss,
             mask_dice_loss=dice_loss,

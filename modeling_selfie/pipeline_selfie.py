@@ -10,6 +10,7 @@
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, Pipeline
 from transformers.image_utils import load_image
@@ -26,7 +27,8 @@ class ReferringSegmentationPipeline(Pipeline):
     (`"phrase"` or `"instruction"`), `mask_threshold` (logit, 0.0) and `presence_threshold` (0.5): a phrase
     whose presence score is below it gets an empty mask; words the model's vocabulary lacks are named in an
     `UnknownWordsWarning`. Returns one `{"mask", "score", "label"}` per phrase:
-    `mask` a binary PIL image (mode "L", 0/255) at the image's size, `score` the presence score.
+    `mask` a binary PIL image (mode "L", 0/255) at the image's size, `score` the presence score; a model with an
+    IoU head (`config.iou_head`) adds `iou_score`, the mask's predicted IoU.
     """
 
     _load_processor = True
@@ -70,6 +72,7 @@ class ReferringSegmentationPipeline(Pipeline):
         return {
             "pred_masks": out.pred_masks,
             "presence_logits": out.presence_logits,
+            "iou_logits": out.iou_logits,
             "labels": model_inputs["labels"],
             "size": model_inputs["size"],
         }
@@ -81,9 +84,12 @@ class ReferringSegmentationPipeline(Pipeline):
             presence_threshold, return_scores=True,
         )
         results = []
-        for label, mask, score in zip(model_outputs["labels"], masks, scores):
+        ious = model_outputs["iou_logits"] or [None] * len(masks)
+        for label, mask, score, iou in zip(model_outputs["labels"], masks, scores, ious):
             pixels = (mask[0].cpu().numpy().astype(np.uint8)) * 255
             results.append({"mask": Image.fromarray(pixels, mode="L"), "score": float(score[0]), "label": label})
+            if iou is not None:  # a model with an IoU head: the mask's predicted IoU
+                results[-1]["iou_score"] = float(torch.sigmoid(iou[0].float()))
         return results
 
 

@@ -3,6 +3,7 @@ bad input gets one clear line and never costs the results of the good input."""
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -102,6 +103,29 @@ def test_json_holds_coco_rle_with_size_prompt_and_presence_score(model_dir, tmp_
     assert np.array_equal(decoded, read_mask(tmp_path / "t_mask.png"))
     assert record["area"] == int(mask_utils.area(record["segmentation"])) == int(decoded.sum())
     assert 0.0 <= record["presence_score"] <= 1.0 and (record["presence_score"] >= 0.5) == bool(decoded.any())
+
+
+def test_json_and_batch_records_carry_the_predicted_iou_of_a_model_with_an_iou_head(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"  # the shipped model given an IoU head by hand: a config flag and two tensors
+    shutil.copytree(default_model_dir(), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["iou_head"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    state = load_file(folder / "model.safetensors")
+    state["seg_head.iou.weight"] = torch.zeros(1, config["text_config"]["hidden_size"])
+    state["seg_head.iou.bias"] = torch.tensor([2.0])
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    random_image(40, 30, seed=1).save(tmp_path / "a.png")
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"image": "a.png", "prompt": "red circle"}) + "\n")
+    for args in (["a.png", "red circle"], ["--batch", "jobs.jsonl"]):
+        result = subprocess.run(["selfie-segment", *args, "--model", str(folder), "--no-images", "--json", "out.json"],
+                                cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        (record,) = json.loads((tmp_path / "out.json").read_text())
+        assert record["iou_score"] == pytest.approx(float(torch.tensor(2.0).sigmoid()))
+        assert (record["presence_score"] >= 0.5) == (record["area"] > 0)
 
 
 def test_json_only_writes_no_pictures(model_dir, tmp_path):

@@ -239,3 +239,61 @@ def test_unknown_words_warning_names_the_words_not_the_prompt(demo):
         model.segment(processor, scene((245, 242, 235), SCENES[0][0]), [f"red {long_word}", prompt])
     (message,) = [str(warning.message) for warning in caught if warning.category is UnknownWordsWarning]
     assert len(message) < 400 and "'zzzzz" in message and "'zz0', 'zz1'" in message and "and 991 more" in message
+
+
+def test_an_iou_head_scores_each_mask_from_the_seg_state_and_survives_saving(tmp_path):
+    model, processor = tiny_model_and_processor(WORDS, iou_head=True)
+    with torch.no_grad():
+        model.seg_head.iou.weight.zero_()
+        model.seg_head.iou.bias.fill_(1.5)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    images, queries = [random_image(64, 48), random_image(1, 1)], ["red circle", "blue square"]
+    masks, scores, ious = loaded.segment(processor, images, queries, return_scores=True, return_iou_scores=True)
+    assert [tuple(m.shape) for m in masks] == [(48, 64), (1, 1)]
+    assert ious == pytest.approx([torch.tensor(1.5).sigmoid().item()] * 2)
+    assert len(scores) == 2 and all(isinstance(score, float) for score in scores)
+    with torch.no_grad():  # the head reads the state that predicts [SEG]: its weights move the score
+        loaded.seg_head.iou.weight.normal_()
+        out = loaded(**processor(images=images[:1], queries=queries[:1]))
+    assert out.iou_logits[0].shape == (1,) and not torch.isclose(out.iou_logits[0], torch.tensor(1.5)).all()
+
+
+def test_a_model_without_an_iou_head_returns_none_scores():
+    model, processor = tiny_model_and_processor(WORDS)
+    masks, ious = model.segment(processor, random_image(32, 32), ["red circle", "blue square"], return_iou_scores=True)
+    assert len(masks) == 2 and ious == [None, None]
+    assert model(**processor(images=[random_image(32, 32)], queries=["red circle"])).iou_logits is None
+
+
+def test_fit_iou_head_writes_the_head_and_measures_it(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "fit_iou_head", Path(__file__).resolve().parents[1] / "examples" / "fit_iou_head.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    folder = tmp_path / "model"
+    shutil.copytree(default_model_dir(), folder)
+    script.build_items = lambda seed, pale, per_family: script_items(seed)  # a few held-out scenes keep it short
+    threads = torch.get_num_threads()
+    try:
+        script.main(["--model", str(folder), "--fit-size", "12"])
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(capsys.readouterr().out)
+    assert report["count"] == 14 and {"auroc_iou_logit", "auroc_presence", "auroc_max_pixel"} <= set(report)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["iou_head"] is True and config["presence_head"] is True
+    reloaded = load_model(folder)[0]
+    assert reloaded.seg_head.iou.weight.abs().sum() > 0  # fitted weights, not an initialisation
+    for name in ("README.md", "tokenizer.json", "tokenizer_config.json"):
+        assert (folder / name).read_bytes() == (default_model_dir() / name).read_bytes()
+
+
+def script_items(seed):
+    spec = importlib.util.spec_from_file_location(
+        "score_heldout", Path(__file__).resolve().parents[1] / "examples" / "score_heldout.py"
+    )
+    heldout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(heldout)
+    return heldout.build_items(seed, 2, 2)

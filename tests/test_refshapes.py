@@ -5,6 +5,8 @@ import pytest
 from PIL import Image
 
 from modeling_selfie.data.refshapes import (
+    BACKGROUND_DISTANCE,
+    BACKGROUND_FAMILIES,
     COLOUR_RIDDLES,
     COLOURS,
     EXPRESSION_KINDS,
@@ -13,6 +15,7 @@ from modeling_selfie.data.refshapes import (
     PLURALS,
     Group,
     RefShapesDataset,
+    check_backgrounds,
     RefShapesExample,
     curriculum_dataset,
     parse_kind_weights,
@@ -331,3 +334,44 @@ def test_multi_turn_items_collate_with_one_mask_per_seg(tiny):
         assert masks.shape[0] == int((batch["input_ids"][b] == processor.seg_token_id).sum()) == len(data[b]["masks"])
     with pytest.raises(ValueError, match="max_turns"):
         RefShapesDataset(max_turns=0)
+
+
+@pytest.mark.parametrize("family", BACKGROUND_FAMILIES)
+def test_every_background_family_keeps_the_shapes_apart_from_the_background(family):
+    dataset = RefShapesDataset("train", size=6, seed=4, backgrounds=(family,))
+    for index in range(len(dataset)):
+        scene = dataset.example(index).scene
+        pixels = np.asarray(scene.image).astype(float)
+        shapes = scene.masks.any(0)
+        background = pixels[~shapes]
+        if family in ("dark", "mid", "saturated", "texture"):  # flat colours, each far from every shape colour
+            distance = np.min([np.linalg.norm(background - rgb, axis=-1) for rgb in COLOURS.values()], axis=0)
+            assert distance.min() >= BACKGROUND_DISTANCE
+        level = background.mean()
+        assert {"dark": level < 90, "mid": 70 < level < 190, "pale": level > 170}.get(family, True)
+        for shape, mask in zip(scene.shapes, scene.masks):
+            assert np.all(pixels[mask] == COLOURS[shape.colour])
+
+
+def test_the_default_background_is_pale_and_all_means_every_family():
+    assert check_backgrounds("all") == BACKGROUND_FAMILIES and check_backgrounds("dark,noise") == ("dark", "noise")
+    with pytest.raises(ValueError, match="lilac"):
+        RefShapesDataset("train", size=1, backgrounds="lilac")
+    pale = RefShapesDataset("test", size=4, seed=0)
+    again = RefShapesDataset("test", size=4, seed=0, backgrounds=("pale",), tiny_shapes=False)
+    for index in range(4):  # the options' defaults draw exactly what the splits held before they existed
+        assert np.array_equal(np.asarray(pale[index]["image"]), np.asarray(again[index]["image"]))
+    mixed = RefShapesDataset("train", size=40, seed=1, backgrounds="all")
+    levels = [np.asarray(mixed.example(i).scene.image).mean() for i in range(40)]
+    assert min(levels) < 90 < 170 < max(levels)
+
+
+def test_tiny_shapes_are_about_one_patch_across_once_tiled():
+    plain = RefShapesDataset("train", size=30, seed=2)
+    tiny = RefShapesDataset("train", size=30, seed=2, tiny_shapes=True)
+
+    def smallest(dataset):  # radius over the image's short side
+        scenes = [dataset.example(i).scene for i in range(30)]
+        return min(shape.radius / min(scene.size) for scene in scenes for shape in scene.shapes)
+
+    assert smallest(plain) >= 0.11 - 1e-9 and smallest(tiny) < 0.09

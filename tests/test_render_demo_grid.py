@@ -101,11 +101,12 @@ def test_the_picture_is_what_the_shipped_model_answers_today(module):
     image = read_image(ROOT / record["image"])
     prompts = [result["prompt"] for result in record["results"]]
     answers = segment_with_scores(*load_model(), image, prompts)
-    for result, (mask, score) in zip(record["results"], answers):
+    for result, (mask, score, iou) in zip(record["results"], answers):
         shown = mask_utils.decode(result["segmentation"]).astype(bool)
         union = (shown | mask).sum()
         assert (shown & mask).sum() >= 0.99 * union, f"{result['prompt']}: rerun examples/render_demo_grid.py"
         assert abs(score - result["presence_score"]) < 0.01
+        assert iou is None if "iou_score" not in result else abs(iou - result["iou_score"]) < 0.01
 
 
 def test_the_example_image_is_the_scene_the_script_draws(module, tmp_path):

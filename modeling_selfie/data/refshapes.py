@@ -1,6 +1,7 @@
 """RefShapes: a synthetic referring-segmentation dataset of coloured shapes, generated on the fly.
 
-Every item is one scene (an image of 2-6 coloured shapes on a plain, gradient or noisy pale background, of varied
+Every item is one scene (an image of 2-6 coloured shapes on a background - by default plain, gradient or noisy
+pale; `backgrounds` adds dark, mid-grey, saturated, gradient, noise and texture families - of varied
 size and aspect ratio) and one expression that refers to some of its shapes, with the exact mask of the referent:
 
     kind            example                                     referent
@@ -28,6 +29,7 @@ is the same in every run and whatever the access order, and the train, validatio
 unrelated streams.
 """
 
+import colorsys
 import math
 import operator
 import random
@@ -72,12 +74,18 @@ DEFAULT_KIND_WEIGHTS = {
 MIN_SIDE, MAX_SIDE = 96, 320
 MIN_SHAPES, MAX_SHAPES = 2, 6
 SMALL_RADIUS, LARGE_RADIUS = (0.11, 0.14), (0.18, 0.24)  # fractions of the short image side
+TINY_RADIUS = (0.05, 0.09)  # with `tiny_shapes`: a shape about one 14 px ViT patch across once tiled
 MIN_RADIUS = 7.0
 SEPARATION = 0.9  # centres at least SEPARATION * (r1 + r2) apart: bounding discs overlap a little at most
 MIN_VISIBLE = 0.8  # every shape keeps this fraction of its pixels after occlusion
 PLACEMENT_ATTEMPTS = 40  # positions tried per shape
 LAYOUT_ATTEMPTS = 100  # layouts tried per scene
 MAX_SCENES = 200  # scenes tried per item for an expression of its kind
+
+# Backgrounds: "pale" (plain, gradient or noisy light grey; the only family before v2), flat "dark", "mid" (grey)
+# and "saturated" colours, and "gradient", "noise" and "texture" (stripes, checks) over colours of any of those.
+BACKGROUND_FAMILIES = ("pale", "dark", "mid", "saturated", "gradient", "noise", "texture")
+BACKGROUND_DISTANCE = 90.0  # RGB distance of every background colour from every shape colour
 
 # Shape geometry, in units of the shape's radius.
 SQUARE_HALF_SIDE = 0.82
@@ -274,35 +282,88 @@ def _pale_colour(rng: random.Random) -> np.ndarray:
     return np.array([min(255, max(0, grey + rng.randint(-12, 12))) for _ in range(3)], dtype=np.float32)
 
 
-def _background(rng: random.Random, width: int, height: int) -> np.ndarray:
-    """uint8 `[H, W, 3]`: a plain, gradient or noisy pale background."""
+def _pale_background(rng: random.Random, width: int, height: int) -> np.ndarray:
+    """float `[H, W, 3]`: a plain, gradient or noisy pale background (RefShapes' only family before v2)."""
     style = rng.choice(("plain", "gradient", "noise"))
     base = _pale_colour(rng)
     pixels = np.broadcast_to(base, (height, width, 3)).copy()
     if style == "gradient":
-        xs, ys = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
-        ramp = {"horizontal": xs, "vertical": ys, "diagonal": (xs + ys) / 2}[
-            rng.choice(("horizontal", "vertical", "diagonal"))
-        ]
-        pixels += ramp[..., None] * (_pale_colour(rng) - base)
+        pixels += _ramp(rng, width, height)[..., None] * (_pale_colour(rng) - base)
     elif style == "noise":
         noise = np.random.default_rng(rng.getrandbits(63)).integers(-8, 9, (height, width, 1))
         pixels += noise
+    return pixels
+
+
+def _ramp(rng: random.Random, width: int, height: int) -> np.ndarray:
+    """`[H, W]` from 0 to 1: horizontal, vertical or diagonal."""
+    xs, ys = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
+    return {"horizontal": xs, "vertical": ys, "diagonal": (xs + ys) / 2}[
+        rng.choice(("horizontal", "vertical", "diagonal"))
+    ]
+
+
+def _far_colour(rng: random.Random, family: str) -> np.ndarray:
+    """A background colour of `family` ("pale", "dark", "mid" or "saturated") at least `BACKGROUND_DISTANCE` (RGB)
+    from every shape colour, so that every shape stays visible."""
+    for _ in range(100):
+        if family == "saturated":
+            hue, value = rng.random(), rng.uniform(0.45, 1.0)
+            colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), value), dtype=np.float32) * 255
+        else:
+            low, high = {"pale": (185, 245), "dark": (5, 75), "mid": (85, 175)}[family]
+            grey = rng.randint(low, high)
+            colour = np.array([min(255, max(0, grey + rng.randint(-15, 15))) for _ in range(3)], dtype=np.float32)
+        if min(np.linalg.norm(colour - np.array(rgb)) for rgb in COLOURS.values()) >= BACKGROUND_DISTANCE:
+            return colour
+    raise RuntimeError(f"No {family} background colour far from the shape colours in 100 tries.")
+
+
+def _any_colour(rng: random.Random) -> np.ndarray:
+    return _far_colour(rng, rng.choice(("pale", "dark", "mid", "saturated")))
+
+
+def _background(rng: random.Random, width: int, height: int, families: tuple[str, ...] = ("pale",)) -> np.ndarray:
+    """uint8 `[H, W, 3]`: a background of one of `families` (see `BACKGROUND_FAMILIES`)."""
+    family = rng.choice(families) if len(families) > 1 else families[0]
+    if family == "pale":
+        pixels = _pale_background(rng, width, height)
+    elif family in ("dark", "mid", "saturated"):
+        pixels = np.broadcast_to(_far_colour(rng, family), (height, width, 3)).copy()
+    elif family == "gradient":
+        first, second = _any_colour(rng), _any_colour(rng)
+        pixels = first + _ramp(rng, width, height)[..., None] * (second - first)
+    elif family == "noise":
+        spread = rng.randint(15, 45)
+        noise = np.random.default_rng(rng.getrandbits(63)).integers(-spread, spread + 1, (height, width, 3))
+        pixels = _any_colour(rng) + noise
+    elif family == "texture":
+        first, second = _any_colour(rng), _any_colour(rng)
+        period = rng.randint(4, 24)
+        ys, xs = np.mgrid[:height, :width]
+        pattern = rng.choice(("vertical", "horizontal", "diagonal", "checks"))
+        phase = {"vertical": xs, "horizontal": ys, "diagonal": xs + ys, "checks": None}[pattern]
+        stripes = (phase // period) % 2 if phase is not None else (xs // period + ys // period) % 2
+        pixels = np.where(stripes[..., None] == 1, second, first)
+    else:
+        raise ValueError(f"Unknown background family {family!r}; choose from {BACKGROUND_FAMILIES}.")
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
-def _place_shapes(rng: random.Random, width: int, height: int) -> list[PlacedShape]:
-    """Up to a random 2-6 shapes, inside the image, their bounding discs overlapping a little at most.
+def _place_shapes(rng: random.Random, width: int, height: int, tiny: bool = False) -> list[PlacedShape]:
+    """Up to a random 2-6 shapes, inside the image, their bounding discs overlapping a little at most; radii drawn
+    from the small and large ranges (and with `tiny` the tiny one too).
 
     Each scene draws from 2-4 colours and 2-4 forms so that groups (several red shapes, several circles) are common.
     """
+    ranges = (SMALL_RADIUS, LARGE_RADIUS, TINY_RADIUS) if tiny else (SMALL_RADIUS, LARGE_RADIUS)
     colours = rng.sample(list(COLOURS), rng.randint(2, 4))
     forms = rng.sample(FORMS, rng.randint(2, 4))
     short_side = min(width, height)
     shapes: list[PlacedShape] = []
     for _ in range(rng.randint(MIN_SHAPES, MAX_SHAPES)):
         for _attempt in range(PLACEMENT_ATTEMPTS):
-            radius = max(MIN_RADIUS, short_side * rng.uniform(*rng.choice((SMALL_RADIUS, LARGE_RADIUS))))
+            radius = max(MIN_RADIUS, short_side * rng.uniform(*rng.choice(ranges)))
             center = (rng.uniform(radius + 1, width - radius - 2), rng.uniform(radius + 1, height - radius - 2))
             if all(math.dist(center, other.center) >= SEPARATION * (radius + other.radius) for other in shapes):
                 shapes.append(PlacedShape(rng.choice(forms), rng.choice(colours), center, radius))
@@ -385,12 +446,13 @@ def render_scene(shapes: list[PlacedShape], background: np.ndarray) -> Scene:
     return Scene(Image.fromarray(pixels, "RGB"), tuple(shapes), visible, areas, centroids, full.sum(axis=(1, 2)))
 
 
-def make_scene(rng: random.Random) -> Scene:
-    """A random scene of 2-6 shapes, each keeping at least `MIN_VISIBLE` of its pixels after occlusion."""
+def make_scene(rng: random.Random, backgrounds: tuple[str, ...] = ("pale",), tiny_shapes: bool = False) -> Scene:
+    """A random scene of 2-6 shapes, each keeping at least `MIN_VISIBLE` of its pixels after occlusion, on a
+    background of one of the `backgrounds` families (with `tiny_shapes`, a third of the shapes tiny)."""
     for _ in range(LAYOUT_ATTEMPTS):
         width, height = _image_size(rng)
-        background = _background(rng, width, height)
-        shapes = _place_shapes(rng, width, height)
+        background = _background(rng, width, height, backgrounds)
+        shapes = _place_shapes(rng, width, height, tiny_shapes)
         if len(shapes) < MIN_SHAPES:
             continue
         scene = render_scene(shapes, background)
@@ -601,13 +663,19 @@ def _check_kind_weights(kind_weights: Mapping[str, float] | None) -> dict[str, f
     return weights
 
 
-def generate_example(rng: random.Random, kind_weights: Mapping[str, float] | None = None) -> RefShapesExample:
+def generate_example(
+    rng: random.Random,
+    kind_weights: Mapping[str, float] | None = None,
+    backgrounds: tuple[str, ...] = ("pale",),
+    tiny_shapes: bool = False,
+) -> RefShapesExample:
     """Draw an expression kind by `kind_weights` (missing kinds keep `DEFAULT_KIND_WEIGHTS`; 0 disables a kind),
-    then scenes until one admits an unambiguous expression of that kind, and one of its expressions."""
+    then scenes (on `backgrounds`) until one admits an unambiguous expression of that kind, and one of its
+    expressions."""
     weights = _check_kind_weights(kind_weights)
     kind = rng.choices(list(weights), weights=list(weights.values()))[0]
     for _ in range(MAX_SCENES):
-        scene = make_scene(rng)
+        scene = make_scene(rng, backgrounds, tiny_shapes)
         expressions = scene_expressions(scene, kind)
         if expressions:
             return RefShapesExample(scene, rng.choice(expressions))
@@ -678,6 +746,9 @@ class RefShapesDataset(torch.utils.data.Dataset):
             samples of SELF1E hold up to 3 sentences of one image: the first as a single-turn item, the others
             (`more_expressions`) as many as the scene has, up to `max_turns - 1`. Several expressions of one image
             tell the model that the phrase, not the image, decides the mask.
+        backgrounds: the background families drawn from (`BACKGROUND_FAMILIES`), each as likely; the default
+            "pale" only keeps the splits as they were before the other families existed.
+        tiny_shapes: also draw shapes of `TINY_RADIUS` (about one ViT patch across), a third of them.
 
     Each item holds `image` (PIL RGB), `conversation` (one user question and one assistant answer with one [SEG]
     per turn), `masks` (uint8 `[n_turns, H, W]`, empty for `no_target`), `task` "referring", `source` "refshapes",
@@ -693,6 +764,8 @@ class RefShapesDataset(torch.utils.data.Dataset):
         train: bool | None = None,
         kind_weights: Mapping[str, float] | None = None,
         max_turns: int = 1,
+        backgrounds: tuple[str, ...] | str = ("pale",),
+        tiny_shapes: bool = False,
     ):
         if split not in SPLITS:
             raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}.")
@@ -706,6 +779,8 @@ class RefShapesDataset(torch.utils.data.Dataset):
         if not isinstance(max_turns, int) or max_turns < 1:
             raise ValueError(f"max_turns must be a positive int, got {max_turns!r}.")
         self.max_turns = max_turns
+        self.backgrounds = check_backgrounds(backgrounds)
+        self.tiny_shapes = tiny_shapes
 
     def __len__(self) -> int:
         return self.size
@@ -720,11 +795,11 @@ class RefShapesDataset(torch.utils.data.Dataset):
 
     def example(self, index: int) -> RefShapesExample:
         """The scene and expression behind item `index`."""
-        return generate_example(self._rng(index), self.kind_weights)
+        return generate_example(self._rng(index), self.kind_weights, self.backgrounds, self.tiny_shapes)
 
     def __getitem__(self, index: int) -> dict:
         rng = self._rng(index)
-        example = generate_example(rng, self.kind_weights)
+        example = generate_example(rng, self.kind_weights, self.backgrounds, self.tiny_shapes)
         expression = example.expression
         expressions = [expression]
         if self.max_turns > 1:
@@ -750,7 +825,7 @@ class RefShapesDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (
             f"RefShapesDataset(split={self.split!r}, size={self.size}, seed={self.seed}, train={self.train}, "
-            f"max_turns={self.max_turns})"
+            f"max_turns={self.max_turns}, backgrounds={self.backgrounds}, tiny_shapes={self.tiny_shapes})"
         )
 
 
@@ -828,6 +903,17 @@ def presence_probes(split: str = "test", size: int = 500, seed: int = 0) -> list
     return probes
 
 
+def check_backgrounds(backgrounds: tuple[str, ...] | str) -> tuple[str, ...]:
+    """Background families as a tuple: "all", "pale,dark" or a sequence of names, each in `BACKGROUND_FAMILIES`."""
+    if isinstance(backgrounds, str):
+        backgrounds = BACKGROUND_FAMILIES if backgrounds == "all" else tuple(backgrounds.split(","))
+    backgrounds = tuple(name.strip() for name in backgrounds)
+    unknown = [name for name in backgrounds if name not in BACKGROUND_FAMILIES]
+    if unknown or not backgrounds:
+        raise ValueError(f"Unknown background families {unknown}; choose from {BACKGROUND_FAMILIES} or 'all'.")
+    return backgrounds
+
+
 def parse_kind_weights(text: str) -> dict[str, float]:
     """`"colour_shape=2,multi_target"` -> `{"colour_shape": 2.0, "multi_target": 1.0}` and 0 for every other kind."""
     weights = dict.fromkeys(EXPRESSION_KINDS, 0.0)
@@ -846,6 +932,8 @@ def curriculum_dataset(
     seed: int = 0,
     max_turns: int = 1,
     kind_weights: Mapping[str, float] | None = None,
+    backgrounds: tuple[str, ...] | str = ("pale",),
+    tiny_shapes: bool = False,
 ) -> torch.utils.data.ConcatDataset:
     """`size` training items of up to `max_turns` expressions: the first `warmup_fraction` of them of the
     `warmup_kinds` only (their own seed stream), the rest of the full mix (`kind_weights`, by default
@@ -859,8 +947,14 @@ def curriculum_dataset(
     first = int(size * warmup_fraction)
     return torch.utils.data.ConcatDataset(
         [
-            RefShapesDataset("train", size=first, seed=seed + 1000, kind_weights=warmup_kinds, max_turns=max_turns),
-            RefShapesDataset("train", size=size - first, seed=seed, kind_weights=kind_weights, max_turns=max_turns),
+            RefShapesDataset(
+                "train", size=first, seed=seed + 1000, kind_weights=warmup_kinds, max_turns=max_turns,
+                backgrounds=backgrounds, tiny_shapes=tiny_shapes,
+            ),
+            RefShapesDataset(
+                "train", size=size - first, seed=seed, kind_weights=kind_weights, max_turns=max_turns,
+                backgrounds=backgrounds, tiny_shapes=tiny_shapes,
+            ),
         ]
     )
 

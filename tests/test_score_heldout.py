@@ -1,0 +1,69 @@
+"""examples/score_heldout.py: held-out scenes from a renderer of its own, in the shipped model's words, scored per
+kind, background family and target size, with the colour-match baseline and the outcome of colour_shape answers."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modeling_selfie.cli import default_model_dir
+from modeling_selfie.data.refshapes import vocabulary
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "score_heldout.py"
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    spec = importlib.util.spec_from_file_location("score_heldout", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_half_of_the_scenes_are_pale_and_every_family_and_kind_occurs(heldout):
+    items = heldout.build_items(0, 18, 3)
+    families = [item.family for item in items]
+    assert families.count("pale") == 18 == len(items) - 18
+    assert set(families) == set(heldout.FAMILIES) and {item.kind for item in items} == set(heldout.KINDS)
+    for item in items:
+        assert set(item.text.split()) <= set(vocabulary())
+        assert item.masks.shape[0] == len(item.shapes) and all(item.masks[k].any() for k in item.targets)
+        if item.kind == "colour_shape":
+            (target,) = item.targets
+            shape = item.shapes[target]
+            assert item.text == f"{shape.colour} {shape.form}"
+            assert [(s.colour, s.form) for s in item.shapes].count((shape.colour, shape.form)) == 1
+    again = heldout.build_items(0, 18, 3)
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(items, again))
+
+
+def test_outcomes_name_where_a_colour_shape_answer_went(heldout):
+    item = next(i for i in heldout.build_items(0, 40, 0) if i.kind == "colour_shape" and len(i.shapes) > 2)
+    (target,) = item.targets
+    other = next(k for k in range(len(item.shapes)) if k != target)
+    assert heldout.outcome(item, item.masks[target], 1.0) == "right"
+    assert heldout.outcome(item, np.zeros_like(item.masks[0]), 0.0) == "empty"
+    expected = "wrong shape" if item.shapes[other].colour == item.shapes[target].colour else "other colour"
+    assert heldout.outcome(item, item.masks[other], 0.0) == expected
+    assert heldout.outcome(item, ~item.masks.any(0), 0.0) == "background"
+
+
+def test_the_command_scores_the_shipped_model_and_writes_json_and_markdown(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--pale", "3", "--per-family", "1", "--json", "h.json", "--markdown", "h.md",
+         "--threads", "1"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "h.json").read_text())
+    summary = report["summary"]
+    assert summary["overall"]["count"] == 9 == len(report["records"])
+    assert summary["pale"]["count"] == 3 and summary["non-pale"]["count"] == 6
+    assert 0 <= summary["overall"]["cIoU"] <= 1 and 0 <= summary["overall"]["baseline_cIoU"] <= 1
+    assert set(summary["auroc_iou_0.5"]) == {"presence"}  # the shipped model has no IoU head
+    table = (tmp_path / "h.md").read_text()
+    assert table in result.stdout and "| overall | 9 |" in table and str(default_model_dir().name) in table
