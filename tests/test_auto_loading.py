@@ -169,13 +169,13 @@ def test_base_model_checkpoints_load_both_ways(folders, tmp_path):
 
 @pytest.mark.parametrize("kind", ("converted", "trained"))
 def test_documented_commands_run_on_the_folder(folders, kind, tmp_path):
-    """`selfie-segment`, `python -m modeling_selfie.cli`, `python -m modeling_selfie.evaluate` / `selfie-evaluate`,
+    """`selfie-segment`, `python -m selfie_segment`, `python -m modeling_selfie.evaluate` / `selfie-evaluate`,
     `python -m modeling_selfie.evaluate_vqa` and `python -m modeling_selfie.training` as a user types them, each in a
     fresh process (where the package does not register its Auto classes at import)."""
     folder, data = folders[kind], folders["data"]
     segment_command = [script("selfie-segment")]
     if kind == "trained":
-        segment_command = [sys.executable, "-m", "modeling_selfie.cli"]
+        segment_command = [sys.executable, "-m", "selfie_segment"]
     done = run([*segment_command, data["image"], "red square", "--model", folder, "--output", "out/",
                 "--json", "masks.json"], tmp_path)  # fmt: skip
     (record,) = json.loads((tmp_path / "masks.json").read_text())
