@@ -81,7 +81,10 @@ def load_model_and_processor(
     try:
         model = SelfieForSegmentation.from_pretrained(source, dtype=dtype)
         processor = SelfieProcessor.from_pretrained(processor_source or source)
-        processor.check_model(model.config)
     except (OSError, ValueError, KeyError) as error:
         raise UsageError(f"cannot load a model from {source}: {' '.join(str(error).split())}") from None
+    try:
+        processor.check_model(model.config)
+    except ValueError as error:  # both loaded: the message names what differs
+        raise UsageError(str(error)) from None
     return (model if device is None else model.to(device)).eval(), processor

@@ -14,3 +14,12 @@ def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     """An RGB image of uniform random pixels."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def coco_rle_text(mask: np.ndarray) -> dict:
+    """COCO compressed RLE of a 0/1 `[H, W]` mask written by pycocotools, `counts` as text (as a JSON or Arrow column
+    holds it)."""
+    from pycocotools import mask as mask_utils
+
+    encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}

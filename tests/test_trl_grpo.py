@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from pycocotools import mask as mask_utils
 
 from modeling_selfie import SelfieForSegmentation, SelfieProcessor
 from modeling_selfie.compat import activation_checkpointing_field
@@ -29,6 +28,7 @@ from modeling_selfie.trl_selfie import (
 )
 
 from .helpers import WORDS, random_image
+from .helpers import coco_rle_text as rle
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,11 +39,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def rle(mask: np.ndarray) -> dict:
-    encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
 
 
 # ----------------------------------------------------------------------------------------------------------------

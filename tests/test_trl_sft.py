@@ -7,7 +7,6 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel
-from pycocotools import mask as mask_utils
 from transformers import TrainingArguments
 from trl import SFTConfig
 
@@ -17,6 +16,7 @@ from modeling_selfie.trainer_selfie import SelfieDataCollator, SelfieTrainer, se
 from modeling_selfie.trl_selfie import SelfieSFTCollator, SelfieSFTTrainer, sample_from_row
 
 from .helpers import WORDS, random_image
+from .helpers import coco_rle_text as rle
 
 
 @pytest.fixture(autouse=True)
@@ -25,12 +25,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def rle(mask: np.ndarray) -> dict:
-    """COCO compressed RLE written by pycocotools, `counts` as text (as a JSON or Arrow column holds it)."""
-    encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
 
 
 def square(height: int, width: int, top: int, left: int, side: int) -> np.ndarray:
