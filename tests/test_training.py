@@ -54,13 +54,7 @@ TRAIN = [square_sample(i) for i in range(24)]
 HELD_OUT = [square_sample(1000 + i) for i in range(4)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small for intra-op threads: one thread is as fast and immune to busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def training_args(output_dir, **overrides) -> TrainingArguments:

@@ -19,12 +19,7 @@ from .helpers import WORDS, random_image
 from .helpers import coco_rle_text as rle
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def square(height: int, width: int, top: int, left: int, side: int) -> np.ndarray:
