@@ -13,8 +13,6 @@ import importlib.util
 import os
 import re
 import socket
-import struct
-import zlib
 from pathlib import Path
 
 import gradio as gr
@@ -34,6 +32,9 @@ APP_FILE = Path(__file__).parent / "app.py"
 spec = importlib.util.spec_from_file_location("selfie_demo_app", APP_FILE)
 app_module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(app_module)
+helpers_spec = importlib.util.spec_from_file_location("selfie_test_helpers", ROOT / "tests" / "helpers.py")
+test_helpers = importlib.util.module_from_spec(helpers_spec)  # png_claiming: a PNG header written by hand
+helpers_spec.loader.exec_module(test_helpers)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_segment_action_returns_the_overlay_and_a_summary(model_and_processor, e
 
 def test_bad_uploads_and_prompts_get_their_reason(model_and_processor, tmp_path):
     """As gradio hands the upload over unprocessed (`{"path": ...}`): files written by hand and by PIL."""
-    (tmp_path / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
+    (tmp_path / "bomb.png").write_bytes(test_helpers.png_claiming(100_000, 100_000))
     (tmp_path / "notes.png").write_text("not a picture")
     Image.new("RGB", (2, 2), (220, 30, 30)).save(tmp_path / "tiny.png")
     segment = app_module.make_segment(*model_and_processor)
@@ -102,17 +103,6 @@ def test_segment_action_asks_for_what_is_missing(model_and_processor, example, i
     segment = app_module.make_segment(*model_and_processor)
     with pytest.raises(gr.Error, match=message):
         segment(example if image == "example" else image, prompt, "phrase")
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A PNG file, written by hand, whose header claims `width` x `height` RGB pixels (its data holds a few)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    data = zlib.compress(bytes(16))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 def free_port() -> int:
@@ -166,7 +156,7 @@ def test_the_page_reads_sixteen_bit_and_exif_rotated_uploads_as_shown(served, mo
 
 
 def test_the_served_page_refuses_a_decompression_bomb_with_its_reason(served, tmp_path):
-    (tmp_path / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
+    (tmp_path / "bomb.png").write_bytes(test_helpers.png_claiming(100_000, 100_000))
     client = Client(served, verbose=False)
     with pytest.raises(Exception, match="is too large: 10,000,000,000 pixels"):
         client.predict(handle_file(str(tmp_path / "bomb.png")), "red", "phrase", api_name="/segment")

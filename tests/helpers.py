@@ -1,5 +1,7 @@
 """Helpers shared by tests: paths of shipped fixtures and small synthetic inputs."""
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,3 +25,14 @@ def coco_rle_text(mask: np.ndarray) -> dict:
 
     encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG file, written by hand, whose header claims `width` x `height` RGB pixels (its data holds a few)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = zlib.compress(bytes(16))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")

@@ -4,10 +4,8 @@ bad input gets one clear line and never costs the results of the good input."""
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ from modeling_selfie.cli import default_model_dir, resolve_device, resolve_dtype
 from modeling_selfie.presets import tiny_model_and_processor
 from selfie_segment import main
 
-from .helpers import WORDS, random_image
+from .helpers import WORDS, png_claiming, random_image
 
 
 @pytest.fixture(scope="module")
@@ -229,17 +227,6 @@ def test_dtype_option_loads_the_model_in_that_dtype(model_dir, tmp_path, forward
     model, _ = loaded[0]
     assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
     assert read_mask(tmp_path / "a_mask.png").shape == (40, 40)
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A PNG file, written by hand, whose header claims `width` x `height` RGB pixels (its data holds a few)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    data = zlib.compress(bytes(16))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 def run_command(argv: list[str], cwd, **env) -> tuple[subprocess.CompletedProcess, set[str]]:
