@@ -11,6 +11,8 @@ from modeling_selfie.presets import tiny_model_and_processor
 from modeling_selfie.processing_selfie import segmentation_answer, segmentation_question
 from modeling_selfie.training import SelfieDataCollator, SelfieTrainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 COLOURS = {"red": (230, 40, 40), "green": (40, 210, 40), "blue": (40, 40, 230), "yellow": (230, 220, 40)}
 SIDE, CELL = 56, 14  # one 56 px tile; objects sit on the 14 px ViT patch grid
 
@@ -77,15 +79,6 @@ def held_out_iou(model, processor, dataset) -> tuple[float, float]:
                 scores.append(iou(mask[0].numpy(), sample["masks"][0]))
                 baseline.append(iou(sample["objects"], sample["masks"][0]))
     return float(np.mean(scores)), float(np.mean(baseline))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small for intra-op threads: one thread is as fast and immune to busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_tiny_model_learns_referring_squares(tmp_path):

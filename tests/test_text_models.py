@@ -16,7 +16,8 @@ from .helpers import random_image
 from .internvl_artifacts import TEXT_MODELS, write_internvl3_hf_folder
 from .test_distributed import toy_sample
 from .test_hub import assert_remote_code_segments_as
-from .test_training import one_thread  # noqa: F401  (autouse: one thread for the tiny models)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DECODER_LAYERS = {"qwen2": "Qwen2DecoderLayer", "qwen3": "Qwen3DecoderLayer", "llama": "LlamaDecoderLayer"}
 
