@@ -4,9 +4,10 @@ from wrong ones.
     python examples/fit_iou_head.py                 # fit the shipped model's head, write it, measure
     python examples/fit_iou_head.py --no-fit        # measure the model as it is
 
-The head (`SelfieConfig.iou_head`) is one linear map of the LLM hidden state that predicts `[SEG]` (the presence
-head's input); `sigmoid` of its logit is the mask's predicted IoU. It is fitted with the rest of the model frozen,
-as a logistic regression with soft targets (binary cross entropy against each mask's IoU), on the first
+The head (`SelfieConfig.iou_head`) calibrates the mask's own quality `q` (`modeling_selfie.mask_quality`: SAM's
+stability score x the mean probability of the mask's cells x the share of the mask in its largest connected part):
+`sigmoid(w * log(q) + b)` is the mask's predicted IoU. `w` and `b` are fitted with the model frozen, as a logistic
+regression with soft targets (binary cross entropy against each mask's IoU), on the first
 expressions of `--fit-size` RefShapes validation scenes with every background family and tiny shapes (no-target
 expressions left out: their masks are the presence score's business). Fitting writes the head into `--model` (one
 atomic folder swap).
@@ -27,6 +28,7 @@ import torch
 from modeling_selfie import SelfieForSegmentation, SelfieProcessor
 from modeling_selfie.cli import default_model_dir
 from modeling_selfie.data.refshapes import RefShapesDataset
+from modeling_selfie.modeling_selfie import mask_quality
 from modeling_selfie.processing_selfie import image_size_of, post_process_masks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,28 +41,22 @@ FIT_SEED = 23
 @torch.inference_mode()
 def run_queries(model, processor, images, queries, targets, query_kind: str, batch_size: int = 16) -> dict:
     """Forward every (image, query); returns per query the mask's `iou` with its target, the `presence`,
-    `max_pixel` and (with an IoU head) `iou_logit` logits, and the head's input `features` `[N, D]`."""
-    captured = []
-    hook = model.seg_head.iou.register_forward_hook(lambda module, args, out: captured.append(args[0]))
+    `max_pixel` and (with an IoU head) `iou_logit` logits, and the head's input `features` `[N, 1]` (log quality)."""
     rows = {"iou": [], "presence": [], "max_pixel": [], "iou_logit": [], "features": []}
-    try:
-        for start in range(0, len(images), batch_size):
-            batch = slice(start, start + batch_size)
-            inputs = processor(images=images[batch], queries=queries[batch], query_kind=query_kind)
-            captured.clear()
-            out = model(**inputs, logits_to_keep=1)
-            sizes = [image_size_of(image) for image in images[batch]]
-            masks = post_process_masks(out.pred_masks, sizes, presence_logits=out.presence_logits)
-            for k, target in enumerate(targets[batch]):
-                mask = masks[k][0].numpy()
-                union = (mask | target).sum()
-                rows["iou"].append(float((mask & target).sum() / union) if union else 1.0)
-                rows["presence"].append(float(out.presence_logits[k][0]))
-                rows["max_pixel"].append(float(out.pred_masks[k][0].amax()))
-                rows["iou_logit"].append(float(out.iou_logits[k][0]))
-                rows["features"].append(captured[0][k].float().numpy())
-    finally:
-        hook.remove()
+    for start in range(0, len(images), batch_size):
+        batch = slice(start, start + batch_size)
+        inputs = processor(images=images[batch], queries=queries[batch], query_kind=query_kind)
+        out = model(**inputs, logits_to_keep=1)
+        sizes = [image_size_of(image) for image in images[batch]]
+        masks = post_process_masks(out.pred_masks, sizes, presence_logits=out.presence_logits)
+        for k, target in enumerate(targets[batch]):
+            mask = masks[k][0].numpy()
+            union = (mask | target).sum()
+            rows["iou"].append(float((mask & target).sum() / union) if union else 1.0)
+            rows["presence"].append(float(out.presence_logits[k][0]))
+            rows["max_pixel"].append(float(out.pred_masks[k][0].amax()))
+            rows["iou_logit"].append(float(out.iou_logits[k][0]))
+            rows["features"].append(mask_quality(out.pred_masks[k][:1]).clamp(min=1e-4).log().numpy())
     return {name: np.array(values) for name, values in rows.items()}
 
 

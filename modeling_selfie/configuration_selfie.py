@@ -51,9 +51,10 @@ class SelfieConfig(InternVLConfig):
         the referred object in the image at all?). Without it a mask's presence logit is its most confident pixel.
         See `SelfieForSegmentation.presence_logits`.
     iou_head (`bool`, *optional*, defaults to `False`):
-        Add a mask-quality head (as SAM's IoU prediction): a linear map of the same hidden state to a logit whose
-        sigmoid is the mask's predicted IoU with the referred object. It says how far to trust a mask that is
-        there; whether a mask is empty stays the presence score's decision. See `SelfieForSegmentation.iou_logits`.
+        Add a mask-quality head (as SAM's IoU prediction): a logit, calibrated from the mask's own stability,
+        confidence and connectedness, whose sigmoid is the mask's predicted IoU with the referred object. It says
+        how far to trust a mask that is there; whether a mask is empty stays the presence score's decision. See
+        `SelfieForSegmentation.iou_logits`.
     unk_token_id (`int`, *optional*):
         Id of the tokenizer's unknown-word token (`<unk>`) for a word-level vocabulary: every `<unk>` before a
         `[SEG]` lowers that mask's presence logit by `UNKNOWN_TOKEN_PRESENCE_PENALTY`, so a query the model cannot

@@ -103,6 +103,42 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return resized.permute(0, 2, 3, 1)
 
 
+def largest_part_share(masks: torch.Tensor) -> torch.Tensor:
+    """Share of each mask's cells in its largest 4-connected part: `[n, H, W]` bool -> `[n]` (0 for an empty mask).
+    A mask spread over two equal objects gives 1/2 (cells touching at a corner only are apart: two shapes' masks
+    often do). Parts are labelled by spreading the largest cell id to the four neighbours until nothing changes."""
+    height, width = masks.shape[-2:]
+    ids = torch.arange(1, height * width + 1, dtype=torch.float32, device=masks.device).view(1, height, width)
+    inside = masks.float()
+    labels = ids * inside
+    while True:
+        padded = F.pad(labels, (1, 1, 1, 1))
+        neighbours = (padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2], padded[:, 1:-1, 2:])
+        spread = torch.stack([labels, *neighbours]).amax(0) * inside
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    shares = []
+    for mask_labels in labels:
+        _, counts = mask_labels[mask_labels > 0].unique(return_counts=True)
+        shares.append(counts.max() / counts.sum() if len(counts) else counts.new_zeros((), dtype=torch.float32))
+    return torch.stack(shares).float() if shares else labels.new_zeros(0)
+
+
+def mask_quality(mask_logits: torch.Tensor, offset: float = 1.0) -> torch.Tensor:
+    """How much a mask's own logits say it is right, `[n, H, W]` -> `[n]` in [0, 1]: the product of SAM's stability
+    score (IoU of the mask thresholded at logit `+offset` and at `-offset`), the mean probability of the mask's cells
+    (logit > 0) and the share of the mask in its largest connected part ([`largest_part_share`]). A sharp,
+    confident mask of one object scores near 1; a soft mask, or one spread over two objects, low; an empty mask 0."""
+    logits = mask_logits.detach().float()
+    inside = logits > 0
+    cells = inside.flatten(1).sum(1)
+    loose = (logits > -offset).flatten(1).sum(1)
+    stability = (logits > offset).flatten(1).sum(1) / loose.clamp(min=1)
+    confidence = (torch.sigmoid(logits) * inside).flatten(1).sum(1) / cells.clamp(min=1)
+    return stability * confidence * largest_part_share(inside)
+
+
 def dual_pathway_pattern(
     image_mask: torch.Tensor,
     seg_mask: torch.Tensor,
@@ -464,7 +500,7 @@ class SelfieSegmentationHead(nn.Module):
         self.pus_vision = SelfieMLP(hidden, hidden, unshuffled, act)
         self.proj_out = SelfieMLP(config.seg_hidden_size, config.seg_hidden_size, config.seg_hidden_size, act)
         self.presence = nn.Linear(hidden, 1, dtype=torch.float32) if config.presence_head else None
-        self.iou = nn.Linear(hidden, 1, dtype=torch.float32) if config.iou_head else None
+        self.iou = nn.Linear(1, 1, dtype=torch.float32) if config.iou_head else None  # on log(mask_quality)
 
     def _to_pixels(self, unshuffled: torch.Tensor) -> torch.Tensor:
         """RFA unshuffles the r*r chunks into r x r pixels; the other modes average them at the token grid."""
@@ -981,24 +1017,20 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
             logits = logits - UNKNOWN_TOKEN_PRESENCE_PENALTY * unknown.cumsum(1).flatten()[predicting].to(logits.dtype)
         return list(logits.split(list(seg_layout.seg_counts)))
 
-    def iou_logits(
-        self, seg_tokens: torch.Tensor, hidden_states: torch.Tensor, seg_layout: SegmentationLayout
-    ) -> list[torch.Tensor] | None:
+    def iou_logits(self, pred_masks: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """The mask-quality head's logits, one `[n_seg]` tensor per sample (`None` without `config.iou_head`):
-        `sigmoid` of each is the predicted IoU of the `[SEG]`'s mask, read from the hidden state that predicts the
-        `[SEG]` (the presence head's input). Fitted after training, as the presence head is
+        `sigmoid` of each is the predicted IoU of the `[SEG]`'s mask with the referred object (SAM's
+        `iou_scores`), a calibration `w * log(q) + b` of the mask's own quality `q` ([`mask_quality`]: stability,
+        confidence, one connected part). `w` and `b` are fitted after training, as the presence head is
         (`examples/fit_iou_head.py`).
 
         Args:
-            seg_tokens: `[B, L]` bool `[SEG]` mask, padding excluded ([`SelfieModel.token_masks`]).
-            hidden_states: `[B, L, D]` final-norm LLM states.
-            seg_layout: the batch's [`SegmentationLayout`].
+            pred_masks: `predict_masks`' logits, `[n_seg, H, W]` per sample.
         """
         if self.seg_head.iou is None:
             return None
-        predicting = self.seg_state_index(seg_tokens, seg_layout)
-        states = hidden_states.flatten(0, 1)[predicting].to(self.seg_head.iou.weight.dtype)
-        return list(self.seg_head.iou(states)[:, 0].split(list(seg_layout.seg_counts)))
+        head = self.seg_head.iou
+        return [head(mask_quality(masks).clamp(min=1e-4).log()[:, None].to(head.weight))[:, 0] for masks in pred_masks]
 
     def mask_loss(
         self, pred_masks: list[torch.Tensor], aux_masks: list[torch.Tensor], mask_labels: list[torch.Tensor]
@@ -1220,7 +1252,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
             presence_logits = self.presence_logits(
                 input_ids, attention_mask, token_masks[0], hidden_states, pred_masks, seg_layout
             )
-            iou_logits = self.iou_logits(token_masks[0], hidden_states, seg_layout)
+            iou_logits = self.iou_logits(pred_masks)
 
         loss = text_loss = bce_loss = dice_loss = None
         if labels is not None:

@@ -112,7 +112,7 @@ def test_json_and_batch_records_carry_the_predicted_iou_of_a_model_with_an_iou_h
     config["iou_head"] = True
     (folder / "config.json").write_text(json.dumps(config))
     state = load_file(folder / "model.safetensors")
-    state["seg_head.iou.weight"] = torch.zeros(1, config["text_config"]["hidden_size"])
+    state["seg_head.iou.weight"] = torch.zeros(1, 1)
     state["seg_head.iou.bias"] = torch.tensor([2.0])
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     random_image(40, 30, seed=1).save(tmp_path / "a.png")

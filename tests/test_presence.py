@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from modeling_selfie.cli import default_model_dir, load_model
 from modeling_selfie.data.refshapes import UNKNOWN_WORDS, presence_probes, vocabulary
-from modeling_selfie.modeling_selfie import UNKNOWN_TOKEN_PRESENCE_PENALTY
+from modeling_selfie.modeling_selfie import UNKNOWN_TOKEN_PRESENCE_PENALTY, largest_part_share, mask_quality
 from modeling_selfie.presets import tiny_model_and_processor
 from modeling_selfie.processing_selfie import UnknownWordsWarning, normalize_query, post_process_masks
 from selfie_segment import main
@@ -241,7 +241,26 @@ def test_unknown_words_warning_names_the_words_not_the_prompt(demo):
     assert len(message) < 400 and "'zzzzz" in message and "'zz0', 'zz1'" in message and "and 991 more" in message
 
 
-def test_an_iou_head_scores_each_mask_from_the_seg_state_and_survives_saving(tmp_path):
+def test_mask_quality_is_high_for_one_sharp_confident_part_and_low_otherwise():
+    one = torch.full((1, 12, 12), -10.0)
+    one[0, 2:6, 2:6] = 10.0
+    two = one.clone()
+    two[0, 8:12, 8:12] = 10.0  # a second part as large as the first
+    diagonal = torch.full((1, 4, 4), -10.0)
+    diagonal[0, 0, 0] = diagonal[0, 1, 1] = 10.0  # corners touching only: two parts
+    soft = one.clone()
+    soft[0, 2:6, 2:6] = 0.5  # inside, but within the stability offset
+    assert largest_part_share(one > 0).tolist() == [1.0]
+    assert largest_part_share(two > 0).tolist() == [0.5]
+    assert largest_part_share(diagonal > 0).tolist() == [0.5]
+    assert largest_part_share(torch.zeros(1, 5, 5, dtype=torch.bool)).tolist() == [0.0]
+    quality = mask_quality(torch.cat([one, two, soft, torch.full((1, 12, 12), -10.0)]))
+    assert quality[0] == pytest.approx(1.0, abs=1e-4)
+    assert quality[1] == pytest.approx(0.5, abs=1e-4)
+    assert quality[2] == 0 and quality[3] == 0
+
+
+def test_an_iou_head_calibrates_each_masks_quality_and_survives_saving(tmp_path):
     model, processor = tiny_model_and_processor(WORDS, iou_head=True)
     with torch.no_grad():
         model.seg_head.iou.weight.zero_()
@@ -253,10 +272,12 @@ def test_an_iou_head_scores_each_mask_from_the_seg_state_and_survives_saving(tmp
     assert [tuple(m.shape) for m in masks] == [(48, 64), (1, 1)]
     assert ious == pytest.approx([torch.tensor(1.5).sigmoid().item()] * 2)
     assert len(scores) == 2 and all(isinstance(score, float) for score in scores)
-    with torch.no_grad():  # the head reads the state that predicts [SEG]: its weights move the score
-        loaded.seg_head.iou.weight.normal_()
+    with torch.no_grad():  # w = 1, b = 0: the logit is log(mask_quality) of the mask's own logits
+        loaded.seg_head.iou.weight.fill_(1.0)
+        loaded.seg_head.iou.bias.zero_()
         out = loaded(**processor(images=images[:1], queries=queries[:1]))
-    assert out.iou_logits[0].shape == (1,) and not torch.isclose(out.iou_logits[0], torch.tensor(1.5)).all()
+    expected = mask_quality(out.pred_masks[0]).clamp(min=1e-4).log()
+    assert out.iou_logits[0].shape == (1,) and torch.allclose(out.iou_logits[0], expected)
 
 
 def test_a_model_without_an_iou_head_returns_none_scores():
