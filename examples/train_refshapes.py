@@ -97,13 +97,15 @@ def build_model_and_processor(
     llm_layers: int = 4,
     vision_width: int = 128,
     llm_width: int = 256,
+    max_tiles: int = 2,
 ) -> tuple[SelfieForSegmentation, SelfieProcessor]:
     """The demo model, randomly initialised, and its processor. A tile has `TILE // patch_size` ViT patches a side;
     the pixel shuffle gives the LLM `downsample_ratio` of that per side, and RFA unshuffles each ViT patch into
     `1 / downsample_ratio` cells a side, so the mask grid has `TILE // patch_size / downsample_ratio` cells a side.
-    The ViT has heads of width 32 and an MLP 4x its width; the LLM 4 heads (2 key-value heads) and an MLP 3x."""
+    The ViT has heads of width 32 and an MLP 4x its width; the LLM 4 heads (2 key-value heads) and an MLP 3x. An image
+    is resized to at most `max_tiles` tiles (plus a thumbnail when it takes more than one)."""
     tokenizer = build_word_level_tokenizer([*prompt_words(), *vocabulary()])
-    image_processor = SelfieImageProcessor(size={"height": TILE, "width": TILE}, max_patches=2)
+    image_processor = SelfieImageProcessor(size={"height": TILE, "width": TILE}, max_patches=max_tiles)
     processor = SelfieProcessor(
         image_processor=image_processor, tokenizer=tokenizer,
         image_seq_length=round(TILE // patch_size * downsample_ratio) ** 2, system_message="", prompt_style="internvl",
@@ -319,6 +321,7 @@ def command_line(args) -> str:
         f"--max-turns {args.max_turns} --patch-size {args.patch_size} --downsample-ratio {args.downsample_ratio:g} "
         f"--vision-layers {args.vision_layers} --llm-layers {args.llm_layers} --vision-width {args.vision_width} "
         f"--llm-width {args.llm_width} "
+        + (f"--max-tiles {args.max_tiles} " if args.max_tiles != 2 else "")
         + (f"--backgrounds {','.join(args.backgrounds)} " if args.backgrounds != ("pale",) else "")
         + ("--tiny-shapes " if args.tiny_shapes else "")
         + ("--device cuda" if args.device == "cuda" else f"--threads {args.threads}")
@@ -457,7 +460,7 @@ def drop_remote_code(folder: Path) -> None:
 RUN_SETTINGS = (  # what defines a training run: a resumed run keeps the values it was started with
     "max_steps", "batch_size", "learning_rate", "warmup_steps", "warmup_kinds", "warmup_fraction", "max_turns",
     "seed", "patch_size", "downsample_ratio", "vision_layers", "llm_layers", "vision_width", "llm_width", "init_from",
-    "train_kinds", "backgrounds", "tiny_shapes",
+    "train_kinds", "backgrounds", "tiny_shapes", "max_tiles",
 )  # fmt: skip
 KIND_SETTINGS = ("warmup_kinds", "train_kinds")  # run settings stored as "KIND=WEIGHT,..." text
 
@@ -478,6 +481,7 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
     saved.setdefault("backgrounds", "pale")  # runs started before the background families existed
     saved["backgrounds"] = check_backgrounds(saved["backgrounds"])
     saved.setdefault("tiny_shapes", False)
+    saved.setdefault("max_tiles", 2)  # runs started before the tile count was a setting
     for name in KIND_SETTINGS:
         saved[name] = parse_kind_weights(saved[name])
     saved["init_from"] = Path(saved["init_from"]) if saved["init_from"] else None
@@ -577,6 +581,9 @@ def main(argv=None):
     parser.add_argument("--patch-size", type=int, default=14, help="ViT patch side in pixels")
     parser.add_argument("--downsample-ratio", type=float, default=0.25,
                         help="pixel shuffle: the LLM sees this fraction of each ViT grid side")
+    parser.add_argument("--max-tiles", type=int, default=2,
+                        help="tiles an image is resized to at most (the processor's max_patches): shapes span more "
+                             "ViT patches with more tiles")
     parser.add_argument("--vision-layers", type=int, default=4)
     parser.add_argument("--llm-layers", type=int, default=4)
     parser.add_argument("--vision-width", type=int, default=192, help="ViT width (a multiple of 32)")
@@ -598,7 +605,7 @@ def main(argv=None):
     np.random.seed(args.seed)
     model, processor = build_model_and_processor(
         args.seed, args.patch_size, args.downsample_ratio, args.vision_layers, args.llm_layers, args.vision_width,
-        args.llm_width,
+        args.llm_width, args.max_tiles,
     )
     args.param_count = sum(p.numel() for p in model.parameters())
     stages = []
