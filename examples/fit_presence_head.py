@@ -6,7 +6,9 @@ wrong queries (AUROC), against the old score (the mask's most confident pixel).
 
 The head (`SelfieConfig.presence_head`) is one linear map of the LLM hidden state that predicts `[SEG]`: a logistic
 regression fitted, with the rest of the model frozen, on `--fit-size` validation scenes of `presence_probes` (right
-expressions against absent targets; unknown words are left to `SelfieConfig.unk_token_id`). Its bias is then moved
+expressions against absent targets; unknown words are left to `SelfieConfig.unk_token_id`). `--scenes any` (the
+default) draws them on every background family with tiny shapes, as the shipped model was trained; `--scenes pale`
+on RefShapes' first, pale scenes. Its bias is then moved
 so that `--keep-right` of the right validation queries get a head logit of at least 0: the operating point at which
 the head empties masks (the head's own ranking does not depend on it; a high share keeps right masks and leaves the
 head mostly to ranking). Fitting writes the head, `unk_token_id` and
@@ -116,9 +118,12 @@ def write_model(model, processor, folder: Path) -> None:
                 shutil.copy(folder / name, staging / name)
 
 
-def measure(model, processor, size: int, seed: int) -> dict:
-    """AUROC of the presence and max-pixel scores on `presence_probes("test", size, seed)`."""
-    probes = presence_probes("test", size, seed)
+SCENES = {"any": {"backgrounds": "all", "tiny_shapes": True}, "pale": {"backgrounds": "pale", "tiny_shapes": False}}
+
+
+def measure(model, processor, size: int, seed: int, scenes: str = "any") -> dict:
+    """AUROC of the presence and max-pixel scores on `presence_probes("test", size, seed, **SCENES[scenes])`."""
+    probes = presence_probes("test", size, seed, **SCENES[scenes])
     scores = run_probes(model, processor, probes)
     kinds = np.array([probe.kind for probe in probes])
     report = {"probes": {kind: int((kinds == kind).sum()) for kind in ("right", "absent", "unknown")}}
@@ -143,6 +148,8 @@ def main(argv=None):
                         help="share of right validation queries whose head logit is at least 0 (default 0.999)")
     parser.add_argument("--eval-size", type=int, default=500, help="test scenes to measure on")
     parser.add_argument("--eval-seed", type=int, default=EVAL_SEED)
+    parser.add_argument("--scenes", choices=tuple(SCENES), default="any",
+                        help="probe scenes: any background and tiny shapes (default), or pale RefShapes scenes")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -155,7 +162,7 @@ def main(argv=None):
             args.model, presence_head=True, unk_token_id=processor.tokenizer.unk_token_id
         ).eval()
         processor.query_normalization = "words"
-        probes = [probe for probe in presence_probes("validation", args.fit_size, args.fit_seed)
+        probes = [probe for probe in presence_probes("validation", args.fit_size, args.fit_seed, **SCENES[args.scenes])
                   if probe.kind != "unknown"]
         features = run_probes(model, processor, probes)["features"]
         labels = np.array([probe.present for probe in probes], dtype=float)
@@ -165,7 +172,7 @@ def main(argv=None):
             model.seg_head.presence.bias.copy_(bias)
         write_model(model, processor, args.model)
         print(f"fitted the presence head on {len(probes)} validation probes; wrote {args.model}", file=sys.stderr)
-    report = measure(model, processor, args.eval_size, args.eval_seed)
+    report = measure(model, processor, args.eval_size, args.eval_seed, args.scenes)
     print(json.dumps(report, indent=1))
     print(f"AUROC presence score {report['presence']['auroc']:.3f} (absent {report['presence']['auroc_absent']:.3f}, "
           f"unknown words {report['presence']['auroc_unknown']:.3f}); max-pixel score "

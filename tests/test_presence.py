@@ -7,6 +7,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -167,6 +168,8 @@ def test_presence_probes_pair_every_absent_query_with_a_right_one():
         words = set(probe.text.rstrip("?").split())
         assert (probe.kind == "unknown") == bool(words & set(UNKNOWN_WORDS)) == (not words <= set(vocabulary()))
     assert [p.text for p in presence_probes("test", 12, 3)] == [p.text for p in probes]
+    corners = [np.asarray(p.image)[0, 0] for p in presence_probes("test", 12, 3, backgrounds="all", tiny_shapes=True)]
+    assert min(int(corner.min()) for corner in corners) < 120  # scenes on other than pale backgrounds (grey 185+)
 
 
 def test_fit_presence_head_writes_the_head_and_prints_both_aurocs(tmp_path, capsys):

@@ -862,11 +862,14 @@ def _swap_word(words: list[str], choices: dict[str, list[str]], rng: random.Rand
     return None if at is None else [*words[:at], rng.choice(choices[words[at]]), *words[at + 1 :]]
 
 
-def presence_probes(split: str = "test", size: int = 500, seed: int = 0) -> list[PresenceProbe]:
+def presence_probes(
+    split: str = "test", size: int = 500, seed: int = 0, backgrounds="pale", tiny_shapes: bool = False
+) -> list[PresenceProbe]:
     """Right, absent and unknown-word queries on `size` scenes of a RefShapes split, deterministic in
-    (`split`, `size`, `seed`).
+    (`split`, `size`, `seed`, `backgrounds`, `tiny_shapes`).
 
-    Scene `i` is item `i` of `RefShapesDataset(split, size, seed)` drawn without `no_target` expressions. Every
+    Scene `i` is item `i` of `RefShapesDataset(split, size, seed, backgrounds=..., tiny_shapes=...)` drawn without
+    `no_target` expressions. Every
     absent query comes with a right query of the same wording, so the wording alone tells nothing:
 
     * one of the scene's `colour_shape` expressions ("right") and one of its `no_target` expressions ("absent", a
@@ -875,7 +878,8 @@ def presence_probes(split: str = "test", size: int = 500, seed: int = 0) -> list
       scene lacks, or else its first form word for a form the scene lacks ("absent"), when it has such a word;
     * and that expression with one word swapped for one of `UNKNOWN_WORDS` ("unknown").
     """
-    dataset = RefShapesDataset(split, size, seed, kind_weights={"no_target": 0.0})
+    dataset = RefShapesDataset(split, size, seed, kind_weights={"no_target": 0.0}, backgrounds=backgrounds,
+                               tiny_shapes=tiny_shapes)
     probes = []
     for index in range(size):
         example = dataset.example(index)
