@@ -98,6 +98,8 @@ def build_model_and_processor(
     vision_width: int = 128,
     llm_width: int = 256,
     max_tiles: int = 2,
+    bce_loss_weight: float = 0.5,
+    dice_loss_weight: float = 2.0,
 ) -> tuple[SelfieForSegmentation, SelfieProcessor]:
     """The demo model, randomly initialised, and its processor. A tile has `TILE // patch_size` ViT patches a side;
     the pixel shuffle gives the LLM `downsample_ratio` of that per side, and RFA unshuffles each ViT patch into
@@ -129,8 +131,8 @@ def build_model_and_processor(
         unk_token_id=tokenizer.unk_token_id,  # a query with a word outside the vocabulary scores low presence
         image_seq_length=processor.image_seq_length,
         seg_hidden_size=64,
-        bce_loss_weight=0.5,  # from scratch, DICE-heavy weights learn small targets faster than 2.0 / 0.5
-        dice_loss_weight=2.0,
+        bce_loss_weight=bce_loss_weight,  # from scratch, DICE-heavy weights learn small targets faster than 2 / 0.5
+        dice_loss_weight=dice_loss_weight,
     )
     torch.manual_seed(seed)
     model = SelfieForSegmentation(config)
@@ -322,6 +324,8 @@ def command_line(args) -> str:
         f"--vision-layers {args.vision_layers} --llm-layers {args.llm_layers} --vision-width {args.vision_width} "
         f"--llm-width {args.llm_width} "
         + (f"--max-tiles {args.max_tiles} " if args.max_tiles != 2 else "")
+        + (f"--bce-loss-weight {args.bce_loss_weight:g} --dice-loss-weight {args.dice_loss_weight:g} "
+           if (args.bce_loss_weight, args.dice_loss_weight) != (0.5, 2.0) else "")
         + (f"--backgrounds {','.join(args.backgrounds)} " if args.backgrounds != ("pale",) else "")
         + ("--tiny-shapes " if args.tiny_shapes else "")
         + ("--device cuda" if args.device == "cuda" else f"--threads {args.threads}")
@@ -386,8 +390,9 @@ the minutes of every invocation). Training images are generated on the fly, each
 expressions, one `[SEG]` turn each (as SELF1E's RefCOCO samples hold several sentences of an image). The pixel
 shuffle keeps 1/{round(1 / args.downsample_ratio)} of each ViT side for the LLM, and RFA unshuffles each ViT patch
 back into {round(1 / args.downsample_ratio)}x{round(1 / args.downsample_ratio)} mask cells: {cells}x{cells} mask
-cells per {TILE} px tile. The SELFIE loss with DICE-heavy weights for training from scratch (text CE + 0.5 BCE + 2
-DICE, each with the auxiliary low-resolution term; the released model uses 2 BCE + 0.5 DICE), dual-pathway
+cells per {TILE} px tile. The SELFIE loss (text CE + {args.bce_loss_weight:g} BCE + {args.dice_loss_weight:g} DICE, each
+with the auxiliary low-resolution term; the released model uses 2 BCE + 0.5 DICE; from scratch, DICE-heavy weights
+learn small targets faster), dual-pathway
 attention. Curriculum: a run with `--warmup-fraction F` gives the first F of its images only `--warmup-kinds`
 expressions, the rest the full mix.
 
@@ -460,7 +465,7 @@ def drop_remote_code(folder: Path) -> None:
 RUN_SETTINGS = (  # what defines a training run: a resumed run keeps the values it was started with
     "max_steps", "batch_size", "learning_rate", "warmup_steps", "warmup_kinds", "warmup_fraction", "max_turns",
     "seed", "patch_size", "downsample_ratio", "vision_layers", "llm_layers", "vision_width", "llm_width", "init_from",
-    "train_kinds", "backgrounds", "tiny_shapes", "max_tiles",
+    "train_kinds", "backgrounds", "tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight",
 )  # fmt: skip
 KIND_SETTINGS = ("warmup_kinds", "train_kinds")  # run settings stored as "KIND=WEIGHT,..." text
 
@@ -481,7 +486,9 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
     saved.setdefault("backgrounds", "pale")  # runs started before the background families existed
     saved["backgrounds"] = check_backgrounds(saved["backgrounds"])
     saved.setdefault("tiny_shapes", False)
-    saved.setdefault("max_tiles", 2)  # runs started before the tile count was a setting
+    saved.setdefault("max_tiles", 2)  # runs started before the tile count and the loss weights were settings
+    saved.setdefault("bce_loss_weight", 0.5)
+    saved.setdefault("dice_loss_weight", 2.0)
     for name in KIND_SETTINGS:
         saved[name] = parse_kind_weights(saved[name])
     saved["init_from"] = Path(saved["init_from"]) if saved["init_from"] else None
@@ -584,6 +591,8 @@ def main(argv=None):
     parser.add_argument("--max-tiles", type=int, default=2,
                         help="tiles an image is resized to at most (the processor's max_patches): shapes span more "
                              "ViT patches with more tiles")
+    parser.add_argument("--bce-loss-weight", type=float, default=0.5, help="weight of the mask BCE term")
+    parser.add_argument("--dice-loss-weight", type=float, default=2.0, help="weight of the mask DICE term")
     parser.add_argument("--vision-layers", type=int, default=4)
     parser.add_argument("--llm-layers", type=int, default=4)
     parser.add_argument("--vision-width", type=int, default=192, help="ViT width (a multiple of 32)")
@@ -605,7 +614,7 @@ def main(argv=None):
     np.random.seed(args.seed)
     model, processor = build_model_and_processor(
         args.seed, args.patch_size, args.downsample_ratio, args.vision_layers, args.llm_layers, args.vision_width,
-        args.llm_width, args.max_tiles,
+        args.llm_width, args.max_tiles, args.bce_loss_weight, args.dice_loss_weight,
     )
     args.param_count = sum(p.numel() for p in model.parameters())
     stages = []
