@@ -145,6 +145,17 @@ def load_rows(script: GrpoArguments, data: dict):
     return Dataset.from_list([grpo_row(refshapes[i]) for i in range(len(refshapes))])
 
 
+def training_summary(script: GrpoArguments, config, prompts: int, steps: int) -> str:
+    """The model card's Training section: where the run started, its data, rewards and main settings."""
+    lora = f"LoRA rank {script.lora_rank}, merged" if script.lora_rank > 0 else "full weights"
+    return (
+        f"GRPO (TRL's `GRPOTrainer` through `SelfieGRPOTrainer`, `selfie-train --method grpo`) from the checkpoint "
+        f"`{Path(script.model).name}`, recipe `{Path(script.recipe).name}`, on {prompts} prompts: rewards "
+        f"{', '.join(f'`{name}`' for name in script.reward_funcs)}; {steps} step{'s' if steps != 1 else ''}, "
+        f"{config.num_generations} completions per prompt, learning rate {config.learning_rate:g}, {lora}."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run GRPO on the recipe's prompts, then write the merged model to OUTPUT_DIR/final."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -167,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from . import SelfieForSegmentation, SelfieProcessor  # through the package: registers the Auto classes
+    from .hub import model_card
     from .trainer_selfie import merge_and_save, selfie_lora_config
     from .training_defaults import last_complete_checkpoint
     from .trl_selfie import SelfieGRPOTrainer
@@ -187,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
     final_dir = os.path.join(config.output_dir, "final")
-    merge_and_save(trainer, final_dir, processor=processor, overwrite=True)
+    card = model_card(Path(config.output_dir).absolute().name, training=training_summary(script, config, len(rows), trainer.state.global_step))
+    merge_and_save(trainer, final_dir, processor=processor, overwrite=True, extra_files={"README.md": str(card)})
     if trainer.is_world_process_zero():
         print(f"wrote {final_dir}")
     return 0

@@ -218,6 +218,8 @@ def test_cli_runs_saves_loads_and_resumes(tmp_path, model_dir, dataset_dir):
     assert head and all(torch.equal(final.state_dict()[name], start.state_dict()[name]) for name in head)
     mask = final.segment(processor, random_image(56, 56), "red square")[0]
     assert mask.shape == (56, 56)
+    card = (out / "final" / "README.md").read_text()  # a model card that says how the model was made
+    assert "library_name: transformers" in card and "GRPO" in card and "1 step," in card and "`mask_iou`" in card
 
     second = train("--model", str(model_dir), "--dataset", str(dataset_dir), "--output-dir", str(out),
                    "--max-steps", "2", "--save-steps", "1", "--resume-from-checkpoint", "last", *COMMON)
