@@ -17,7 +17,6 @@ prints the AUROC of the predicted IoU, of the presence score and of the mask's m
 (IoU >= 0.5) against (IoU < 0.5).
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -26,13 +25,13 @@ import numpy as np
 import torch
 
 from modeling_selfie import SelfieForSegmentation, SelfieProcessor
-from modeling_selfie.cli import default_model_dir
 from modeling_selfie.data.refshapes import RefShapesDataset
 from modeling_selfie.modeling_selfie import mask_quality
 from modeling_selfie.processing_selfie import image_size_of, post_process_masks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fit_presence_head import auroc, fit_logistic, write_model  # noqa: E402  (the scripts beside this one)
+# the scripts beside this one
+from fit_presence_head import auroc, fit_logistic, head_fit_parser, write_model  # noqa: E402
 from score_heldout import build_items  # noqa: E402
 
 FIT_SEED = 23
@@ -89,11 +88,7 @@ def measure(model, processor, seed: int = 0) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=default_model_dir(), help="model folder (default: shipped)")
-    parser.add_argument("--no-fit", action="store_true", help="only measure the model as it is")
-    parser.add_argument("--fit-size", type=int, default=1500, help="validation scenes to fit the head on")
-    parser.add_argument("--fit-seed", type=int, default=FIT_SEED)
+    parser = head_fit_parser(__doc__, FIT_SEED)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -138,12 +138,18 @@ def measure(model, processor, size: int, seed: int, scenes: str = "any") -> dict
     return report
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def head_fit_parser(doc: str, fit_seed: int) -> argparse.ArgumentParser:
+    """The options both head-fitting scripts take: `--model`, `--no-fit`, `--fit-size`, `--fit-seed`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=default_model_dir(), help="model folder (default: shipped)")
     parser.add_argument("--no-fit", action="store_true", help="only measure the model as it is")
     parser.add_argument("--fit-size", type=int, default=1500, help="validation scenes to fit the head on")
-    parser.add_argument("--fit-seed", type=int, default=FIT_SEED)
+    parser.add_argument("--fit-seed", type=int, default=fit_seed)
+    return parser
+
+
+def main(argv=None):
+    parser = head_fit_parser(__doc__, FIT_SEED)
     parser.add_argument("--keep-right", type=float, default=0.999,
                         help="share of right validation queries whose head logit is at least 0 (default 0.999)")
     parser.add_argument("--eval-size", type=int, default=500, help="test scenes to measure on")

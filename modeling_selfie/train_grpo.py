@@ -159,11 +159,9 @@ def training_summary(script: GrpoArguments, config, prompts: int, steps: int) ->
 def main(argv: list[str] | None = None) -> int:
     """Run GRPO on the recipe's prompts, then write the merged model to OUTPUT_DIR/final."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "-h" in argv or "--help" in argv:
-        print(short_help())
-        return 0
-    if "--help-all" in argv:
-        _parser().print_help()
+    from .training_defaults import printed_help
+
+    if printed_help(argv, short_help, _parser):
         return 0
     try:
         script, config, data = resolve(argv)

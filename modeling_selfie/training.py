@@ -76,7 +76,7 @@ from pathlib import Path
 from .data.registry import load_recipe
 from .errors import UsageError
 from .training_defaults import LLM_LORA_TARGETS, VISION_LEARNING_RATE_HELP, VISION_LORA_TARGETS
-from .training_defaults import accelerator_available, bf16_available, last_complete_checkpoint
+from .training_defaults import accelerator_available, bf16_available, last_complete_checkpoint, printed_help
 
 # The names `modeling_selfie.trainer_selfie` defines, importable from here (loaded on first use).
 TRAINER_EXPORTS = (
@@ -494,11 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         from .train_grpo import main as grpo_main
 
         return grpo_main(argv)
-    if "-h" in argv or "--help" in argv:
-        print(short_help())
-        return 0
-    if "--help-all" in argv:
-        _parser().print_help()
+    if printed_help(argv, short_help, _parser):
         return 0
     import torch
 

@@ -14,6 +14,18 @@ VISION_LEARNING_RATE_HELP = (
 )
 
 
+def printed_help(argv: list[str], short_help, parser) -> bool:
+    """Print `short_help()` for `-h` / `--help`, or `parser()`'s full help for `--help-all`; whether it printed (the
+    command then exits 0)."""
+    if "-h" in argv or "--help" in argv:
+        print(short_help())
+        return True
+    if "--help-all" in argv:
+        parser().print_help()
+        return True
+    return False
+
+
 def bf16_available() -> bool:
     """Whether a CUDA GPU with bfloat16 is there (the runs' `bf16` default)."""
     import torch
