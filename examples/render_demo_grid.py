@@ -98,13 +98,15 @@ def covers_text(result: dict) -> str:
 
 def readme_block(record: dict) -> str:
     """The README's text for the picture of `record` (the JSON this script writes): the picture and, per prompt,
-    what it names, what the mask covers, its IoU and presence score."""
+    what it names, what the mask covers, its IoU, presence score and (a model with an IoU head) predicted IoU."""
+    predicted = all("iou_score" in result for result in record["results"])
     lines = [README_BEGIN, f"![selfie-refshapes on the example image]({record['picture']})", "",
-             "| prompt | names | the mask covers | IoU | presence |", "|---|---|---|---|---|"]
+             "| prompt | names | the mask covers | IoU | presence |" + " predicted IoU |" * predicted,
+             "|---|---|---|---|---|" + "---|" * predicted]
     for result in record["results"]:
         names = ", ".join(result["names"]) or "nothing"
         lines.append(f"| {result['prompt']} | {names} | {covers_text(result)} | {result['iou']:.2f} | "
-                     f"{result['presence_score']:.2f} |")
+                     f"{result['presence_score']:.2f} |" + f" {result.get('iou_score', 0):.2f} |" * predicted)
     right = [f'"{result["prompt"]}"' for result in record["results"] if result["right"]]
     lines += ["", f"Right (the mask covers just the shapes the prompt names, IoU >= {RIGHT_IOU}; empty where it names",
               f"nothing): {len(right)} of {len(record['results'])}" + (f", {', '.join(right)}." if right else "."),

@@ -399,7 +399,7 @@ def summarise(items: list[Item], records: list[dict]) -> dict:
                 by_size[f"{low}-{high}"][record["outcome"]] += 1
     summary["colour_shape_outcomes"] = {k: dict(v) for k, v in diagnosis.items()}
     summary["colour_shape_outcomes_by_size"] = {k: dict(v) for k, v in by_size.items()}
-    sized = defaultdict(list)
+    sized = {f"{low}-{high}": [] for low, high in SIZE_BINS}  # in size order
     for record in records:
         for low, high in SIZE_BINS:
             if low <= record["size_patches"] < high:
@@ -407,6 +407,7 @@ def summarise(items: list[Item], records: list[dict]) -> dict:
     summary["ciou_by_size"] = {
         k: {"count": len(v), "cIoU": sum(r["intersection"] for r in v) / max(1, sum(r["union"] for r in v))}
         for k, v in sized.items()
+        if v
     }
     return summary
 

@@ -48,8 +48,8 @@ def example():
 
 
 def expected_overlay(model_and_processor, image, prompt):
-    ((mask, score, _),) = segment_with_scores(*model_and_processor, image, [prompt])
-    return np.asarray(render_overlay(image, mask, prompt)), mask, score
+    ((mask, score, iou),) = segment_with_scores(*model_and_processor, image, [prompt])
+    return np.asarray(render_overlay(image, mask, prompt)), mask, score, iou
 
 
 @pytest.mark.parametrize("prompt, written, unknown", [
@@ -63,9 +63,10 @@ def test_segment_action_returns_the_overlay_and_a_summary(model_and_processor, e
     segment = app_module.make_segment(*model_and_processor)
     overlay, summary = segment(example, f"  {prompt} ", "phrase")
     with pytest.warns(UnknownWordsWarning) if unknown else contextlib.nullcontext():
-        pixels, mask, score = expected_overlay(model_and_processor, example, prompt)
+        pixels, mask, score, iou = expected_overlay(model_and_processor, example, prompt)
     assert np.array_equal(np.asarray(overlay), pixels) and overlay.width == example.width
     line = f"**{written}**: {int(mask.sum())} px ({100 * mask.mean():.1f}% of the image), presence score {score:.2f}"
+    line += f", predicted IoU {iou:.2f}" * (iou is not None)  # the shipped model has an IoU head
     if unknown is None:
         assert summary == line
     else:  # the words the model cannot read are named on the page, and "<unk>" shows as written
@@ -133,7 +134,7 @@ def test_the_readmes_client_call_answers(served, model_and_processor, example, m
     monkeypatch.chdir(ROOT)  # its image path is relative to the repository
     namespace = {}
     exec(code.replace("http://127.0.0.1:7860/", served), namespace)
-    pixels, mask, _ = expected_overlay(model_and_processor, example, "red circle")
+    pixels, mask, _, _ = expected_overlay(model_and_processor, example, "red circle")
     assert np.array_equal(np.asarray(Image.open(namespace["overlay_file"]).convert("RGB")), pixels)
     assert namespace["summary"].startswith(f"**red circle**: {int(mask.sum())} px")
 
@@ -151,7 +152,7 @@ def test_the_page_reads_sixteen_bit_and_exif_rotated_uploads_as_shown(served, mo
     client = Client(served, verbose=False)
     for name, image in shown.items():
         overlay_file, _ = client.predict(handle_file(str(tmp_path / name)), "red", "phrase", api_name="/segment")
-        pixels, _, _ = expected_overlay(model_and_processor, image, "red")
+        pixels, _, _, _ = expected_overlay(model_and_processor, image, "red")
         assert np.array_equal(np.asarray(Image.open(overlay_file).convert("RGB")), pixels), name
 
 

@@ -8,11 +8,12 @@ writing; the same command plus `--resume` continues it in the next lease):
 
     python examples/train_refshapes.py --device cuda --init-from modeling_selfie/pretrained/selfie-refshapes \
         --minutes 6 --max-steps 6000 --batch-size 32 --learning-rate 2e-4 --warmup-steps 50 --warmup-fraction 0 \
-        --train-kinds colour_shape=2,position=2,size=1.5,relation=1.5,multi_target=1,no_target=1,reasoning=1 \
+        --max-tiles 6 --backgrounds all --tiny-shapes \
+        --train-kinds colour_shape=3,position=2,size=1.5,relation=1.5,multi_target=1,no_target=1,reasoning=1 \
         --data-workers 12 --curve-every 250 --run-dir outputs/train_refshapes_gpu --output outputs/models/refshapes-gpu
 
-The model is InternVL-shaped but small (a 4-layer ViT on 112 px tiles, a 4-layer Qwen2 LLM, up to 2 tiles per
-image so that wide and tall images are tiled), with a word-level tokenizer over the RefShapes vocabulary and the
+The model is InternVL-shaped but small (a 4-layer ViT on 112 px tiles, a 4-layer Qwen2 LLM, up to `--max-tiles`
+tiles per image, 2 by default, 6 for the shipped model, so that shapes span more ViT patches), with a word-level tokenizer over the RefShapes vocabulary and the
 paper's prompt templates. `--patch-size` and `--downsample-ratio` set the mask grid: RFA unshuffles each ViT patch
 into `1 / downsample_ratio` cells a side, so 14 px patches with a 1/4 pixel shuffle give 32x32 mask cells per tile
 (and 2x2 LLM tokens per tile) at the cost of 14 px patches with InternVL's 1/2 (16x16 cells).
@@ -371,7 +372,7 @@ tags:
 # selfie-refshapes
 
 A small SELFIE model (InternVL-shaped: {args.vision_layers}-layer ViT of width {args.vision_width} with
-{args.patch_size} px patches on {TILE} px tiles, up to 2 tiles per image, {tokens} LLM tokens per tile,
+{args.patch_size} px patches on {TILE} px tiles, up to {args.max_tiles} tiles per image, {tokens} LLM tokens per tile,
 {args.llm_layers}-layer Qwen2 LLM of width {args.llm_width},
 {args.param_count / 1e6:.1f} M parameters) trained **from scratch on CPU** on RefShapes{scenes}, the package's synthetic
 referring-segmentation set (coloured shapes; expressions by colour and shape, position, size, relation, several
@@ -385,7 +386,7 @@ the whole pipeline working out of the box; it knows nothing but shapes.
 ```
 
 `SelfieTrainer`, AdamW (warmup, then cosine decay), batch {args.batch_size}, fp32: {steps} steps{staged}, in
-{minutes:.1f} minutes of training on {args.trained_on} (a resumed run sums
+{minutes:.1f} minutes of training (the last stage on {args.trained_on}; a resumed run sums
 the minutes of every invocation). Training images are generated on the fly, each asked up to {args.max_turns}
 expressions, one `[SEG]` turn each (as SELF1E's RefCOCO samples hold several sentences of an image). The pixel
 shuffle keeps 1/{round(1 / args.downsample_ratio)} of each ViT side for the LLM, and RFA unshuffles each ViT patch
@@ -413,9 +414,10 @@ script right after training.
 """
 
 
-def learning_curve_section(path: Path, size: int) -> str:
+def learning_curve_section(path: Path, size: int, backgrounds: tuple[str, ...] = ("pale",), tiny: bool = False) -> str:
     """A "## Learning curve" card section with the entries `LearningCurve` wrote to `path` (cIoU per kind on the
-    first `size` test expressions against training minutes), or "" when there is no such file."""
+    first `size` test expressions, drawn on `backgrounds` (and tiny shapes), against training minutes), or "" when
+    there is no such file."""
     if not path.exists():
         return ""
     entries = [json.loads(line) for line in path.read_text().splitlines()]
@@ -431,7 +433,8 @@ def learning_curve_section(path: Path, size: int) -> str:
     return f"""
 ## Learning curve
 
-cIoU on the first {size} test expressions during training (`--curve-every`), against minutes of training:
+cIoU on the first {size} test expressions ({", ".join(backgrounds)} backgrounds{"; tiny shapes too" * tiny}) during
+the last stage of training (`--curve-every`), against minutes of training:
 
 {chr(10).join(rows)}
 """
@@ -674,7 +677,7 @@ def main(argv=None):
         drop_remote_code(staging)
         old_card = args.output / "README.md"
         kept = kept_sections(old_card.read_text()) if old_card.exists() else ""
-        curve = learning_curve_section(args.run_dir / "curve.jsonl", args.curve_size)
+        curve = learning_curve_section(args.run_dir / "curve.jsonl", args.curve_size, args.backgrounds, args.tiny_shapes)
         (staging / "README.md").write_text(model_card(results, baseline, ceiling, args, stages) + curve + kept)
         evaluation = {**results, "colour_match_baseline": baseline, "grid_ceiling": ceiling, "training": stages}
         (staging / "eval_results.json").write_text(json.dumps(evaluation, indent=1) + "\n")

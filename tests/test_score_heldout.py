@@ -64,6 +64,6 @@ def test_the_command_scores_the_shipped_model_and_writes_json_and_markdown(tmp_p
     assert summary["overall"]["count"] == 9 == len(report["records"])
     assert summary["pale"]["count"] == 3 and summary["non-pale"]["count"] == 6
     assert 0 <= summary["overall"]["cIoU"] <= 1 and 0 <= summary["overall"]["baseline_cIoU"] <= 1
-    assert set(summary["auroc_iou_0.5"]) == {"presence"}  # the shipped model has no IoU head
+    assert set(summary["auroc_iou_0.5"]) == {"presence", "predicted_iou"}  # the shipped model has an IoU head
     table = (tmp_path / "h.md").read_text()
     assert table in result.stdout and "| overall | 9 |" in table and str(default_model_dir().name) in table
