@@ -1,5 +1,6 @@
 """Helpers shared by tests: paths of shipped fixtures and small synthetic inputs."""
 
+import importlib.util
 import struct
 import zlib
 from pathlib import Path
@@ -10,6 +11,15 @@ from PIL import Image
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "reference"
 WORDS = ("red", "blue", "green", "circle", "square", "shape", "left", "the", "hello", "describe")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: Path):
+    """A script that is not part of the package (`examples/`, `benchmarks/`), imported as a module of its own."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -2,7 +2,6 @@
 or runs out of time is reported while the others still run."""
 
 import copy
-import importlib.util
 import json
 import math
 import subprocess
@@ -12,16 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
 PARTS = ["speed", "compiled", "attention", "bf16_vs_fp32", "lora_step", "chat"]
 
 
 def load_suite():
-    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SUITE)
 
 
 def test_smoke_run_reports_every_part(tmp_path):

@@ -1,7 +1,6 @@
 """Prompts reach the model as it was trained, unknown words are named, and presence scores separate right from wrong
 queries (issue 21.1-2)."""
 
-import importlib.util
 import json
 import shutil
 import warnings
@@ -19,7 +18,7 @@ from modeling_selfie.presets import tiny_model_and_processor
 from modeling_selfie.processing_selfie import UnknownWordsWarning, normalize_query, post_process_masks
 from selfie_segment import main
 
-from .helpers import WORDS, random_image
+from .helpers import ROOT, WORDS, load_script, random_image
 
 
 @pytest.fixture(scope="module")
@@ -172,19 +171,21 @@ def test_presence_probes_pair_every_absent_query_with_a_right_one():
     assert min(int(corner.min()) for corner in corners) < 120  # scenes on other than pale backgrounds (grey 185+)
 
 
-def test_fit_presence_head_writes_the_head_and_prints_both_aurocs(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "fit_presence_head", Path(__file__).resolve().parents[1] / "examples" / "fit_presence_head.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def fit_on_a_copy_of_the_shipped_model(script, tmp_path, *argv) -> Path:
+    """Run a head-fitting script's `main` on a copy of the shipped model (it sets torch's threads: restored)."""
     folder = tmp_path / "model"
     shutil.copytree(default_model_dir(), folder)
     threads = torch.get_num_threads()
     try:
-        script.main(["--model", str(folder), "--fit-size", "6", "--eval-size", "4"])
+        script.main(["--model", str(folder), *argv])
     finally:
         torch.set_num_threads(threads)
+    return folder
+
+
+def test_fit_presence_head_writes_the_head_and_prints_both_aurocs(tmp_path, capsys):
+    script = load_script(ROOT / "examples" / "fit_presence_head.py")
+    folder = fit_on_a_copy_of_the_shipped_model(script, tmp_path, "--fit-size", "6", "--eval-size", "4")
     out = capsys.readouterr().out
     assert "AUROC presence score" in out and "max-pixel score" in out
     config = json.loads((folder / "config.json").read_text())
@@ -279,7 +280,7 @@ def test_an_iou_head_calibrates_each_masks_quality_and_survives_saving(tmp_path)
         loaded.seg_head.iou.weight.fill_(1.0)
         loaded.seg_head.iou.bias.zero_()
         out = loaded(**processor(images=images[:1], queries=queries[:1]))
-    expected = mask_quality(out.pred_masks[0]).clamp(min=1e-4).log()
+    expected = mask_quality(out.pred_masks[0]).clamp(min=1e-4).log()  # written out: the head's input by hand
     assert out.iou_logits[0].shape == (1,) and torch.allclose(out.iou_logits[0], expected)
 
 
@@ -291,19 +292,10 @@ def test_a_model_without_an_iou_head_returns_none_scores():
 
 
 def test_fit_iou_head_writes_the_head_and_measures_it(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "fit_iou_head", Path(__file__).resolve().parents[1] / "examples" / "fit_iou_head.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    folder = tmp_path / "model"
-    shutil.copytree(default_model_dir(), folder)
-    script.build_items = lambda seed, pale, per_family: script_items(seed)  # a few held-out scenes keep it short
-    threads = torch.get_num_threads()
-    try:
-        script.main(["--model", str(folder), "--fit-size", "12"])
-    finally:
-        torch.set_num_threads(threads)
+    script = load_script(ROOT / "examples" / "fit_iou_head.py")
+    heldout = load_script(ROOT / "examples" / "score_heldout.py")
+    script.build_items = lambda seed, pale, per_family: heldout.build_items(seed, 2, 2)  # a few scenes keep it short
+    folder = fit_on_a_copy_of_the_shipped_model(script, tmp_path, "--fit-size", "12")
     report = json.loads(capsys.readouterr().out)
     assert report["count"] == 14 and {"auroc_iou_logit", "auroc_presence", "auroc_max_pixel"} <= set(report)
     config = json.loads((folder / "config.json").read_text())
@@ -313,11 +305,3 @@ def test_fit_iou_head_writes_the_head_and_measures_it(tmp_path, capsys):
     for name in ("README.md", "tokenizer.json", "tokenizer_config.json"):
         assert (folder / name).read_bytes() == (default_model_dir() / name).read_bytes()
 
-
-def script_items(seed):
-    spec = importlib.util.spec_from_file_location(
-        "score_heldout", Path(__file__).resolve().parents[1] / "examples" / "score_heldout.py"
-    )
-    heldout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(heldout)
-    return heldout.build_items(seed, 2, 2)

@@ -1,7 +1,6 @@
 """examples/render_demo_grid.py, the script behind the README picture: one overlay cell per prompt, in a grid, and
 the README's text about it written from the same run, so that the two cannot disagree."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +11,8 @@ from pycocotools import mask as mask_utils
 
 from modeling_selfie.cli import load_model, read_image, render_overlay, segment_with_scores
 
+from .helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "render_demo_grid.py"
 PICTURE = ROOT / "docs" / "images" / "selfie-refshapes-examples.png"
@@ -19,10 +20,7 @@ PICTURE = ROOT / "docs" / "images" / "selfie-refshapes-examples.png"
 
 @pytest.fixture(scope="module")
 def module():
-    spec = importlib.util.spec_from_file_location("render_demo_grid", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def cells_of(grid: np.ndarray, count: int, columns: int, cell_width: int) -> list[np.ndarray]:

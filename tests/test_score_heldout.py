@@ -1,7 +1,6 @@
 """examples/score_heldout.py: held-out scenes from a renderer of its own, in the shipped model's words, scored per
 kind, background family and target size, with the colour-match baseline and the outcome of colour_shape answers."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,15 +12,14 @@ import pytest
 from modeling_selfie.cli import default_model_dir
 from modeling_selfie.data.refshapes import vocabulary
 
+from .helpers import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "score_heldout.py"
 
 
 @pytest.fixture(scope="module")
 def heldout():
-    spec = importlib.util.spec_from_file_location("score_heldout", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_half_of_the_scenes_are_pale_and_every_family_and_kind_occurs(heldout):

@@ -2,7 +2,6 @@
 folder with a model card carrying measured numbers (next to a colour-match baseline and the mask grid's ceiling)
 and the command that made it; an interrupted run resumes from its own checkpoint to the same weights."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,16 +14,15 @@ from modeling_selfie import SelfieForSegmentation, SelfieProcessor
 from modeling_selfie.data.refshapes import COLOURS, RefShapesDataset
 from modeling_selfie.evaluation import ReferringMetrics
 
+from .helpers import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_refshapes.py"
 TINY_RUN = ["--max-steps", "2", "--warmup-steps", "1", "--eval-size", "8", "--threads", "1", "--batch-size", "2"]
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_refshapes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def run(script, *argv):
