@@ -26,7 +26,7 @@ import torch
 
 from modeling_selfie import SelfieForSegmentation, SelfieProcessor
 from modeling_selfie.data.refshapes import RefShapesDataset
-from modeling_selfie.modeling_selfie import mask_quality
+from modeling_selfie.modeling_selfie import log_mask_quality
 from modeling_selfie.processing_selfie import image_size_of, post_process_masks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,7 +55,7 @@ def run_queries(model, processor, images, queries, targets, query_kind: str, bat
             rows["presence"].append(float(out.presence_logits[k][0]))
             rows["max_pixel"].append(float(out.pred_masks[k][0].amax()))
             rows["iou_logit"].append(float(out.iou_logits[k][0]))
-            rows["features"].append(mask_quality(out.pred_masks[k][:1]).clamp(min=1e-4).log().numpy())
+            rows["features"].append(log_mask_quality(out.pred_masks[k][:1])[0].numpy())
     return {name: np.array(values) for name, values in rows.items()}
 
 

@@ -488,10 +488,8 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
     saved = json.loads((run_dir / "run_settings.json").read_text())
     saved.setdefault("backgrounds", "pale")  # runs started before the background families existed
     saved["backgrounds"] = check_backgrounds(saved["backgrounds"])
-    saved.setdefault("tiny_shapes", False)
-    saved.setdefault("max_tiles", 2)  # runs started before the tile count and the loss weights were settings
-    saved.setdefault("bce_loss_weight", 0.5)
-    saved.setdefault("dice_loss_weight", 2.0)
+    for name in ("tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight"):  # newer than some runs
+        saved.setdefault(name, parser.get_default(name))
     for name in KIND_SETTINGS:
         saved[name] = parse_kind_weights(saved[name])
     saved["init_from"] = Path(saved["init_from"]) if saved["init_from"] else None

@@ -139,6 +139,11 @@ def mask_quality(mask_logits: torch.Tensor, offset: float = 1.0) -> torch.Tensor
     return stability * confidence * largest_part_share(inside)
 
 
+def log_mask_quality(mask_logits: torch.Tensor) -> torch.Tensor:
+    """The IoU head's input: `log(mask_quality)`, floored at `log(1e-4)` (an empty mask), `[n, H, W]` -> `[n, 1]`."""
+    return mask_quality(mask_logits).clamp(min=1e-4).log()[:, None]
+
+
 def dual_pathway_pattern(
     image_mask: torch.Tensor,
     seg_mask: torch.Tensor,
@@ -1030,7 +1035,7 @@ class SelfieForSegmentation(InternVLForConditionalGeneration, GenerationMixin):
         if self.seg_head.iou is None:
             return None
         head = self.seg_head.iou
-        return [head(mask_quality(masks).clamp(min=1e-4).log()[:, None].to(head.weight))[:, 0] for masks in pred_masks]
+        return [head(log_mask_quality(masks).to(head.weight))[:, 0] for masks in pred_masks]
 
     def mask_loss(
         self, pred_masks: list[torch.Tensor], aux_masks: list[torch.Tensor], mask_labels: list[torch.Tensor]
