@@ -16,7 +16,9 @@ The model is InternVL-shaped but small (a 4-layer ViT on 112 px tiles, a 4-layer
 tiles per image, 2 by default, 6 for the shipped model, so that shapes span more ViT patches), with a word-level tokenizer over the RefShapes vocabulary and the
 paper's prompt templates. `--patch-size` and `--downsample-ratio` set the mask grid: RFA unshuffles each ViT patch
 into `1 / downsample_ratio` cells a side, so 14 px patches with a 1/4 pixel shuffle give 32x32 mask cells per tile
-(and 2x2 LLM tokens per tile) at the cost of 14 px patches with InternVL's 1/2 (16x16 cells).
+(and 2x2 LLM tokens per tile) at the cost of 14 px patches with InternVL's 1/2 (16x16 cells). `--init-from` a model
+with a coarser shuffle re-lays its weights for the finer one (`regrid_state`), so a stage can give the LLM more tokens
+per tile without starting from scratch.
 
 Training uses `SelfieTrainer` with the SELFIE loss (text CE + BCE + DICE + auxiliary low-resolution term); the
 learning-rate schedule spans `--max-steps`. `--minutes` is the time budget of one invocation: when it runs out, a
@@ -503,16 +505,51 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
     return checkpoint
 
 
+def regrid_state(state: dict, old_factor: int, new_factor: int) -> dict:
+    """Weights of a model with an `old_factor` pixel shuffle side (4 for `--downsample-ratio 0.25`) re-laid for a
+    finer LLM token grid of `new_factor` (2 for 0.5), so that a stage can give the LLM more tokens per tile without
+    starting from scratch. Only the weights whose shapes follow the factor change:
+
+    * the projector's layer norm and first linear layer read `new_factor**2` patch features instead of
+      `old_factor**2`: the norm's scale and shift are folded into the linear layer, whose blocks become equal, each
+      the sum of the old blocks over `new_factor**2`; F_V1^HQ (one patch replicated) is then exactly what it was;
+    * the RFR / RFA heads' last layers (`pus_llm`, `pus_vision`) write `new_factor**2` chunks: chunk (i, j) is the
+      mean of the old chunks of the cells it covers, so the `[SEG]` vector (the mean of all chunks) is unchanged.
+    """
+    if old_factor % new_factor:
+        raise ValueError(f"a pixel shuffle side of {old_factor} cannot be re-laid as {new_factor}")
+    state = dict(state)
+    prefix = "model.multi_modal_projector."
+    scale, shift = state.pop(prefix + "layer_norm.weight"), state.pop(prefix + "layer_norm.bias")
+    weight, bias = state[prefix + "linear_1.weight"], state[prefix + "linear_1.bias"]
+    blocks = (weight * scale).unflatten(1, (old_factor**2, -1)).sum(1) / new_factor**2
+    state[prefix + "linear_1.bias"] = bias + weight @ shift
+    state[prefix + "linear_1.weight"] = blocks.repeat(1, new_factor**2)
+    width = blocks.shape[1]
+    state[prefix + "layer_norm.weight"] = torch.ones(new_factor**2 * width)
+    state[prefix + "layer_norm.bias"] = torch.zeros(new_factor**2 * width)
+    step = old_factor // new_factor
+    for head in ("seg_head.pus_llm.fc2.", "seg_head.pus_vision.fc2."):
+        for name in ("weight", "bias"):
+            chunks = state[head + name].unflatten(0, (new_factor, step, new_factor, step, -1))
+            state[head + name] = chunks.mean((1, 3)).flatten(0, 2)
+    return state
+
+
 def init_from(model, folder: Path, parser) -> list[dict]:
     """Load the weights of a model folder written by this script into `model`; returns its training stages. The
     presence and IoU heads are left out: they read the trained model's states, so they are fitted again after
-    training (`examples/fit_presence_head.py`)."""
+    training (`examples/fit_presence_head.py`). A folder with a coarser pixel shuffle (a smaller
+    `downsample_ratio`) is re-laid for the model's (`regrid_state`)."""
     try:
         state = load_file(folder / "model.safetensors")
+        old_factor = SelfieConfig.from_pretrained(folder).unshuffle_factor
+        if old_factor != model.config.unshuffle_factor:
+            state = regrid_state(state, old_factor, model.config.unshuffle_factor)
         fitted_after = ("seg_head.presence.", "seg_head.iou.")  # heads that read the trained model's states
         model.load_state_dict({key: value for key, value in state.items() if not key.startswith(fitted_after)})
         stages = json.loads((folder / "eval_results.json").read_text())["training"]
-    except (OSError, KeyError, RuntimeError) as error:
+    except (OSError, KeyError, RuntimeError, ValueError) as error:
         parser.error(f"--init-from {folder}: not a model of this script with the same design ({error})".split("\n")[0])
     return stages
 
@@ -558,7 +595,8 @@ def main(argv=None):
                         help="checkpoints, run settings and learning curve (keep it out of git)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     parser.add_argument("--init-from", type=Path, default=None,
-                        help="start from the weights of a model this script wrote (same design), not from scratch")
+                        help="start from the weights of a model this script wrote (same design, or a coarser pixel "
+                             "shuffle re-laid for --downsample-ratio), not from scratch")
     parser.add_argument("--max-steps", type=int, default=3400, help="length of the learning-rate schedule")
     parser.add_argument("--minutes", type=float, default=90.0,
                         help="time budget of this invocation's training loop; a checkpoint is saved when it ends")

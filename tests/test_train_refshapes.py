@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from modeling_selfie import SelfieForSegmentation, SelfieProcessor
 from modeling_selfie.data.refshapes import COLOURS, RefShapesDataset
 from modeling_selfie.evaluation import ReferringMetrics
+from modeling_selfie.modeling_selfie import stitch_tiles
 
 from .helpers import load_script
 
@@ -194,7 +195,29 @@ def test_a_run_can_start_from_the_weights_of_an_earlier_one(script, interrupted_
     card = (output / "README.md").read_text()
     assert "3 steps in 2 stages of 2 + 1 steps" in card and "--init-from MODEL_OF_THE_STAGE_BEFORE" in card
     with pytest.raises(SystemExit):  # weights of another design
-        script.main(["--init-from", str(earlier), "--downsample-ratio", "0.5", "--run-dir", str(tmp_path / "other")])
+        script.main(["--init-from", str(earlier), "--llm-width", "64", "--run-dir", str(tmp_path / "other")])
+
+
+def test_a_stage_can_give_the_llm_a_finer_token_grid(script, interrupted_run, tmp_path):
+    """`--init-from` a model with a 1/4 pixel shuffle into one with 1/2 (4x the LLM tokens per tile): the weights
+    that follow the shuffle are re-laid so that F_V1^HQ and the `[SEG]` vector are what they were, and each mask cell
+    of the features that bypass the LLM is the mean of the old cells it covers."""
+    _, earlier = interrupted_run
+    old = SelfieForSegmentation.from_pretrained(earlier).eval()
+    new, processor = script.build_model_and_processor(0, downsample_ratio=0.5, vision_width=192, llm_width=128)
+    script.init_from(new, earlier, parser=None)
+    assert (old.config.unshuffle_factor, new.config.unshuffle_factor) == (4, 2) and processor.image_seq_length == 16
+    vision_features = torch.randn(3, 64, 192)  # 3 tiles of 8x8 pre-shuffle ViT features
+    old_hq, new_hq = old.model.get_image_features_hq(vision_features), new.model.get_image_features_hq(vision_features)
+    torch.testing.assert_close(new_hq, old_hq, rtol=1e-4, atol=1e-4)
+    seg_states = torch.randn(5, 128)
+    torch.testing.assert_close(new.seg_head.seg_embeddings(seg_states), old.seg_head.seg_embeddings(seg_states))
+    old_cells = old.seg_head._to_pixels(stitch_tiles(old.seg_head.pus_vision(old_hq), 1, 3))  # [1, 32, 96, C]
+    new_cells = new.seg_head._to_pixels(stitch_tiles(new.seg_head.pus_vision(new_hq), 1, 3))  # [1, 16, 48, C]
+    pooled = torch.nn.functional.avg_pool2d(old_cells.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+    torch.testing.assert_close(new_cells, pooled, rtol=1e-4, atol=1e-4)
+    with pytest.raises(SystemExit):  # no way back to a coarser grid
+        run(script, "--init-from", str(earlier), "--downsample-ratio", "0.125", "--run-dir", str(tmp_path / "other"))
 
 
 def test_the_gpu_lease_command_runs_on_the_cpu(script, tmp_path):
