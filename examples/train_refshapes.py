@@ -38,6 +38,7 @@ failed run never replaces a good model).
 
 import argparse
 import json
+import math
 import random
 import re
 import sys
@@ -81,7 +82,7 @@ from modeling_selfie.training import SelfieDataCollator, SelfieTrainer
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "modeling_selfie" / "pretrained" / "selfie-refshapes"
 DEFAULT_RUN_DIR = ROOT / "outputs" / "train_refshapes"  # checkpoints and the learning curve (git-ignored)
-TILE = 112
+TILE = 112  # default tile side in pixels (`--tile-size`)
 TEST_SEED = 0  # the test split every run is scored on, whatever its --seed
 
 
@@ -103,24 +104,25 @@ def build_model_and_processor(
     max_tiles: int = 2,
     bce_loss_weight: float = 0.5,
     dice_loss_weight: float = 2.0,
+    tile_size: int = TILE,
 ) -> tuple[SelfieForSegmentation, SelfieProcessor]:
-    """The demo model, randomly initialised, and its processor. A tile has `TILE // patch_size` ViT patches a side;
-    the pixel shuffle gives the LLM `downsample_ratio` of that per side, and RFA unshuffles each ViT patch into
-    `1 / downsample_ratio` cells a side, so the mask grid has `TILE // patch_size / downsample_ratio` cells a side.
+    """The demo model, randomly initialised, and its processor. A tile has `tile_size // patch_size` ViT patches a
+    side; the pixel shuffle gives the LLM `downsample_ratio` of that per side, and RFA unshuffles each ViT patch into
+    `1 / downsample_ratio` cells a side, so the mask grid has `tile_size // patch_size / downsample_ratio` cells a side.
     The ViT has heads of width 32 and an MLP 4x its width; the LLM 4 heads (2 key-value heads) and an MLP 3x. An image
     is resized to at most `max_tiles` tiles (plus a thumbnail when it takes more than one)."""
     tokenizer = build_word_level_tokenizer([*prompt_words(), *vocabulary()])
-    image_processor = SelfieImageProcessor(size={"height": TILE, "width": TILE}, max_patches=max_tiles)
+    image_processor = SelfieImageProcessor(size={"height": tile_size, "width": tile_size}, max_patches=max_tiles)
     processor = SelfieProcessor(
         image_processor=image_processor, tokenizer=tokenizer,
-        image_seq_length=round(TILE // patch_size * downsample_ratio) ** 2, system_message="", prompt_style="internvl",
+        image_seq_length=round(tile_size // patch_size * downsample_ratio) ** 2, system_message="", prompt_style="internvl",
         query_normalization="words",  # RefShapes expressions are lower-case words (questions: "Which ...?")
     )
     config = SelfieConfig(
         vision_config=dict(
             hidden_size=vision_width, num_hidden_layers=vision_layers, num_attention_heads=vision_width // 32,
             intermediate_size=4 * vision_width,
-            image_size=[TILE, TILE], patch_size=[patch_size, patch_size], attention_bias=True, use_mean_pooling=True,
+            image_size=[tile_size, tile_size], patch_size=[patch_size, patch_size], attention_bias=True, use_mean_pooling=True,
         ),
         text_config=dict(
             model_type="qwen2", hidden_size=llm_width, num_hidden_layers=llm_layers, num_attention_heads=4,
@@ -326,6 +328,7 @@ def command_line(args) -> str:
         f"--max-turns {args.max_turns} --patch-size {args.patch_size} --downsample-ratio {args.downsample_ratio:g} "
         f"--vision-layers {args.vision_layers} --llm-layers {args.llm_layers} --vision-width {args.vision_width} "
         f"--llm-width {args.llm_width} "
+        + (f"--tile-size {args.tile_size} " if args.tile_size != TILE else "")
         + (f"--max-tiles {args.max_tiles} " if args.max_tiles != 2 else "")
         + (f"--bce-loss-weight {args.bce_loss_weight:g} --dice-loss-weight {args.dice_loss_weight:g} "
            if (args.bce_loss_weight, args.dice_loss_weight) != (0.5, 2.0) else "")
@@ -357,9 +360,9 @@ def model_card(results: dict, baseline: dict, ceiling: dict, args, stages: list[
                 f"| {key} | {values['count']} | {values['cIoU']:.3f} | {values['gIoU']:.3f} "
                 f"| {baseline[key]['cIoU']:.3f} | {best['cIoU']:.3f} / {best['gIoU']:.3f} |"
             )
-    cells = TILE // args.patch_size * round(1 / args.downsample_ratio)
+    cells = args.tile_size // args.patch_size * round(1 / args.downsample_ratio)
     scenes = f" ({', '.join(args.backgrounds)} backgrounds{'; shapes down to about one ViT patch' * args.tiny_shapes})"
-    tokens = round(TILE // args.patch_size * args.downsample_ratio) ** 2
+    tokens = round(args.tile_size // args.patch_size * args.downsample_ratio) ** 2
     return f"""---
 library_name: transformers
 pipeline_tag: image-segmentation
@@ -374,7 +377,7 @@ tags:
 # selfie-refshapes
 
 A small SELFIE model (InternVL-shaped: {args.vision_layers}-layer ViT of width {args.vision_width} with
-{args.patch_size} px patches on {TILE} px tiles, up to {args.max_tiles} tiles per image, {tokens} LLM tokens per tile,
+{args.patch_size} px patches on {args.tile_size} px tiles, up to {args.max_tiles} tiles per image, {tokens} LLM tokens per tile,
 {args.llm_layers}-layer Qwen2 LLM of width {args.llm_width},
 {args.param_count / 1e6:.1f} M parameters) trained **from scratch on CPU** on RefShapes{scenes}, the package's synthetic
 referring-segmentation set (coloured shapes; expressions by colour and shape, position, size, relation, several
@@ -393,7 +396,7 @@ the minutes of every invocation). Training images are generated on the fly, each
 expressions, one `[SEG]` turn each (as SELF1E's RefCOCO samples hold several sentences of an image). The pixel
 shuffle keeps 1/{round(1 / args.downsample_ratio)} of each ViT side for the LLM, and RFA unshuffles each ViT patch
 back into {round(1 / args.downsample_ratio)}x{round(1 / args.downsample_ratio)} mask cells: {cells}x{cells} mask
-cells per {TILE} px tile. The SELFIE loss (text CE + {args.bce_loss_weight:g} BCE + {args.dice_loss_weight:g} DICE, each
+cells per {args.tile_size} px tile. The SELFIE loss (text CE + {args.bce_loss_weight:g} BCE + {args.dice_loss_weight:g} DICE, each
 with the auxiliary low-resolution term; the released model uses 2 BCE + 0.5 DICE; from scratch, DICE-heavy weights
 learn small targets faster), dual-pathway
 attention. Curriculum: a run with `--warmup-fraction F` gives the first F of its images only `--warmup-kinds`
@@ -470,7 +473,7 @@ def drop_remote_code(folder: Path) -> None:
 RUN_SETTINGS = (  # what defines a training run: a resumed run keeps the values it was started with
     "max_steps", "batch_size", "learning_rate", "warmup_steps", "warmup_kinds", "warmup_fraction", "max_turns",
     "seed", "patch_size", "downsample_ratio", "vision_layers", "llm_layers", "vision_width", "llm_width", "init_from",
-    "train_kinds", "backgrounds", "tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight",
+    "train_kinds", "backgrounds", "tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight", "tile_size",
 )  # fmt: skip
 KIND_SETTINGS = ("warmup_kinds", "train_kinds")  # run settings stored as "KIND=WEIGHT,..." text
 
@@ -490,7 +493,7 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
     saved = json.loads((run_dir / "run_settings.json").read_text())
     saved.setdefault("backgrounds", "pale")  # runs started before the background families existed
     saved["backgrounds"] = check_backgrounds(saved["backgrounds"])
-    for name in ("tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight"):  # newer than some runs
+    for name in ("tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight", "tile_size"):  # newer than some
         saved.setdefault(name, parser.get_default(name))
     for name in KIND_SETTINGS:
         saved[name] = parse_kind_weights(saved[name])
@@ -536,16 +539,32 @@ def regrid_state(state: dict, old_factor: int, new_factor: int) -> dict:
     return state
 
 
+def resize_position_embeddings(state: dict, side: int) -> dict:
+    """The ViT's absolute position embeddings (`[1, 1 + g*g, C]`, the class token's first) resized bicubically to a
+    `side` x `side` patch grid, for a larger `--tile-size`: each patch keeps the embedding of where it lies in the
+    tile."""
+    key = "model.vision_tower.embeddings.position_embeddings"
+    embeddings = state[key]
+    old_side = math.isqrt(embeddings.shape[1] - 1)
+    grid = embeddings[:, 1:].reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+    return {**state, key: torch.cat([embeddings[:, :1], grid.permute(0, 2, 3, 1).reshape(1, side * side, -1)], 1)}
+
+
 def init_from(model, folder: Path, parser) -> list[dict]:
     """Load the weights of a model folder written by this script into `model`; returns its training stages. The
     presence and IoU heads are left out: they read the trained model's states, so they are fitted again after
     training (`examples/fit_presence_head.py`). A folder with a coarser pixel shuffle (a smaller
-    `downsample_ratio`) is re-laid for the model's (`regrid_state`)."""
+    `downsample_ratio`) is re-laid for the model's (`regrid_state`), and one with smaller tiles has its position
+    embeddings resized (`resize_position_embeddings`)."""
     try:
         state = load_file(folder / "model.safetensors")
-        old_factor = SelfieConfig.from_pretrained(folder).unshuffle_factor
-        if old_factor != model.config.unshuffle_factor:
-            state = regrid_state(state, old_factor, model.config.unshuffle_factor)
+        old_config, new_config = SelfieConfig.from_pretrained(folder), model.config
+        if old_config.unshuffle_factor != new_config.unshuffle_factor:
+            state = regrid_state(state, old_config.unshuffle_factor, new_config.unshuffle_factor)
+        vision = new_config.vision_config
+        if old_config.vision_config.image_size != vision.image_size:
+            state = resize_position_embeddings(state, vision.image_size[0] // vision.patch_size[0])
         fitted_after = ("seg_head.presence.", "seg_head.iou.")  # heads that read the trained model's states
         model.load_state_dict({key: value for key, value in state.items() if not key.startswith(fitted_after)})
         stages = json.loads((folder / "eval_results.json").read_text())["training"]
@@ -625,6 +644,9 @@ def main(argv=None):
                         help="also draw shapes about one ViT patch across (a third of the shapes)")
     parser.add_argument("--max-turns", type=int, default=6, help="expressions ([SEG] turns) per training image")
     parser.add_argument("--patch-size", type=int, default=14, help="ViT patch side in pixels")
+    parser.add_argument("--tile-size", type=int, default=TILE,
+                        help="tile side in pixels (the ViT's image size); with --max-tiles 1 the whole image is one "
+                             "tile, so the LLM's token grid is the image's own layout")
     parser.add_argument("--downsample-ratio", type=float, default=0.25,
                         help="pixel shuffle: the LLM sees this fraction of each ViT grid side")
     parser.add_argument("--max-tiles", type=int, default=2,
@@ -640,8 +662,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the training data stream")
     parser.add_argument("--overwrite", action="store_true", default=True)
     args = parser.parse_args(argv)
-    if TILE % args.patch_size or (TILE // args.patch_size * args.downsample_ratio) % 1:
-        parser.error(f"--patch-size must divide {TILE} and --downsample-ratio the patch grid ({TILE} px tiles)")
+    if args.tile_size % args.patch_size or (args.tile_size // args.patch_size * args.downsample_ratio) % 1:
+        parser.error(f"--patch-size must divide --tile-size {args.tile_size} and --downsample-ratio the patch grid")
     device = training_device(args.device, parser)
     checkpoint = resume_settings(args, parser, args.run_dir)
 
@@ -653,7 +675,7 @@ def main(argv=None):
     np.random.seed(args.seed)
     model, processor = build_model_and_processor(
         args.seed, args.patch_size, args.downsample_ratio, args.vision_layers, args.llm_layers, args.vision_width,
-        args.llm_width, args.max_tiles, args.bce_loss_weight, args.dice_loss_weight,
+        args.llm_width, args.max_tiles, args.bce_loss_weight, args.dice_loss_weight, args.tile_size,
     )
     args.param_count = sum(p.numel() for p in model.parameters())
     stages = []

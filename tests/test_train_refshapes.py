@@ -220,6 +220,38 @@ def test_a_stage_can_give_the_llm_a_finer_token_grid(script, interrupted_run, tm
         run(script, "--init-from", str(earlier), "--downsample-ratio", "0.125", "--run-dir", str(tmp_path / "other"))
 
 
+def test_a_stage_can_read_the_whole_image_as_one_larger_tile(script, interrupted_run, tmp_path):
+    """`--init-from` a model on 112 px tiles into one whose single tile is the whole image at 224 px: the ViT's
+    position embeddings are resized to the 16x16 patch grid and the stage runs, trains and writes a model whose
+    processor makes one tile of every image."""
+    _, earlier = interrupted_run
+    output = tmp_path / "model"
+    run(script, "--init-from", str(earlier), "--tile-size", "224", "--max-tiles", "1", "--downsample-ratio", "0.5",
+        "--output", str(output), "--run-dir", str(tmp_path / "run"))  # fmt: skip
+    processor = SelfieProcessor.from_pretrained(output)
+    assert processor.image_processor.size["height"] == 224 and processor.image_processor.max_patches == 1
+    assert processor.image_seq_length == 64  # 16x16 patches, 8x8 LLM tokens
+    model = SelfieForSegmentation.from_pretrained(output)
+    image = RefShapesDataset("test", size=1)[0]["image"]
+    assert model.segment(processor, [image], ["red circle"])[0].shape == image.size[::-1]
+    command = json.loads((output / "eval_results.json").read_text())["training"][-1]["command"]
+    assert "--tile-size 224 --max-tiles 1 " in command
+
+
+def test_position_embeddings_are_resized_as_a_smooth_map():
+    """The position embeddings of an 8x8 grid, resized to 16x16, keep the class token's and average back (2x2) to
+    what they were where the map is smooth."""
+    script = load_script(SCRIPT)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, 8), torch.linspace(-1, 1, 8), indexing="ij")
+    grid = torch.stack([torch.sin(xs), torch.cos(ys), xs * ys], -1).reshape(1, 64, 3)
+    key = "model.vision_tower.embeddings.position_embeddings"
+    embeddings = torch.cat([torch.full((1, 1, 3), 7.0), grid], 1)
+    resized = script.resize_position_embeddings({key: embeddings}, 16)[key]
+    assert resized.shape == (1, 257, 3) and torch.equal(resized[:, 0], embeddings[:, 0])
+    pooled = torch.nn.functional.avg_pool2d(resized[0, 1:].reshape(16, 16, 3).permute(2, 0, 1), 2)
+    torch.testing.assert_close(pooled.permute(1, 2, 0).reshape(64, 3), grid[0], atol=0.03, rtol=0)
+
+
 def test_the_gpu_lease_command_runs_on_the_cpu(script, tmp_path):
     """The docstring's command that continues the shipped model on a GPU, with the device, budget and sizes
     turned down (later flags win): it starts from the shipped weights, stops on its budget with a checkpoint to
