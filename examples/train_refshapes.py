@@ -329,6 +329,7 @@ def command_line(args) -> str:
         f"--vision-layers {args.vision_layers} --llm-layers {args.llm_layers} --vision-width {args.vision_width} "
         f"--llm-width {args.llm_width} "
         + (f"--tile-size {args.tile_size} " if args.tile_size != TILE else "")
+        + (f"--sincos-positions {args.sincos_positions:g} " if args.sincos_positions else "")
         + (f"--max-tiles {args.max_tiles} " if args.max_tiles != 2 else "")
         + (f"--bce-loss-weight {args.bce_loss_weight:g} --dice-loss-weight {args.dice_loss_weight:g} "
            if (args.bce_loss_weight, args.dice_loss_weight) != (0.5, 2.0) else "")
@@ -474,6 +475,7 @@ RUN_SETTINGS = (  # what defines a training run: a resumed run keeps the values 
     "max_steps", "batch_size", "learning_rate", "warmup_steps", "warmup_kinds", "warmup_fraction", "max_turns",
     "seed", "patch_size", "downsample_ratio", "vision_layers", "llm_layers", "vision_width", "llm_width", "init_from",
     "train_kinds", "backgrounds", "tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight", "tile_size",
+    "sincos_positions",
 )  # fmt: skip
 KIND_SETTINGS = ("warmup_kinds", "train_kinds")  # run settings stored as "KIND=WEIGHT,..." text
 
@@ -493,7 +495,8 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
     saved = json.loads((run_dir / "run_settings.json").read_text())
     saved.setdefault("backgrounds", "pale")  # runs started before the background families existed
     saved["backgrounds"] = check_backgrounds(saved["backgrounds"])
-    for name in ("tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight", "tile_size"):  # newer than some
+    newer = ("tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight", "tile_size", "sincos_positions")
+    for name in newer:  # settings newer than some runs
         saved.setdefault(name, parser.get_default(name))
     for name in KIND_SETTINGS:
         saved[name] = parse_kind_weights(saved[name])
@@ -549,6 +552,25 @@ def resize_position_embeddings(state: dict, side: int) -> dict:
     grid = embeddings[:, 1:].reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)
     grid = torch.nn.functional.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
     return {**state, key: torch.cat([embeddings[:, :1], grid.permute(0, 2, 3, 1).reshape(1, side * side, -1)], 1)}
+
+
+def sincos_position_embeddings_(model, scale: float) -> None:
+    """Replace the ViT's absolute position embeddings (not the class token's) by 2D sine-cosine ones (half the
+    channels for the row, half for the column; frequencies 1 / 10000**(k / (width / 4))), times `scale`.
+
+    Trained from transformers' initialisation, the demo model's position embeddings stayed about 75x smaller than its
+    patch embeddings: its ViT saw a bag of patches, with no say where each lies, so neither a shape's outline across
+    patches nor its place in the image reached the mask. `scale` 3 gives them about half the patch embeddings' norm.
+    """
+    embeddings = model.model.vision_tower.embeddings.position_embeddings  # [1, 1 + g*g, C]
+    side, width = math.isqrt(embeddings.shape[1] - 1), embeddings.shape[2]
+    frequencies = 1.0 / 10000 ** (torch.arange(width // 4) / (width // 4))
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                                indexing="ij")  # fmt: skip
+    angles = [axis.reshape(-1, 1) * frequencies for axis in (rows, cols)]
+    table = torch.cat([torch.cat([a.sin(), a.cos()], 1) for a in angles], 1)  # [g*g, C]
+    with torch.no_grad():
+        embeddings[0, 1:] = scale * table
 
 
 def init_from(model, folder: Path, parser) -> list[dict]:
@@ -644,6 +666,9 @@ def main(argv=None):
                         help="also draw shapes about one ViT patch across (a third of the shapes)")
     parser.add_argument("--max-turns", type=int, default=6, help="expressions ([SEG] turns) per training image")
     parser.add_argument("--patch-size", type=int, default=14, help="ViT patch side in pixels")
+    parser.add_argument("--sincos-positions", type=float, default=0.0,
+                        help="start with 2D sine-cosine ViT position embeddings times this scale (3: about half the "
+                             "patch embeddings' norm; 0 keeps the initial or --init-from ones)")
     parser.add_argument("--tile-size", type=int, default=TILE,
                         help="tile side in pixels (the ViT's image size); with --max-tiles 1 the whole image is one "
                              "tile, so the LLM's token grid is the image's own layout")
@@ -681,6 +706,8 @@ def main(argv=None):
     stages = []
     if args.init_from:
         stages = init_from(model, args.init_from, parser)
+    if args.sincos_positions:
+        sincos_position_embeddings_(model, args.sincos_positions)
     train = curriculum_dataset(
         args.max_steps * args.batch_size, args.warmup_fraction, args.warmup_kinds, args.seed, args.max_turns,
         args.train_kinds, args.backgrounds, args.tiny_shapes,

@@ -252,6 +252,26 @@ def test_position_embeddings_are_resized_as_a_smooth_map():
     torch.testing.assert_close(pooled.permute(1, 2, 0).reshape(64, 3), grid[0], atol=0.03, rtol=0)
 
 
+def test_sincos_positions_tell_the_vit_where_each_patch_lies(script, interrupted_run, tmp_path):
+    """`--sincos-positions 3` starts a stage with 2D sine-cosine position embeddings about half the patch
+    embeddings' norm (transformers' initialisation leaves them ~75x smaller after training): patches of one row share
+    the row half of the channels, patches of one column the column half, and the class token's embedding is kept."""
+    _, earlier = interrupted_run
+    output = tmp_path / "model"
+    run(script, "--init-from", str(earlier), "--sincos-positions", "3", "--learning-rate", "0", "--max-steps", "1",
+        "--output", str(output), "--run-dir", str(tmp_path / "run"))  # fmt: skip
+    key = "model.vision_tower.embeddings.position_embeddings"
+    before, after = load_file(earlier / "model.safetensors")[key], load_file(output / "model.safetensors")[key]
+    torch.testing.assert_close(after[:, 0], before[:, 0], rtol=0, atol=0)
+    grid = after[0, 1:].reshape(8, 8, 192)
+    rows, cols = grid[..., :96], grid[..., 96:]
+    assert torch.equal(rows[:, 0], rows[:, 5]) and torch.equal(cols[0], cols[5])  # a row's / a column's half
+    assert not torch.equal(rows[0], rows[1]) and not torch.equal(cols[:, 0], cols[:, 1])
+    torch.testing.assert_close(grid.norm(dim=-1), torch.full((8, 8), 3 * 96**0.5))
+    command = json.loads((output / "eval_results.json").read_text())["training"][-1]["command"]
+    assert "--sincos-positions 3 " in command
+
+
 def test_the_gpu_lease_command_runs_on_the_cpu(script, tmp_path):
     """The docstring's command that continues the shipped model on a GPU, with the device, budget and sizes
     turned down (later flags win): it starts from the shipped weights, stops on its budget with a checkpoint to
