@@ -227,6 +227,18 @@ DIRECTIONS = {"left": (0, -1), "right": (0, 1), "top": (1, -1), "bottom": (1, 1)
 POSITION_WORDS = {"left": ("leftmost",), "right": ("rightmost",), "top": ("topmost", "highest"),
                   "bottom": ("bottommost", "lowest")}  # fmt: skip
 RELATION_WORDS = {"left": "left of the", "right": "right of the", "top": "above the", "bottom": "below the"}
+OPPOSITE_WORDS = {"leftmost": "rightmost", "topmost": "bottommost", "highest": "lowest", "left of": "right of",
+                  "above": "below"}  # fmt: skip
+OPPOSITE_WORDS.update({b: a for a, b in list(OPPOSITE_WORDS.items())})
+
+
+def opposite_direction(text: str) -> str | None:
+    """A position or relation expression with its direction turned round ("leftmost red shape" -> "rightmost red
+    shape", "circle above the red square" -> "circle below the red square"); `None` for other expressions."""
+    for words, opposite in OPPOSITE_WORDS.items():
+        if text.startswith(words + " ") or f" {words} " in text:
+            return text.replace(words, opposite, 1)
+    return None
 
 
 def expressions(shapes: list[Shape], masks: np.ndarray, kind: str, size: tuple[int, int]) -> list[tuple]:
@@ -338,7 +350,9 @@ def auroc(scores: list[float], positive: list[bool]) -> float | None:
 
 @torch.inference_mode()
 def score(model, processor, items: list[Item], batch_size: int = 16) -> list[dict]:
-    """Per item: IoU, the scores `segment(return_scores=True)` gives, outcome and target size in patches."""
+    """Per item: IoU, the scores `segment(return_scores=True)` gives, outcome and target size in patches; for position
+    and relation expressions also `opposite_iou`, the IoU of the answer with the answer to the expression with the
+    opposite direction (1.0: the model does not read the direction word)."""
     tile = processor.image_processor.size["height"]
     patch = model.config.vision_config.patch_size
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
@@ -349,7 +363,11 @@ def score(model, processor, items: list[Item], batch_size: int = 16) -> list[dic
             processor, [i.image for i in batch], [i.text for i in batch], return_scores=True, return_iou_scores=True
         )
         max_tiles = processor.image_processor.max_patches
-        for item, mask, presence, predicted in zip(batch, masks, scores, ious):
+        turned = [(n, opposite_direction(item.text)) for n, item in enumerate(batch)]
+        turned = [(n, text) for n, text in turned if text]
+        opposite = dict(zip([n for n, _ in turned], model.segment(
+            processor, [batch[n].image for n, _ in turned], [text for _, text in turned]) if turned else []))
+        for n, (item, mask, presence, predicted) in enumerate(zip(batch, masks, scores, ious)):
             pred = mask.cpu().numpy().astype(bool)
             target = item.masks[list(item.targets)].any(0)
             union = (pred | target).sum()
@@ -360,6 +378,9 @@ def score(model, processor, items: list[Item], batch_size: int = 16) -> list[dic
                 "size_patches": size_in_patches(item, item.targets[0], tile, patch, max_tiles),
                 "outcome": outcome(item, pred, iou) if item.kind == "colour_shape" else None,
             }  # fmt: skip
+            if n in opposite:
+                other = opposite[n].cpu().numpy().astype(bool)
+                record["opposite_iou"] = float((pred & other).sum() / max(1, (pred | other).sum()))
             record["presence"] = presence
             if predicted is not None:
                 record["predicted_iou"] = predicted
@@ -384,9 +405,14 @@ def summarise(items: list[Item], records: list[dict]) -> dict:
             baseline[key].update(guess, target)
     summary = {key: {**metrics[key].compute(), "baseline_cIoU": baseline[key].compute()["cIoU"]} for key in metrics}
     score_names = [k for k in records[0] if k not in ("family", "kind", "text", "iou", "intersection", "union",
-                                                     "size_patches", "outcome")]  # fmt: skip
+                                                     "size_patches", "outcome", "opposite_iou")]  # fmt: skip
     right = [r["iou"] >= 0.5 for r in records]
     summary["auroc_iou_0.5"] = {name: auroc([r[name] for r in records], right) for name in score_names}
+    summary["opposite_direction_iou"] = {
+        kind: float(np.mean(values))
+        for kind in ("position", "relation")
+        if (values := [r["opposite_iou"] for r in records if r["kind"] == kind and "opposite_iou" in r])
+    }
     diagnosis = {"all": Counter(), **{f: Counter() for f in FAMILIES}}
     by_size = {f"{low}-{high}": Counter() for low, high in SIZE_BINS}
     for record in records:
@@ -429,6 +455,9 @@ def markdown(summary: dict, model: str, count: int, seed: int) -> str:
     lines += ["", "| score | AUROC of IoU >= 0.5 against IoU < 0.5 |", "|---|---|"]
     for name, value in summary["auroc_iou_0.5"].items():
         lines.append(f"| {name} | {'-' if value is None else f'{value:.3f}'} |")
+    lines += ["", "Direction words: mean IoU of each answer with the answer to the same expression with the opposite "
+              "direction (1.0: the direction word is not read):", "", "| kind | IoU |", "|---|---|"]
+    lines += [f"| {kind} | {value:.3f} |" for kind, value in summary["opposite_direction_iou"].items()]
     lines += ["", "colour_shape answers by outcome (count):", "",
               "| background / target size | " + " | ".join(OUTCOMES) + " |", "|---" * (len(OUTCOMES) + 1) + "|"]
     for key, counts in summary["colour_shape_outcomes"].items():

@@ -50,6 +50,21 @@ def test_outcomes_name_where_a_colour_shape_answer_went(heldout):
     assert heldout.outcome(item, ~item.masks.any(0), 0.0) == "background"
 
 
+def test_every_position_and_relation_expression_has_its_opposite(heldout):
+    """The direction check turns each direction word round, once, and nothing else."""
+    assert heldout.opposite_direction("leftmost red shape") == "rightmost red shape"
+    assert heldout.opposite_direction("lowest circle") == "highest circle"
+    assert heldout.opposite_direction("circle above the red square") == "circle below the red square"
+    assert heldout.opposite_direction("blue star right of the green ring") == "blue star left of the green ring"
+    assert heldout.opposite_direction("red circle") is None and heldout.opposite_direction("largest star") is None
+    items = heldout.build_items(0, 36, 0)
+    for item in items:
+        turned = heldout.opposite_direction(item.text)
+        assert (turned is not None) == (item.kind in ("position", "relation")), item.text
+        if turned:
+            assert heldout.opposite_direction(turned) == item.text and set(turned.split()) <= set(vocabulary())
+
+
 def test_the_command_scores_the_shipped_model_and_writes_json_and_markdown(tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--pale", "3", "--per-family", "1", "--json", "h.json", "--markdown", "h.md",
@@ -63,5 +78,8 @@ def test_the_command_scores_the_shipped_model_and_writes_json_and_markdown(tmp_p
     assert summary["pale"]["count"] == 3 and summary["non-pale"]["count"] == 6
     assert 0 <= summary["overall"]["cIoU"] <= 1 and 0 <= summary["overall"]["baseline_cIoU"] <= 1
     assert set(summary["auroc_iou_0.5"]) == {"presence", "predicted_iou"}  # the shipped model has an IoU head
+    turned = [r for r in report["records"] if r["kind"] in ("position", "relation")]
+    assert turned and all(0 <= r["opposite_iou"] <= 1 for r in turned)
+    assert set(summary["opposite_direction_iou"]) == {r["kind"] for r in turned}
     table = (tmp_path / "h.md").read_text()
     assert table in result.stdout and "| overall | 9 |" in table and str(default_model_dir().name) in table
