@@ -363,10 +363,11 @@ def score(model, processor, items: list[Item], batch_size: int = 16) -> list[dic
             processor, [i.image for i in batch], [i.text for i in batch], return_scores=True, return_iou_scores=True
         )
         max_tiles = processor.image_processor.max_patches
-        turned = [(n, opposite_direction(item.text)) for n, item in enumerate(batch)]
-        turned = [(n, text) for n, text in turned if text]
-        opposite = dict(zip([n for n, _ in turned], model.segment(
-            processor, [batch[n].image for n, _ in turned], [text for _, text in turned]) if turned else []))
+        turned = {n: text for n, item in enumerate(batch) if (text := opposite_direction(item.text))}
+        opposite = {}
+        if turned:
+            answers = model.segment(processor, [batch[n].image for n in turned], list(turned.values()))
+            opposite = dict(zip(turned, answers))
         for n, (item, mask, presence, predicted) in enumerate(zip(batch, masks, scores, ious)):
             pred = mask.cpu().numpy().astype(bool)
             target = item.masks[list(item.targets)].any(0)

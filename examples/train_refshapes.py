@@ -115,14 +115,16 @@ def build_model_and_processor(
     image_processor = SelfieImageProcessor(size={"height": tile_size, "width": tile_size}, max_patches=max_tiles)
     processor = SelfieProcessor(
         image_processor=image_processor, tokenizer=tokenizer,
-        image_seq_length=round(tile_size // patch_size * downsample_ratio) ** 2, system_message="", prompt_style="internvl",
+        image_seq_length=round(tile_size // patch_size * downsample_ratio) ** 2, system_message="",
+        prompt_style="internvl",
         query_normalization="words",  # RefShapes expressions are lower-case words (questions: "Which ...?")
     )
     config = SelfieConfig(
         vision_config=dict(
             hidden_size=vision_width, num_hidden_layers=vision_layers, num_attention_heads=vision_width // 32,
             intermediate_size=4 * vision_width,
-            image_size=[tile_size, tile_size], patch_size=[patch_size, patch_size], attention_bias=True, use_mean_pooling=True,
+            image_size=[tile_size, tile_size], patch_size=[patch_size, patch_size], attention_bias=True,
+            use_mean_pooling=True,
         ),
         text_config=dict(
             model_type="qwen2", hidden_size=llm_width, num_hidden_layers=llm_layers, num_attention_heads=4,
