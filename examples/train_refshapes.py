@@ -57,9 +57,11 @@ from modeling_selfie.data.refshapes import (
     BACKGROUND_FAMILIES,
     COLOURS,
     DEFAULT_KIND_WEIGHTS,
+    DIRECTIONS,
     EXPRESSION_KINDS,
     RefShapesDataset,
     check_backgrounds,
+    check_directions,
     curriculum_dataset,
     parse_kind_weights,
     split_words,
@@ -83,6 +85,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "modeling_selfie" / "pretrained" / "selfie-refshapes"
 DEFAULT_RUN_DIR = ROOT / "outputs" / "train_refshapes"  # checkpoints and the learning curve (git-ignored)
 TILE = 112  # default tile side in pixels (`--tile-size`)
+ALL_DIRECTIONS = tuple(DIRECTIONS)  # `--directions` default: position and relation expressions name every direction
 TEST_SEED = 0  # the test split every run is scored on, whatever its --seed
 
 
@@ -337,6 +340,7 @@ def command_line(args) -> str:
            if (args.bce_loss_weight, args.dice_loss_weight) != (0.5, 2.0) else "")
         + (f"--backgrounds {','.join(args.backgrounds)} " if args.backgrounds != ("pale",) else "")
         + ("--tiny-shapes " if args.tiny_shapes else "")
+        + (f"--directions {','.join(args.directions)} " if args.directions != ALL_DIRECTIONS else "")
         + ("--device cuda" if args.device == "cuda" else f"--threads {args.threads}")
         + (" --init-from MODEL_OF_THE_STAGE_BEFORE" if args.init_from else "")
     )
@@ -477,7 +481,7 @@ RUN_SETTINGS = (  # what defines a training run: a resumed run keeps the values 
     "max_steps", "batch_size", "learning_rate", "warmup_steps", "warmup_kinds", "warmup_fraction", "max_turns",
     "seed", "patch_size", "downsample_ratio", "vision_layers", "llm_layers", "vision_width", "llm_width", "init_from",
     "train_kinds", "backgrounds", "tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight", "tile_size",
-    "sincos_positions",
+    "sincos_positions", "directions",
 )  # fmt: skip
 KIND_SETTINGS = ("warmup_kinds", "train_kinds")  # run settings stored as "KIND=WEIGHT,..." text
 
@@ -497,6 +501,7 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
     saved = json.loads((run_dir / "run_settings.json").read_text())
     saved.setdefault("backgrounds", "pale")  # runs started before the background families existed
     saved["backgrounds"] = check_backgrounds(saved["backgrounds"])
+    saved["directions"] = check_directions(saved.get("directions", "all"))  # "all" for runs before the option
     newer = ("tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight", "tile_size", "sincos_positions")
     for name in newer:  # settings newer than some runs
         saved.setdefault(name, parser.get_default(name))
@@ -603,6 +608,7 @@ def save_settings(args, run_dir: Path) -> None:
         settings[name] = format_kind_weights(getattr(args, name))
     settings["init_from"] = str(args.init_from) if args.init_from else None
     settings["backgrounds"] = ",".join(args.backgrounds)
+    settings["directions"] = ",".join(args.directions)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_settings.json").write_text(json.dumps(settings, indent=1) + "\n")
 
@@ -610,6 +616,13 @@ def save_settings(args, run_dir: Path) -> None:
 def background_families(text: str) -> tuple[str, ...]:
     try:
         return check_backgrounds(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def direction_names(text: str) -> tuple[str, ...]:
+    try:
+        return check_directions(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -664,6 +677,10 @@ def main(argv=None):
     parser.add_argument("--warmup-fraction", type=float, default=0.2, help="share of samples from --warmup-kinds")
     parser.add_argument("--backgrounds", type=background_families, default=("pale",),
                         help=f"background families of the training images: 'all' or some of {BACKGROUND_FAMILIES}")
+    parser.add_argument("--directions", type=direction_names, default=ALL_DIRECTIONS,
+                        help="directions position and relation expressions may name: 'all' or some of "
+                             f"{ALL_DIRECTIONS}; 'left,top' (one per axis) is the first stage of a direction "
+                             "curriculum, where the loss falls by where shapes lie before the word is read")
     parser.add_argument("--tiny-shapes", action="store_true",
                         help="also draw shapes about one ViT patch across (a third of the shapes)")
     parser.add_argument("--max-turns", type=int, default=6, help="expressions ([SEG] turns) per training image")
@@ -712,7 +729,7 @@ def main(argv=None):
         sincos_position_embeddings_(model, args.sincos_positions)
     train = curriculum_dataset(
         args.max_steps * args.batch_size, args.warmup_fraction, args.warmup_kinds, args.seed, args.max_turns,
-        args.train_kinds, args.backgrounds, args.tiny_shapes,
+        args.train_kinds, args.backgrounds, args.tiny_shapes, args.directions,
     )
     save_settings(args, args.run_dir)
     training_args = TrainingArguments(

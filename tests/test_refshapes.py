@@ -16,6 +16,7 @@ from modeling_selfie.data.refshapes import (
     Group,
     RefShapesDataset,
     check_backgrounds,
+    check_directions,
     RefShapesExample,
     curriculum_dataset,
     parse_kind_weights,
@@ -364,6 +365,30 @@ def test_the_default_background_is_pale_and_all_means_every_family():
     mixed = RefShapesDataset("train", size=40, seed=1, backgrounds="all")
     levels = [np.asarray(mixed.example(i).scene.image).mean() for i in range(40)]
     assert min(levels) < 90 < 170 < max(levels)
+
+
+def test_directions_limit_position_and_relation_words_to_one_side_per_axis():
+    """The first stage of a direction curriculum: "left,top" draws "leftmost" / "above", never "rightmost" / "below",
+    and leaves the other kinds as they were."""
+    mix = {kind: float(kind in ("position", "relation", "colour_shape")) for kind in EXPRESSION_KINDS}
+    one_side = RefShapesDataset("train", size=60, seed=2, kind_weights=mix, max_turns=3, directions="left,top")
+    read = {"position": POSITION_WORDS, "relation": {"left": "left", "right": "right", "above": "top", "below": "bottom"}}
+    named, kinds = set(), set()
+    for index in range(len(one_side)):
+        sample, example = one_side[index], one_side.example(index)
+        assert example.expression.direction in (None, "left", "top")
+        kinds.add(sample["expression_kind"])
+        questions = [turn["content"] for turn in sample["conversation"] if turn["role"] == "user"]
+        for question in questions:
+            named |= {read[kind][word] for kind in read for word in split_words(question) if word in read[kind]}
+    assert named == {"left", "top"} and kinds == {"position", "relation", "colour_shape"}
+    every = RefShapesDataset("train", size=60, seed=2, kind_weights=mix, max_turns=3)
+    again = RefShapesDataset("train", size=60, seed=2, kind_weights=mix, max_turns=3, directions="all")
+    for index in range(0, 60, 7):  # "all" (the default) draws what the split held before the option existed
+        assert_same_sample(every[index], again[index])
+    assert check_directions("all") == ("left", "right", "top", "bottom")
+    with pytest.raises(ValueError, match="sideways"):
+        RefShapesDataset("train", size=1, directions="left,sideways")
 
 
 def test_tiny_shapes_are_about_one_patch_across_once_tiled():

@@ -232,6 +232,8 @@ class Expression:
         group: indices of the shapes the expression chooses among (the referent's group, e.g. every red shape for
             "leftmost red shape"; the targets themselves for `colour_shape` and `multi_target`).
         anchor: index of the reference shape of a `relation` expression, else `None`.
+        direction: the direction word's meaning (a key of `DIRECTIONS`) of a `position` or `relation` expression,
+            else `None`.
     """
 
     text: str
@@ -239,6 +241,7 @@ class Expression:
     targets: tuple[int, ...]
     group: tuple[int, ...]
     anchor: int | None = None
+    direction: str | None = None
 
     @property
     def query_kind(self) -> str:
@@ -556,7 +559,8 @@ def _position_expressions(scene: Scene) -> list[Expression]:
                 continue
             templates = SUPERLATIVE_POSITIONS[direction] + (PAIR_POSITIONS[direction] if len(members) == 2 else ())
             expressions += [
-                Expression(t.format(group=group.singular), "position", (target,), members) for t in templates
+                Expression(t.format(group=group.singular), "position", (target,), members, direction=direction)
+                for t in templates
             ]
     return expressions
 
@@ -592,7 +596,7 @@ def _relation_expressions(scene: Scene) -> list[Expression]:
                 expressions += [
                     Expression(
                         t.format(group=group.singular, anchor=anchor_group.singular), "relation", (target,), members,
-                        anchor,
+                        anchor, direction,
                     )
                     for t in templates
                 ]
@@ -643,11 +647,12 @@ EXPRESSION_BUILDERS = {
 }
 
 
-def scene_expressions(scene: Scene, kind: str) -> list[Expression]:
-    """Every unambiguous expression of `kind` (one of `EXPRESSION_KINDS`) for `scene`, in a fixed order."""
+def scene_expressions(scene: Scene, kind: str, directions: tuple[str, ...] = tuple(DIRECTIONS)) -> list[Expression]:
+    """Every unambiguous expression of `kind` (one of `EXPRESSION_KINDS`) for `scene`, in a fixed order; position
+    and relation expressions only towards `directions` (keys of `DIRECTIONS`)."""
     if kind not in EXPRESSION_BUILDERS:
         raise ValueError(f"Unknown expression kind {kind!r}; choose one of {EXPRESSION_KINDS}.")
-    return EXPRESSION_BUILDERS[kind](scene)
+    return [e for e in EXPRESSION_BUILDERS[kind](scene) if e.direction is None or e.direction in directions]
 
 
 def _check_kind_weights(kind_weights: Mapping[str, float] | None) -> dict[str, float]:
@@ -668,28 +673,35 @@ def generate_example(
     kind_weights: Mapping[str, float] | None = None,
     backgrounds: tuple[str, ...] = ("pale",),
     tiny_shapes: bool = False,
+    directions: tuple[str, ...] = tuple(DIRECTIONS),
 ) -> RefShapesExample:
     """Draw an expression kind by `kind_weights` (missing kinds keep `DEFAULT_KIND_WEIGHTS`; 0 disables a kind),
-    then scenes (on `backgrounds`) until one admits an unambiguous expression of that kind, and one of its
-    expressions."""
+    then scenes (on `backgrounds`) until one admits an unambiguous expression of that kind (towards `directions`
+    for position and relation), and one of its expressions."""
     weights = _check_kind_weights(kind_weights)
     kind = rng.choices(list(weights), weights=list(weights.values()))[0]
     for _ in range(MAX_SCENES):
         scene = make_scene(rng, backgrounds, tiny_shapes)
-        expressions = scene_expressions(scene, kind)
+        expressions = scene_expressions(scene, kind, directions)
         if expressions:
             return RefShapesExample(scene, rng.choice(expressions))
     raise RuntimeError(f"No scene out of {MAX_SCENES} admitted a {kind!r} expression.")
 
 
 def more_expressions(
-    scene: Scene, first: Expression, count: int, rng: random.Random, kind_weights: Mapping[str, float] | None = None
+    scene: Scene,
+    first: Expression,
+    count: int,
+    rng: random.Random,
+    kind_weights: Mapping[str, float] | None = None,
+    directions: tuple[str, ...] = tuple(DIRECTIONS),
 ) -> list[Expression]:
     """Up to `count` further expressions for `scene`, each with a kind drawn by `kind_weights` among the kinds the
-    scene still has unused expressions of, and no two with the same text or the same text as `first`."""
+    scene still has unused expressions of (towards `directions` for position and relation), and no two with the
+    same text or the same text as `first`."""
     weights = _check_kind_weights(kind_weights)
     used = {first.text}
-    candidates = {kind: scene_expressions(scene, kind) for kind, weight in weights.items() if weight > 0}
+    candidates = {kind: scene_expressions(scene, kind, directions) for kind, weight in weights.items() if weight > 0}
     chosen = []
     for _ in range(count):
         for kind in candidates:
@@ -749,6 +761,11 @@ class RefShapesDataset(torch.utils.data.Dataset):
         backgrounds: the background families drawn from (`BACKGROUND_FAMILIES`), each as likely; the default
             "pale" only keeps the splits as they were before the other families existed.
         tiny_shapes: also draw shapes of `TINY_RADIUS` (about one ViT patch across), a third of them.
+        directions: the directions (keys of `DIRECTIONS`, or "left,top" text) that position and relation
+            expressions may name. One direction per axis ("left,top") is a curriculum's first stage: a model can
+            then lower the loss by where a shape lies without reading the direction word, and so learns where
+            things are; a model trained on both directions from the start settles on answers that ignore the word
+            (`docs/demo-model.md`).
 
     Each item holds `image` (PIL RGB), `conversation` (one user question and one assistant answer with one [SEG]
     per turn), `masks` (uint8 `[n_turns, H, W]`, empty for `no_target`), `task` "referring", `source` "refshapes",
@@ -766,6 +783,7 @@ class RefShapesDataset(torch.utils.data.Dataset):
         max_turns: int = 1,
         backgrounds: tuple[str, ...] | str = ("pale",),
         tiny_shapes: bool = False,
+        directions: tuple[str, ...] | str = tuple(DIRECTIONS),
     ):
         if split not in SPLITS:
             raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}.")
@@ -781,6 +799,7 @@ class RefShapesDataset(torch.utils.data.Dataset):
         self.max_turns = max_turns
         self.backgrounds = check_backgrounds(backgrounds)
         self.tiny_shapes = tiny_shapes
+        self.directions = check_directions(directions)
 
     def __len__(self) -> int:
         return self.size
@@ -795,15 +814,19 @@ class RefShapesDataset(torch.utils.data.Dataset):
 
     def example(self, index: int) -> RefShapesExample:
         """The scene and expression behind item `index`."""
-        return generate_example(self._rng(index), self.kind_weights, self.backgrounds, self.tiny_shapes)
+        return generate_example(
+            self._rng(index), self.kind_weights, self.backgrounds, self.tiny_shapes, self.directions
+        )
 
     def __getitem__(self, index: int) -> dict:
         rng = self._rng(index)
-        example = generate_example(rng, self.kind_weights, self.backgrounds, self.tiny_shapes)
+        example = generate_example(rng, self.kind_weights, self.backgrounds, self.tiny_shapes, self.directions)
         expression = example.expression
         expressions = [expression]
         if self.max_turns > 1:
-            expressions += more_expressions(example.scene, expression, self.max_turns - 1, rng, self.kind_weights)
+            expressions += more_expressions(
+                example.scene, expression, self.max_turns - 1, rng, self.kind_weights, self.directions
+            )
         prompt_rng = rng if self.train else None
         conversation = []
         for turn in expressions:
@@ -825,7 +848,8 @@ class RefShapesDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (
             f"RefShapesDataset(split={self.split!r}, size={self.size}, seed={self.seed}, train={self.train}, "
-            f"max_turns={self.max_turns}, backgrounds={self.backgrounds}, tiny_shapes={self.tiny_shapes})"
+            f"max_turns={self.max_turns}, backgrounds={self.backgrounds}, tiny_shapes={self.tiny_shapes}, "
+            f"directions={self.directions})"
         )
 
 
@@ -918,6 +942,17 @@ def check_backgrounds(backgrounds: tuple[str, ...] | str) -> tuple[str, ...]:
     return backgrounds
 
 
+def check_directions(directions: tuple[str, ...] | str) -> tuple[str, ...]:
+    """Directions as a tuple: "all", "left,top" or a sequence of names, each a key of `DIRECTIONS`."""
+    if isinstance(directions, str):
+        directions = tuple(DIRECTIONS) if directions == "all" else tuple(directions.split(","))
+    directions = tuple(name.strip() for name in directions)
+    unknown = [name for name in directions if name not in DIRECTIONS]
+    if unknown or not directions:
+        raise ValueError(f"Unknown directions {unknown}; choose from {tuple(DIRECTIONS)} or 'all'.")
+    return directions
+
+
 def parse_kind_weights(text: str) -> dict[str, float]:
     """`"colour_shape=2,multi_target"` -> `{"colour_shape": 2.0, "multi_target": 1.0}` and 0 for every other kind."""
     weights = dict.fromkeys(EXPRESSION_KINDS, 0.0)
@@ -938,10 +973,11 @@ def curriculum_dataset(
     kind_weights: Mapping[str, float] | None = None,
     backgrounds: tuple[str, ...] | str = ("pale",),
     tiny_shapes: bool = False,
+    directions: tuple[str, ...] | str = tuple(DIRECTIONS),
 ) -> torch.utils.data.ConcatDataset:
     """`size` training items of up to `max_turns` expressions: the first `warmup_fraction` of them of the
     `warmup_kinds` only (their own seed stream), the rest of the full mix (`kind_weights`, by default
-    `DEFAULT_KIND_WEIGHTS`). Read it in order (e.g.
+    `DEFAULT_KIND_WEIGHTS`), position and relation expressions towards `directions` only. Read it in order (e.g.
     `TrainingArguments(train_sampling_strategy="sequential")`).
 
     From scratch on the full mix a small model sits on a plateau where it segments every shape and ignores the
@@ -953,11 +989,11 @@ def curriculum_dataset(
         [
             RefShapesDataset(
                 "train", size=first, seed=seed + 1000, kind_weights=warmup_kinds, max_turns=max_turns,
-                backgrounds=backgrounds, tiny_shapes=tiny_shapes,
+                backgrounds=backgrounds, tiny_shapes=tiny_shapes, directions=directions,
             ),
             RefShapesDataset(
                 "train", size=size - first, seed=seed, kind_weights=kind_weights, max_turns=max_turns,
-                backgrounds=backgrounds, tiny_shapes=tiny_shapes,
+                backgrounds=backgrounds, tiny_shapes=tiny_shapes, directions=directions,
             ),
         ]
     )
@@ -1015,6 +1051,7 @@ __all__ = [
     "RefShapesExample",
     "SPLITS",
     "Scene",
+    "check_directions",
     "curriculum_dataset",
     "extreme_member",
     "generate_example",
