@@ -341,6 +341,7 @@ def command_line(args) -> str:
         + (f"--backgrounds {','.join(args.backgrounds)} " if args.backgrounds != ("pale",) else "")
         + ("--tiny-shapes " if args.tiny_shapes else "")
         + (f"--directions {','.join(args.directions)} " if args.directions != ALL_DIRECTIONS else "")
+        + ("--opposite-pairs " if args.opposite_pairs else "")
         + ("--device cuda" if args.device == "cuda" else f"--threads {args.threads}")
         + (" --init-from MODEL_OF_THE_STAGE_BEFORE" if args.init_from else "")
     )
@@ -481,7 +482,7 @@ RUN_SETTINGS = (  # what defines a training run: a resumed run keeps the values 
     "max_steps", "batch_size", "learning_rate", "warmup_steps", "warmup_kinds", "warmup_fraction", "max_turns",
     "seed", "patch_size", "downsample_ratio", "vision_layers", "llm_layers", "vision_width", "llm_width", "init_from",
     "train_kinds", "backgrounds", "tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight", "tile_size",
-    "sincos_positions", "directions",
+    "sincos_positions", "directions", "opposite_pairs",
 )  # fmt: skip
 KIND_SETTINGS = ("warmup_kinds", "train_kinds")  # run settings stored as "KIND=WEIGHT,..." text
 
@@ -502,7 +503,8 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
     saved.setdefault("backgrounds", "pale")  # runs started before the background families existed
     saved["backgrounds"] = check_backgrounds(saved["backgrounds"])
     saved["directions"] = check_directions(saved.get("directions", "all"))  # "all" for runs before the option
-    newer = ("tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight", "tile_size", "sincos_positions")
+    newer = ("tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight", "tile_size", "sincos_positions",
+             "opposite_pairs")
     for name in newer:  # settings newer than some runs
         saved.setdefault(name, parser.get_default(name))
     for name in KIND_SETTINGS:
@@ -681,6 +683,9 @@ def main(argv=None):
                         help="directions position and relation expressions may name: 'all' or some of "
                              f"{ALL_DIRECTIONS}; 'left,top' (one per axis) is the first stage of a direction "
                              "curriculum, where the loss falls by where shapes lie before the word is read")
+    parser.add_argument("--opposite-pairs", action="store_true",
+                        help="each position or relation expression is followed in its batch by the opposite one "
+                             "on the same scene ('rightmost red shape' after 'leftmost red shape') where there is one")
     parser.add_argument("--tiny-shapes", action="store_true",
                         help="also draw shapes about one ViT patch across (a third of the shapes)")
     parser.add_argument("--max-turns", type=int, default=6, help="expressions ([SEG] turns) per training image")
@@ -729,7 +734,7 @@ def main(argv=None):
         sincos_position_embeddings_(model, args.sincos_positions)
     train = curriculum_dataset(
         args.max_steps * args.batch_size, args.warmup_fraction, args.warmup_kinds, args.seed, args.max_turns,
-        args.train_kinds, args.backgrounds, args.tiny_shapes, args.directions,
+        args.train_kinds, args.backgrounds, args.tiny_shapes, args.directions, args.opposite_pairs,
     )
     save_settings(args, args.run_dir)
     training_args = TrainingArguments(

@@ -14,14 +14,17 @@ from modeling_selfie.data.refshapes import (
     FORMS,
     PLURALS,
     Group,
+    PlacedShape,
     RefShapesDataset,
     check_backgrounds,
     check_directions,
     RefShapesExample,
     curriculum_dataset,
     parse_kind_weights,
+    opposite_expression,
     rasterise_shape,
     render_example_grid,
+    render_scene,
     scene_expressions,
     split_words,
     vocabulary,
@@ -372,7 +375,8 @@ def test_directions_limit_position_and_relation_words_to_one_side_per_axis():
     and leaves the other kinds as they were."""
     mix = {kind: float(kind in ("position", "relation", "colour_shape")) for kind in EXPRESSION_KINDS}
     one_side = RefShapesDataset("train", size=60, seed=2, kind_weights=mix, max_turns=3, directions="left,top")
-    read = {"position": POSITION_WORDS, "relation": {"left": "left", "right": "right", "above": "top", "below": "bottom"}}
+    relation_words = {"left": "left", "right": "right", "above": "top", "below": "bottom"}
+    read = {"position": POSITION_WORDS, "relation": relation_words}
     named, kinds = set(), set()
     for index in range(len(one_side)):
         sample, example = one_side[index], one_side.example(index)
@@ -389,6 +393,41 @@ def test_directions_limit_position_and_relation_words_to_one_side_per_axis():
     assert check_directions("all") == ("left", "right", "top", "bottom")
     with pytest.raises(ValueError, match="sideways"):
         RefShapesDataset("train", size=1, directions="left,sideways")
+
+
+def test_the_opposite_expression_asks_the_other_way_round_in_the_same_group():
+    shapes = [PlacedShape("circle", "red", (30, 40), 12), PlacedShape("circle", "red", (150, 40), 12),
+              PlacedShape("square", "blue", (90, 100), 14)]  # fmt: skip
+    scene = render_scene(shapes, np.full((130, 180, 3), 230, np.uint8))
+    leftmost = next(e for e in scene_expressions(scene, "position") if e.text == "leftmost red circle")
+    assert leftmost.direction == "left" and leftmost.targets == (0,)
+    rightmost = opposite_expression(scene, leftmost)
+    assert (rightmost.text, rightmost.targets, rightmost.group) == ("rightmost red circle", (1,), (0, 1))
+    assert opposite_expression(scene, rightmost).targets == (0,)
+    assert opposite_expression(scene, leftmost, directions=("left", "top")) is None  # "right" is not asked
+    (blue,) = [e for e in scene_expressions(scene, "colour_shape") if e.text == "blue square"]
+    assert blue.direction is None and opposite_expression(scene, blue) is None
+
+
+def test_opposite_pairs_put_both_directions_of_one_scene_in_a_batch():
+    mix = {kind: float(kind in ("position", "colour_shape")) for kind in EXPRESSION_KINDS}
+    plain = RefShapesDataset("train", size=40, seed=5, kind_weights=mix)
+    paired = RefShapesDataset("train", size=40, seed=5, kind_weights=mix, opposite_pairs=True)
+    opposites = 0
+    for even in range(0, 40, 2):
+        assert_same_sample(plain[even], paired[even])  # even items are drawn as without the option
+        first, second = paired.example(even), paired.example(even + 1)
+        if opposite_expression(first.scene, first.expression) is not None:
+            opposites += 1
+            words = [{POSITION_WORDS[w] for w in split_words(e.expression.text) if w in POSITION_WORDS}
+                     for e in (first, second)]  # fmt: skip
+            assert {*words[0], *words[1]} in ({"left", "right"}, {"top", "bottom"}) and words[0] != words[1]
+            assert first.expression.group == second.expression.group
+            assert not np.array_equal(first.target_mask(), second.target_mask())
+            assert np.array_equal(np.asarray(paired[even]["image"]), np.asarray(paired[even + 1]["image"]))
+        else:  # no opposite in the scene: the odd item is its own draw
+            assert_same_sample(plain[even + 1], paired[even + 1])
+    assert opposites >= 5
 
 
 def test_tiny_shapes_are_about_one_patch_across_once_tiled():

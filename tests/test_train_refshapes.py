@@ -150,7 +150,8 @@ def test_resuming_refuses_what_would_mix_runs(script, interrupted_run, tmp_path)
         script.main(["--run-dir", str(run_dir)])
     with pytest.raises(SystemExit):  # a run setting other than the run's own
         script.main(["--resume", "--run-dir", str(run_dir), "--patch-size", "7"])
-    data_settings = (["--backgrounds", "dark"], ["--tiny-shapes"], ["--max-tiles", "6"], ["--directions", "left"])
+    data_settings = (["--backgrounds", "dark"], ["--tiny-shapes"], ["--max-tiles", "6"], ["--directions", "left"],
+                     ["--opposite-pairs"])
     for setting in data_settings:  # what the images and expressions are drawn from is a run setting too
         with pytest.raises(SystemExit):
             script.main(["--resume", "--run-dir", str(run_dir), *setting])
@@ -169,20 +170,20 @@ def test_a_run_with_its_own_kind_mix_resumes_without_repeating_it(script, tmp_pa
 def test_a_run_on_every_background_keeps_one_checkpoint_saved_by_the_clock(script, tmp_path):
     run_dir = tmp_path / "run"
     run(script, "--backgrounds", "all", "--tiny-shapes", "--max-tiles", "4", "--bce-loss-weight", "2",
-        "--dice-loss-weight", "0.5", "--directions", "left,top", "--save-minutes", "0", "--save-steps", "1000", "--keep-checkpoints", "1",
+        "--dice-loss-weight", "0.5", "--directions", "left,top", "--opposite-pairs", "--save-minutes", "0", "--save-steps", "1000", "--keep-checkpoints", "1",
         "--run-dir", str(run_dir), "--output", str(tmp_path / "model"))  # fmt: skip
     assert [path.name for path in run_dir.glob("checkpoint-*")] == ["checkpoint-2"]  # saved by time, not by steps
     settings = json.loads((run_dir / "run_settings.json").read_text())
     assert settings["backgrounds"] == "pale,dark,mid,saturated,gradient,noise,texture" and settings["tiny_shapes"]
     assert settings["max_tiles"] == 4 and (settings["bce_loss_weight"], settings["dice_loss_weight"]) == (2, 0.5)
-    assert settings["directions"] == "left,top"
+    assert settings["directions"] == "left,top" and settings["opposite_pairs"]
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert (config["bce_loss_weight"], config["dice_loss_weight"]) == (2, 0.5)
     assert SelfieProcessor.from_pretrained(tmp_path / "model").image_processor.max_patches == 4
     stages = json.loads((tmp_path / "model" / "eval_results.json").read_text())["training"]
     command = stages[0]["command"]
     assert "--max-tiles 4 --bce-loss-weight 2 --dice-loss-weight 0.5 --backgrounds pale,dark,mid" in command
-    assert "--tiny-shapes --directions left,top " in command
+    assert "--tiny-shapes --directions left,top --opposite-pairs " in command
 
 
 def test_a_run_can_start_from_the_weights_of_an_earlier_one(script, interrupted_run, tmp_path):

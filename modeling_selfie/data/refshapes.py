@@ -102,6 +102,7 @@ ADJECTIVE_AREA_RATIO, ADJECTIVE_RADIUS_RATIO = 1.8, 1.3  # "big", "small"
 
 # Expression wording. `{group}` is a singular noun phrase ("red circle", "shape"); `{anchor}` names one shape.
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "top": (1, -1), "bottom": (1, 1)}  # (axis, sign): larger = more
+OPPOSITE_DIRECTIONS = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 SUPERLATIVE_POSITIONS = {
     "left": ("leftmost {group}",),
     "right": ("rightmost {group}",),
@@ -655,6 +656,25 @@ def scene_expressions(scene: Scene, kind: str, directions: tuple[str, ...] = tup
     return [e for e in EXPRESSION_BUILDERS[kind](scene) if e.direction is None or e.direction in directions]
 
 
+def opposite_expression(
+    scene: Scene, expression: Expression, directions: tuple[str, ...] = tuple(DIRECTIONS)
+) -> Expression | None:
+    """The expression of `scene` that asks the same as `expression` (same kind, group and anchor) towards the
+    opposite direction and refers to another shape ("rightmost red circle" for "leftmost red circle": of those, the
+    one with the fewest words changed), or `None` (no direction, the opposite not among `directions`, or no such
+    unambiguous expression in the scene)."""
+    if expression.direction is None:
+        return None
+    opposite = OPPOSITE_DIRECTIONS[expression.direction]
+    candidates = [
+        e for e in scene_expressions(scene, expression.kind, directions)
+        if e.direction == opposite and e.group == expression.group and e.anchor == expression.anchor
+        and e.targets != expression.targets
+    ]  # fmt: skip
+    words = set(split_words(expression.text))
+    return min(candidates, key=lambda e: len(words ^ set(split_words(e.text))), default=None)
+
+
 def _check_kind_weights(kind_weights: Mapping[str, float] | None) -> dict[str, float]:
     """`DEFAULT_KIND_WEIGHTS` updated with `kind_weights`, validated."""
     weights = dict(DEFAULT_KIND_WEIGHTS)
@@ -766,6 +786,10 @@ class RefShapesDataset(torch.utils.data.Dataset):
             then lower the loss by where a shape lies without reading the direction word, and so learns where
             things are; a model trained on both directions from the start settles on answers that ignore the word
             (`docs/demo-model.md`).
+        opposite_pairs: each odd item asks, where its even neighbour's first expression names a direction and the
+            scene has one, the opposite expression of the same scene (`opposite_expression`), so that a batch read
+            in order holds both answers ("leftmost" and "rightmost" of one group): their difference is what the
+            direction word decides. Other odd items are drawn as usual.
 
     Each item holds `image` (PIL RGB), `conversation` (one user question and one assistant answer with one [SEG]
     per turn), `masks` (uint8 `[n_turns, H, W]`, empty for `no_target`), `task` "referring", `source` "refshapes",
@@ -784,6 +808,7 @@ class RefShapesDataset(torch.utils.data.Dataset):
         backgrounds: tuple[str, ...] | str = ("pale",),
         tiny_shapes: bool = False,
         directions: tuple[str, ...] | str = tuple(DIRECTIONS),
+        opposite_pairs: bool = False,
     ):
         if split not in SPLITS:
             raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}.")
@@ -800,6 +825,7 @@ class RefShapesDataset(torch.utils.data.Dataset):
         self.backgrounds = check_backgrounds(backgrounds)
         self.tiny_shapes = tiny_shapes
         self.directions = check_directions(directions)
+        self.opposite_pairs = opposite_pairs
 
     def __len__(self) -> int:
         return self.size
@@ -813,14 +839,23 @@ class RefShapesDataset(torch.utils.data.Dataset):
         return random.Random(f"{SOURCE}/{self.split}/{self.seed}/{index}")
 
     def example(self, index: int) -> RefShapesExample:
-        """The scene and expression behind item `index`."""
-        return generate_example(
-            self._rng(index), self.kind_weights, self.backgrounds, self.tiny_shapes, self.directions
-        )
+        """The scene and (first) expression behind item `index`."""
+        return self._example(self._rng(index), index)
+
+    def _example(self, rng: random.Random, index: int) -> RefShapesExample:
+        """Item `index`'s own draw from `rng` (its `_rng`), or with `opposite_pairs` the opposite of its even
+        neighbour's expression where there is one."""
+        example = generate_example(rng, self.kind_weights, self.backgrounds, self.tiny_shapes, self.directions)
+        if self.opposite_pairs and index % 2 == 1:
+            pair = self.example(index - 1)
+            opposite = opposite_expression(pair.scene, pair.expression, self.directions)
+            if opposite is not None:
+                return RefShapesExample(pair.scene, opposite)
+        return example
 
     def __getitem__(self, index: int) -> dict:
         rng = self._rng(index)
-        example = generate_example(rng, self.kind_weights, self.backgrounds, self.tiny_shapes, self.directions)
+        example = self._example(rng, index)
         expression = example.expression
         expressions = [expression]
         if self.max_turns > 1:
@@ -849,7 +884,7 @@ class RefShapesDataset(torch.utils.data.Dataset):
         return (
             f"RefShapesDataset(split={self.split!r}, size={self.size}, seed={self.seed}, train={self.train}, "
             f"max_turns={self.max_turns}, backgrounds={self.backgrounds}, tiny_shapes={self.tiny_shapes}, "
-            f"directions={self.directions})"
+            f"directions={self.directions}, opposite_pairs={self.opposite_pairs})"
         )
 
 
@@ -974,10 +1009,12 @@ def curriculum_dataset(
     backgrounds: tuple[str, ...] | str = ("pale",),
     tiny_shapes: bool = False,
     directions: tuple[str, ...] | str = tuple(DIRECTIONS),
+    opposite_pairs: bool = False,
 ) -> torch.utils.data.ConcatDataset:
     """`size` training items of up to `max_turns` expressions: the first `warmup_fraction` of them of the
     `warmup_kinds` only (their own seed stream), the rest of the full mix (`kind_weights`, by default
-    `DEFAULT_KIND_WEIGHTS`), position and relation expressions towards `directions` only. Read it in order (e.g.
+    `DEFAULT_KIND_WEIGHTS`), position and relation expressions towards `directions` only (and the full mix with
+    `opposite_pairs`, see `RefShapesDataset`). Read it in order (e.g.
     `TrainingArguments(train_sampling_strategy="sequential")`).
 
     From scratch on the full mix a small model sits on a plateau where it segments every shape and ignores the
@@ -993,7 +1030,7 @@ def curriculum_dataset(
             ),
             RefShapesDataset(
                 "train", size=size - first, seed=seed, kind_weights=kind_weights, max_turns=max_turns,
-                backgrounds=backgrounds, tiny_shapes=tiny_shapes, directions=directions,
+                backgrounds=backgrounds, tiny_shapes=tiny_shapes, directions=directions, opposite_pairs=opposite_pairs,
             ),
         ]
     )
@@ -1057,6 +1094,7 @@ __all__ = [
     "generate_example",
     "make_scene",
     "more_expressions",
+    "opposite_expression",
     "parse_kind_weights",
     "presence_probes",
     "rasterise_shape",
