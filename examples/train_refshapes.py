@@ -54,10 +54,10 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_selfie import SelfieConfig, SelfieForSegmentation, SelfieImageProcessor, SelfieProcessor
 from modeling_selfie.data.refshapes import (
+    ALL_DIRECTIONS,
     BACKGROUND_FAMILIES,
     COLOURS,
     DEFAULT_KIND_WEIGHTS,
-    DIRECTIONS,
     EXPRESSION_KINDS,
     RefShapesDataset,
     check_backgrounds,
@@ -85,7 +85,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "modeling_selfie" / "pretrained" / "selfie-refshapes"
 DEFAULT_RUN_DIR = ROOT / "outputs" / "train_refshapes"  # checkpoints and the learning curve (git-ignored)
 TILE = 112  # default tile side in pixels (`--tile-size`)
-ALL_DIRECTIONS = tuple(DIRECTIONS)  # `--directions` default: position and relation expressions name every direction
 TEST_SEED = 0  # the test split every run is scored on, whatever its --seed
 
 
@@ -615,18 +614,16 @@ def save_settings(args, run_dir: Path) -> None:
     (run_dir / "run_settings.json").write_text(json.dumps(settings, indent=1) + "\n")
 
 
-def background_families(text: str) -> tuple[str, ...]:
-    try:
-        return check_backgrounds(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def argument_type(check):
+    """An argparse `type` of `check`, whose ValueError becomes argparse's one-line error with the same message."""
 
+    def parse(text: str):
+        try:
+            return check(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
-def direction_names(text: str) -> tuple[str, ...]:
-    try:
-        return check_directions(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -677,9 +674,9 @@ def main(argv=None):
     parser.add_argument("--train-kinds", type=parse_kind_weights, default=format_kind_weights(DEFAULT_KIND_WEIGHTS),
                         help="expression kinds after the warm-up, KIND=WEIGHT,...")
     parser.add_argument("--warmup-fraction", type=float, default=0.2, help="share of samples from --warmup-kinds")
-    parser.add_argument("--backgrounds", type=background_families, default=("pale",),
+    parser.add_argument("--backgrounds", type=argument_type(check_backgrounds), default=("pale",),
                         help=f"background families of the training images: 'all' or some of {BACKGROUND_FAMILIES}")
-    parser.add_argument("--directions", type=direction_names, default=ALL_DIRECTIONS,
+    parser.add_argument("--directions", type=argument_type(check_directions), default=ALL_DIRECTIONS,
                         help="directions position and relation expressions may name: 'all' or some of "
                              f"{ALL_DIRECTIONS}; 'left,top' (one per axis) is the first stage of a direction "
                              "curriculum, where the loss falls by where shapes lie before the word is read")

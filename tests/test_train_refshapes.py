@@ -170,7 +170,8 @@ def test_a_run_with_its_own_kind_mix_resumes_without_repeating_it(script, tmp_pa
 def test_a_run_on_every_background_keeps_one_checkpoint_saved_by_the_clock(script, tmp_path):
     run_dir = tmp_path / "run"
     run(script, "--backgrounds", "all", "--tiny-shapes", "--max-tiles", "4", "--bce-loss-weight", "2",
-        "--dice-loss-weight", "0.5", "--directions", "left,top", "--opposite-pairs", "--save-minutes", "0", "--save-steps", "1000", "--keep-checkpoints", "1",
+        "--dice-loss-weight", "0.5", "--directions", "left,top", "--opposite-pairs", "--save-minutes", "0",
+        "--save-steps", "1000", "--keep-checkpoints", "1",
         "--run-dir", str(run_dir), "--output", str(tmp_path / "model"))  # fmt: skip
     assert [path.name for path in run_dir.glob("checkpoint-*")] == ["checkpoint-2"]  # saved by time, not by steps
     settings = json.loads((run_dir / "run_settings.json").read_text())

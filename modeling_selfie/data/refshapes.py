@@ -102,6 +102,7 @@ ADJECTIVE_AREA_RATIO, ADJECTIVE_RADIUS_RATIO = 1.8, 1.3  # "big", "small"
 
 # Expression wording. `{group}` is a singular noun phrase ("red circle", "shape"); `{anchor}` names one shape.
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "top": (1, -1), "bottom": (1, 1)}  # (axis, sign): larger = more
+ALL_DIRECTIONS = tuple(DIRECTIONS)
 OPPOSITE_DIRECTIONS = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 SUPERLATIVE_POSITIONS = {
     "left": ("leftmost {group}",),
@@ -648,7 +649,7 @@ EXPRESSION_BUILDERS = {
 }
 
 
-def scene_expressions(scene: Scene, kind: str, directions: tuple[str, ...] = tuple(DIRECTIONS)) -> list[Expression]:
+def scene_expressions(scene: Scene, kind: str, directions: tuple[str, ...] = ALL_DIRECTIONS) -> list[Expression]:
     """Every unambiguous expression of `kind` (one of `EXPRESSION_KINDS`) for `scene`, in a fixed order; position
     and relation expressions only towards `directions` (keys of `DIRECTIONS`)."""
     if kind not in EXPRESSION_BUILDERS:
@@ -657,7 +658,7 @@ def scene_expressions(scene: Scene, kind: str, directions: tuple[str, ...] = tup
 
 
 def opposite_expression(
-    scene: Scene, expression: Expression, directions: tuple[str, ...] = tuple(DIRECTIONS)
+    scene: Scene, expression: Expression, directions: tuple[str, ...] = ALL_DIRECTIONS
 ) -> Expression | None:
     """The expression of `scene` that asks the same as `expression` (same kind, group and anchor) towards the
     opposite direction and refers to another shape ("rightmost red circle" for "leftmost red circle": of those, the
@@ -693,7 +694,7 @@ def generate_example(
     kind_weights: Mapping[str, float] | None = None,
     backgrounds: tuple[str, ...] = ("pale",),
     tiny_shapes: bool = False,
-    directions: tuple[str, ...] = tuple(DIRECTIONS),
+    directions: tuple[str, ...] = ALL_DIRECTIONS,
 ) -> RefShapesExample:
     """Draw an expression kind by `kind_weights` (missing kinds keep `DEFAULT_KIND_WEIGHTS`; 0 disables a kind),
     then scenes (on `backgrounds`) until one admits an unambiguous expression of that kind (towards `directions`
@@ -714,7 +715,7 @@ def more_expressions(
     count: int,
     rng: random.Random,
     kind_weights: Mapping[str, float] | None = None,
-    directions: tuple[str, ...] = tuple(DIRECTIONS),
+    directions: tuple[str, ...] = ALL_DIRECTIONS,
 ) -> list[Expression]:
     """Up to `count` further expressions for `scene`, each with a kind drawn by `kind_weights` among the kinds the
     scene still has unused expressions of (towards `directions` for position and relation), and no two with the
@@ -807,7 +808,7 @@ class RefShapesDataset(torch.utils.data.Dataset):
         max_turns: int = 1,
         backgrounds: tuple[str, ...] | str = ("pale",),
         tiny_shapes: bool = False,
-        directions: tuple[str, ...] | str = tuple(DIRECTIONS),
+        directions: tuple[str, ...] | str = ALL_DIRECTIONS,
         opposite_pairs: bool = False,
     ):
         if split not in SPLITS:
@@ -843,15 +844,14 @@ class RefShapesDataset(torch.utils.data.Dataset):
         return self._example(self._rng(index), index)
 
     def _example(self, rng: random.Random, index: int) -> RefShapesExample:
-        """Item `index`'s own draw from `rng` (its `_rng`), or with `opposite_pairs` the opposite of its even
-        neighbour's expression where there is one."""
-        example = generate_example(rng, self.kind_weights, self.backgrounds, self.tiny_shapes, self.directions)
+        """With `opposite_pairs`, an odd item's opposite of its even neighbour's expression where there is one;
+        else item `index`'s own draw from `rng` (its `_rng`)."""
         if self.opposite_pairs and index % 2 == 1:
             pair = self.example(index - 1)
             opposite = opposite_expression(pair.scene, pair.expression, self.directions)
             if opposite is not None:
                 return RefShapesExample(pair.scene, opposite)
-        return example
+        return generate_example(rng, self.kind_weights, self.backgrounds, self.tiny_shapes, self.directions)
 
     def __getitem__(self, index: int) -> dict:
         rng = self._rng(index)
@@ -966,26 +966,25 @@ def presence_probes(
     return probes
 
 
+def _check_names(names: tuple[str, ...] | str, choices: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """`names` ("all", "a,b" or a sequence) as a non-empty tuple of `choices`, or a ValueError naming `what`."""
+    if isinstance(names, str):
+        names = choices if names == "all" else tuple(names.split(","))
+    names = tuple(name.strip() for name in names)
+    unknown = [name for name in names if name not in choices]
+    if unknown or not names:
+        raise ValueError(f"Unknown {what} {unknown}; choose from {choices} or 'all'.")
+    return names
+
+
 def check_backgrounds(backgrounds: tuple[str, ...] | str) -> tuple[str, ...]:
     """Background families as a tuple: "all", "pale,dark" or a sequence of names, each in `BACKGROUND_FAMILIES`."""
-    if isinstance(backgrounds, str):
-        backgrounds = BACKGROUND_FAMILIES if backgrounds == "all" else tuple(backgrounds.split(","))
-    backgrounds = tuple(name.strip() for name in backgrounds)
-    unknown = [name for name in backgrounds if name not in BACKGROUND_FAMILIES]
-    if unknown or not backgrounds:
-        raise ValueError(f"Unknown background families {unknown}; choose from {BACKGROUND_FAMILIES} or 'all'.")
-    return backgrounds
+    return _check_names(backgrounds, BACKGROUND_FAMILIES, "background families")
 
 
 def check_directions(directions: tuple[str, ...] | str) -> tuple[str, ...]:
-    """Directions as a tuple: "all", "left,top" or a sequence of names, each a key of `DIRECTIONS`."""
-    if isinstance(directions, str):
-        directions = tuple(DIRECTIONS) if directions == "all" else tuple(directions.split(","))
-    directions = tuple(name.strip() for name in directions)
-    unknown = [name for name in directions if name not in DIRECTIONS]
-    if unknown or not directions:
-        raise ValueError(f"Unknown directions {unknown}; choose from {tuple(DIRECTIONS)} or 'all'.")
-    return directions
+    """Directions as a tuple: "all", "left,top" or a sequence of names, each in `ALL_DIRECTIONS`."""
+    return _check_names(directions, ALL_DIRECTIONS, "directions")
 
 
 def parse_kind_weights(text: str) -> dict[str, float]:
@@ -1008,7 +1007,7 @@ def curriculum_dataset(
     kind_weights: Mapping[str, float] | None = None,
     backgrounds: tuple[str, ...] | str = ("pale",),
     tiny_shapes: bool = False,
-    directions: tuple[str, ...] | str = tuple(DIRECTIONS),
+    directions: tuple[str, ...] | str = ALL_DIRECTIONS,
     opposite_pairs: bool = False,
 ) -> torch.utils.data.ConcatDataset:
     """`size` training items of up to `max_turns` expressions: the first `warmup_fraction` of them of the
@@ -1030,7 +1029,8 @@ def curriculum_dataset(
             ),
             RefShapesDataset(
                 "train", size=size - first, seed=seed, kind_weights=kind_weights, max_turns=max_turns,
-                backgrounds=backgrounds, tiny_shapes=tiny_shapes, directions=directions, opposite_pairs=opposite_pairs,
+                backgrounds=backgrounds, tiny_shapes=tiny_shapes, directions=directions,
+                opposite_pairs=opposite_pairs,
             ),
         ]
     )
@@ -1076,6 +1076,7 @@ def render_example_grid(dataset, n: int, path: str | Path, columns: int = 4, cel
 
 
 __all__ = [
+    "ALL_DIRECTIONS",
     "COLOURS",
     "DEFAULT_KIND_WEIGHTS",
     "EXPRESSION_KINDS",
