@@ -25,7 +25,7 @@ learning-rate schedule spans `--max-steps`. `--minutes` is the time budget of on
 checkpoint is saved in `--run-dir` (with the run's settings and the training time so far), and `--resume` continues
 from there in a later invocation, exactly as if never stopped. `--curve-every N` scores the model on the first
 `--curve-size` test expressions every N steps and appends the result to `RUN_DIR/curve.jsonl` (cIoU against training
-minutes). The first `--warmup-fraction` of the samples hold only the expressions that name colours and forms
+minutes, and the direction check: how alike the answers to "leftmost X" and "rightmost X" are). The first `--warmup-fraction` of the samples hold only the expressions that name colours and forms
 (`--warmup-kinds`): trained from scratch on the whole mix, the model stays on a plateau where it segments every shape
 and ignores the phrase; on these it learns to read the phrase first. Each training image is asked up to
 `--max-turns` expressions, one `[SEG]` turn each (as SELF1E's RefCOCO samples hold several sentences of an image).
@@ -63,6 +63,7 @@ from modeling_selfie.data.refshapes import (
     check_backgrounds,
     check_directions,
     curriculum_dataset,
+    opposite_expression,
     parse_kind_weights,
     split_words,
     vocabulary,
@@ -204,7 +205,8 @@ class TrainingClock(TrainerCallback):
 
 class LearningCurve(TrainerCallback):
     """Every `every` steps (and at the last step), score the model on `dataset` and append
-    `{"step", "minutes", "overall", kind: cIoU...}` to the JSON-lines file `path`; entries of steps at or after the
+    `{"step", "minutes", "overall", kind: cIoU..., "position_opposite_iou", "relation_opposite_iou", ...}` (the
+    direction check, `opposite_answer_iou`) to the JSON-lines file `path`; entries of steps at or after the
     current one (left by an interrupted run that was resumed from an earlier checkpoint) are dropped."""
 
     def __init__(self, path: Path, every: int, dataset, processor, clock: TrainingClock):
@@ -214,9 +216,11 @@ class LearningCurve(TrainerCallback):
         if state.global_step % self.every and state.global_step != state.max_steps:
             return
         results = evaluate_by_kind(model, self.processor, self.dataset)
+        direction = opposite_answer_iou(model, self.processor, self.dataset)
         model.train()
         entry = {"step": state.global_step, "minutes": round(self.clock.seconds / 60, 4)}
         entry.update({key: round(value["cIoU"], 4) for key, value in results.items() if isinstance(value, dict)})
+        entry.update({f"{kind}_opposite_iou": round(value, 4) for kind, value in direction.items()})
         entry["no_target_empty_rate"] = round(results["no_target_empty_rate"], 4)
         lines = self.path.read_text().splitlines() if self.path.exists() else []
         kept = [line for line in lines if json.loads(line)["step"] < state.global_step]
@@ -275,6 +279,33 @@ def evaluate_by_kind(model, processor, dataset, batch_size: int = 32) -> dict:
         float(np.mean(empty["colour_present"])) if empty["colour_present"] else 0.0
     )
     results["no_target_colour_present_count"] = len(empty["colour_present"])
+    return results
+
+
+@torch.inference_mode()
+def opposite_answer_iou(model, processor, dataset, batch_size: int = 32) -> dict[str, float]:
+    """The direction check: for each position and relation expression of `dataset` whose scene also holds the
+    opposite one ("rightmost red circle" for "leftmost red circle", `opposite_expression`), the IoU of the model's
+    masks for the two, averaged per kind. 1.0 means the model does not read the direction word; answers that both
+    hit their targets score 0."""
+    pairs = defaultdict(list)  # kind -> [(image, expression, opposite expression)]
+    for i in range(len(dataset)):
+        example = dataset.example(i)
+        if example.expression.kind in ("position", "relation"):
+            opposite = opposite_expression(example.scene, example.expression, dataset.directions)
+            if opposite is not None:
+                pairs[example.expression.kind].append((example.scene.image, example.expression, opposite))
+    model.eval()
+    results = {}
+    for kind, items in pairs.items():
+        ious = []
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            images = [image for image, _, _ in batch]
+            first = model.segment(processor, images, [e.text for _, e, _ in batch], "phrase")
+            second = model.segment(processor, images, [o.text for _, _, o in batch], "phrase")
+            ious += [float((a & b).sum() / max(1, (a | b).sum())) for a, b in zip(first, second)]
+        results[kind] = float(np.mean(ious))
     return results
 
 
@@ -361,13 +392,18 @@ def model_card(results: dict, baseline: dict, ceiling: dict, args, stages: list[
         "|---|---|---|---|---|---|",
     ]
     for key, values in results.items():
-        if isinstance(values, dict):
+        if isinstance(values, dict) and key != "opposite_iou":
             best = ceiling[key]
             rows.append(
                 f"| {key} | {values['count']} | {values['cIoU']:.3f} | {values['gIoU']:.3f} "
                 f"| {baseline[key]['cIoU']:.3f} | {best['cIoU']:.3f} / {best['gIoU']:.3f} |"
             )
     cells = args.tile_size // args.patch_size * round(1 / args.downsample_ratio)
+    checks = ", ".join(f"{kind} {value:.3f}" for kind, value in results["opposite_iou"].items())
+    direction = (
+        f"\n\nDirection words: the IoU of the answers to an expression and to its opposite direction on the same scene"
+        f" (1.0: the word is not read): {checks}." if checks else ""
+    )
     scenes = f" ({', '.join(args.backgrounds)} backgrounds{'; shapes down to about one ViT patch' * args.tiny_shapes})"
     tokens = round(args.tile_size // args.patch_size * args.downsample_ratio) ** 2
     return f"""---
@@ -415,7 +451,7 @@ expressions, the rest the full mix.
 
 No-target expressions answered with an empty mask: {100 * results['no_target_empty_rate']:.1f}%; of the
 {results['no_target_colour_present_count']} whose named colour is in the scene:
-{100 * results['no_target_colour_present_empty_rate']:.1f}%.
+{100 * results['no_target_colour_present_empty_rate']:.1f}%.{direction}
 
 cIoU is total intersection over total union; gIoU the mean per-expression IoU (an empty target with an empty
 prediction counts 1). The colour-match baseline answers every expression with all shapes of the colour it names
@@ -434,19 +470,26 @@ def learning_curve_section(path: Path, size: int, backgrounds: tuple[str, ...] =
         return ""
     entries = [json.loads(line) for line in path.read_text().splitlines()]
     kinds = [key for key in ("overall", *EXPRESSION_KINDS) if key != "no_target" and key in entries[0]]
+    checks = [key for key in ("position_opposite_iou", "relation_opposite_iou") if any(key in e for e in entries)]
     rows = [
-        "| step | minutes | " + " | ".join(kinds) + " | no-target empty |",
-        "|---" * (len(kinds) + 3) + "|",
+        "| step | minutes | " + " | ".join(kinds) + " | no-target empty |"
+        + "".join(f" {key.split('_')[0]} opposite IoU |" for key in checks),
+        "|---" * (len(kinds) + 3 + len(checks)) + "|",
     ]
     for entry in entries:
         scores = " | ".join(f"{entry[kind]:.3f}" for kind in kinds)
         empty = 100 * entry["no_target_empty_rate"]
-        rows.append(f"| {entry['step']} | {entry['minutes']:.1f} | {scores} | {empty:.0f}% |")
+        direction = "".join(f" {entry[key]:.3f} |" if key in entry else " - |" for key in checks)
+        rows.append(f"| {entry['step']} | {entry['minutes']:.1f} | {scores} | {empty:.0f}% |{direction}")
+    explained = (
+        "; the opposite IoU columns are the direction check (the IoU of the answers to an expression and to its"
+        " opposite direction on the same scene; 1.0: the direction word is not read)"
+    ) * bool(checks)
     return f"""
 ## Learning curve
 
 cIoU on the first {size} test expressions ({", ".join(backgrounds)} backgrounds{"; tiny shapes too" * tiny}) during
-the last stage of training (`--curve-every`), against minutes of training:
+the last stage of training (`--curve-every`), against minutes of training{explained}:
 
 {chr(10).join(rows)}
 """
@@ -774,6 +817,7 @@ def main(argv=None):
 
     test = RefShapesDataset("test", size=args.eval_size, seed=TEST_SEED)
     results = evaluate_by_kind(model.eval(), processor, test)
+    results["opposite_iou"] = opposite_answer_iou(model, processor, test)
     baseline = colour_match_baseline(test)
     ceiling = mask_grid_ceiling(model, processor, test)
     print(json.dumps({"results": results, "colour_match_baseline": baseline, "grid_ceiling": ceiling}, indent=1))

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_selfie import SelfieForSegmentation, SelfieProcessor
-from modeling_selfie.data.refshapes import COLOURS, RefShapesDataset
+from modeling_selfie.data.refshapes import COLOURS, RefShapesDataset, RefShapesExample, scene_expressions
 from modeling_selfie.evaluation import ReferringMetrics
 from modeling_selfie.modeling_selfie import stitch_tiles
 
@@ -109,6 +109,43 @@ def test_colour_match_baseline_takes_the_pixels_of_the_named_colour(script):
     baseline = script.colour_match_baseline(test)
     assert baseline["overall"]["cIoU"] == pytest.approx(expected.compute()["cIoU"])
     assert baseline["overall"]["count"] == 40 and baseline["colour_shape"]["count"] > 0
+
+
+class TargetOracle:
+    """A stand-in model that answers each position or relation phrase with its target mask on that scene."""
+
+    def __init__(self, dataset):
+        self.masks = {}
+        for i in range(len(dataset)):
+            scene = dataset.example(i).scene
+            for kind in ("position", "relation"):
+                for expression in scene_expressions(scene, kind):
+                    target = RefShapesExample(scene, expression).target_mask().astype(bool)
+                    self.masks[scene.image.tobytes(), expression.text] = torch.from_numpy(target)
+
+    def eval(self):
+        return self
+
+    def segment(self, processor, images, texts, query_kind):
+        assert query_kind == "phrase"
+        return [self.masks[image.tobytes(), text] for image, text in zip(images, texts)]
+
+
+class WholeImage(TargetOracle):
+    """A stand-in model that reads no word: every answer is the whole image."""
+
+    def segment(self, processor, images, texts, query_kind):
+        return [torch.ones_like(mask) for mask in super().segment(processor, images, texts, query_kind)]
+
+
+def test_the_direction_check_tells_a_model_that_reads_direction_words_from_one_that_does_not(script):
+    test = RefShapesDataset("test", size=60, seed=0, kind_weights={"position": 1, "relation": 1, "colour_shape": 0,
+                            "size": 0, "multi_target": 0, "no_target": 0, "reasoning": 0})  # fmt: skip
+    reads = script.opposite_answer_iou(TargetOracle(test), None, test, batch_size=7)
+    blind = script.opposite_answer_iou(WholeImage(test), None, test, batch_size=7)
+    assert set(reads) == set(blind) == {"position", "relation"}
+    assert reads["position"] < 0.05 and reads["relation"] < 0.05  # other targets: (nearly) disjoint masks
+    assert blind == {"position": 1.0, "relation": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -293,3 +330,19 @@ def test_the_gpu_lease_command_runs_on_the_cpu(script, tmp_path):
     assert "## Learning curve" in card and "--init-from MODEL_OF_THE_STAGE_BEFORE" in card
     stages = json.loads((output / "eval_results.json").read_text())["training"]
     assert len(stages) >= 2 and stages[-1]["steps"] == 1
+
+
+def test_the_card_curve_shows_the_direction_check_where_the_run_measured_it(script, tmp_path):
+    curve = tmp_path / "curve.jsonl"
+    entries = [
+        {"step": 200, "minutes": 4.0, "overall": 0.4, "position": 0.3, "no_target_empty_rate": 0.5},
+        {"step": 400, "minutes": 8.0, "overall": 0.5, "position": 0.4, "no_target_empty_rate": 0.5,
+         "position_opposite_iou": 0.25},
+    ]  # fmt: skip
+    curve.write_text(json.dumps(entries[0]) + "\n")
+    assert "opposite" not in script.learning_curve_section(curve, 200)  # an older run: no direction column
+    curve.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    table = [line for line in script.learning_curve_section(curve, 200).splitlines() if line.startswith("| ")]
+    assert table[0].endswith("| position opposite IoU |")
+    assert table[1] == "| 200 | 4.0 | 0.400 | 0.300 | 50% | - |"
+    assert table[2] == "| 400 | 8.0 | 0.500 | 0.400 | 50% | 0.250 |"
