@@ -753,6 +753,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.tile_size % args.patch_size or (args.tile_size // args.patch_size * args.downsample_ratio) % 1:
         parser.error(f"--patch-size must divide --tile-size {args.tile_size} and --downsample-ratio the patch grid")
+    if args.opposite_pairs and args.batch_size % 2:
+        parser.error(f"--opposite-pairs needs an even --batch-size (each pair is two items of one batch), got "
+                     f"{args.batch_size}")
     device = training_device(args.device, parser)
     checkpoint = resume_settings(args, parser, args.run_dir)
 

@@ -296,6 +296,15 @@ def test_curriculum_puts_the_warmup_kinds_first():
         curriculum_dataset(20, 1.5, weights)
 
 
+def test_curriculum_keeps_opposite_pairs_inside_even_batches():
+    weights = {"colour_shape": 1.0}
+    data = curriculum_dataset(20, 0.25, weights, kind_weights={"position": 1.0}, opposite_pairs=True)
+    warmup, rest = data.datasets
+    assert len(warmup) == 4 and len(rest) == 16  # 5 warmup items would shift every pair across a batch boundary
+    assert rest.opposite_pairs and not warmup.opposite_pairs
+    assert len(curriculum_dataset(20, 0.25, weights).datasets[0]) == 5  # without pairs the fraction is kept
+
+
 def test_curriculum_draws_the_rest_from_the_given_mix():
     warmup, rest = parse_kind_weights("colour_shape"), parse_kind_weights("no_target")
     data = curriculum_dataset(20, 0.25, warmup, kind_weights=rest)

@@ -61,6 +61,13 @@ def test_device_cuda_without_a_gpu_is_one_error_line(script, tmp_path, capsys):
     assert line.startswith("error: --device cuda: no GPU is visible to torch ") and not (tmp_path / "run").exists()
 
 
+def test_opposite_pairs_with_an_odd_batch_size_are_refused(script, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        script.main(["--opposite-pairs", "--batch-size", "3", "--run-dir", str(tmp_path / "run")])
+    assert "--opposite-pairs needs an even --batch-size" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_grid_the_tile_cannot_hold_is_refused(script, tmp_path):
     with pytest.raises(SystemExit):
         script.main(["--patch-size", "13", "--run-dir", str(tmp_path)])

@@ -1013,7 +1013,8 @@ def curriculum_dataset(
     """`size` training items of up to `max_turns` expressions: the first `warmup_fraction` of them of the
     `warmup_kinds` only (their own seed stream), the rest of the full mix (`kind_weights`, by default
     `DEFAULT_KIND_WEIGHTS`), position and relation expressions towards `directions` only (and the full mix with
-    `opposite_pairs`, see `RefShapesDataset`). Read it in order (e.g.
+    `opposite_pairs`, see `RefShapesDataset`; the warmup part then has an even length, so that with an even batch
+    size each pair lies in one batch). Read it in order (e.g.
     `TrainingArguments(train_sampling_strategy="sequential")`).
 
     From scratch on the full mix a small model sits on a plateau where it segments every shape and ignores the
@@ -1021,6 +1022,7 @@ def curriculum_dataset(
     if not 0 <= warmup_fraction <= 1:
         raise ValueError(f"warmup_fraction must be in [0, 1], got {warmup_fraction}.")
     first = int(size * warmup_fraction)
+    first -= first % 2 * opposite_pairs
     return torch.utils.data.ConcatDataset(
         [
             RefShapesDataset(
