@@ -29,7 +29,18 @@ colour_shape expressions, where the answers lose: per answer one of
     background      most of the answer on the background
 
 per target size in ViT patches (the shape's diameter once the image is resized to its tiles, over the patch side)
-and per background family. `--json` writes every figure and the per-expression records; `--markdown` the tables.
+and per background family; and for the position and relation expressions, per answer one of
+
+    right           IoU >= 0.5
+    empty           nothing segmented
+    group           the target and another member of the named group, each at least half covered
+    opposite        most of the answer on the shape the opposite direction word names
+    other member    most of the answer on another member of the group
+    anchor          most of the answer on the relation's anchor ("the red square" of "circle left of the red square")
+    outside group   most of the answer on a shape outside the group
+    poor outline    most of the answer on the target, IoU < 0.5
+    background      most of the answer on the background
+ `--json` writes every figure and the per-expression records; `--markdown` the tables.
 """
 
 import argparse
@@ -64,6 +75,8 @@ MIN_DISTANCE = 100.0  # RGB distance of every background colour from every shape
 POSITION_MARGIN = 0.15
 SIZE_RATIO = 1.6
 OUTCOMES = ("right", "empty", "both", "wrong shape", "other colour", "poor outline", "background")
+DIRECTION_OUTCOMES = ("right", "empty", "group", "opposite", "other member", "anchor", "outside group",
+                      "poor outline", "background")  # fmt: skip
 SIZE_BINS = ((0, 1.5), (1.5, 2.5), (2.5, 4), (4, 99))  # target diameter in ViT patches
 
 
@@ -338,6 +351,59 @@ def outcome(item: Item, pred: np.ndarray, iou: float) -> str:
     return "wrong shape" if best in same else "other colour"
 
 
+def _members(name: str, shapes: list[Shape]) -> tuple[int, ...]:
+    """The shapes a group name ("red shape", "circle", "blue star") covers."""
+    words = name.split()
+    colour = next((w for w in words if w in NAMED), None)
+    form = next((w for w in words if w in FORMS), None)
+    return tuple(i for i, s in enumerate(shapes) if colour in (None, s.colour) and form in (None, s.form))
+
+
+def direction_parts(item: Item) -> tuple[str, tuple[int, ...], int | None]:
+    """(direction, members of the named group, anchor or `None`) of a position or relation expression."""
+    for direction, words in POSITION_WORDS.items():
+        for word in words:
+            if item.text.startswith(word + " "):
+                return direction, _members(item.text[len(word) + 1 :], item.shapes), None
+    for direction, words in RELATION_WORDS.items():
+        if f" {words} " in item.text:
+            group, anchor_name = item.text.split(f" {words} ")
+            (anchor,) = _members(anchor_name, item.shapes)
+            return direction, tuple(i for i in _members(group, item.shapes) if i != anchor), anchor
+    raise ValueError(f"no direction word in {item.text!r}")
+
+
+def direction_outcome(item: Item, pred: np.ndarray, iou: float) -> str:
+    """Where a position or relation answer went (see `DIRECTION_OUTCOMES`): `group` covers the target and another
+    member of the named group (each at least half); `opposite` is mostly on the member the opposite direction word
+    names (for a relation, any other member: they all lie behind the anchor); `other member` on another member;
+    `anchor` on the relation's anchor; `outside group` on a shape outside the group."""
+    if iou >= 0.5:
+        return "right"
+    if not pred.any():
+        return "empty"
+    (target,) = item.targets
+    direction, members, anchor = direction_parts(item)
+    others = [i for i in members if i != target]
+    covered = [(pred & m).sum() / max(1, m.sum()) for m in item.masks]
+    if covered[target] >= 0.5 and any(covered[i] >= 0.5 for i in others):
+        return "group"
+    on = [(pred & m).sum() for m in item.masks]
+    best = int(np.argmax(on))
+    if pred.sum() - sum(on) > on[best]:
+        return "background"
+    if best == target:
+        return "poor outline"
+    if best == anchor:
+        return "anchor"
+    if best not in others:
+        return "outside group"
+    axis, sign = DIRECTIONS[direction]
+    centres = [(s.x, s.y)[axis] for s in item.shapes]
+    opposite_end = min(members, key=lambda i: sign * centres[i])
+    return "opposite" if anchor is not None or best == opposite_end else "other member"
+
+
 def auroc(scores: list[float], positive: list[bool]) -> float | None:
     """Probability that a positive outranks a negative (ties count half); `None` without both."""
     pos = [s for s, p in zip(scores, positive) if p]
@@ -378,6 +444,7 @@ def score(model, processor, items: list[Item], batch_size: int = 16) -> list[dic
                 "intersection": int((pred & target).sum()), "union": int(union),
                 "size_patches": size_in_patches(item, item.targets[0], tile, patch, max_tiles),
                 "outcome": outcome(item, pred, iou) if item.kind == "colour_shape" else None,
+                "direction_outcome": direction_outcome(item, pred, iou) if n in turned else None,
             }  # fmt: skip
             if n in opposite:
                 other = opposite[n].cpu().numpy().astype(bool)
@@ -406,7 +473,8 @@ def summarise(items: list[Item], records: list[dict]) -> dict:
             baseline[key].update(guess, target)
     summary = {key: {**metrics[key].compute(), "baseline_cIoU": baseline[key].compute()["cIoU"]} for key in metrics}
     score_names = [k for k in records[0] if k not in ("family", "kind", "text", "iou", "intersection", "union",
-                                                     "size_patches", "outcome", "opposite_iou")]  # fmt: skip
+                                                     "size_patches", "outcome", "direction_outcome",
+                                                     "opposite_iou")]  # fmt: skip
     right = [r["iou"] >= 0.5 for r in records]
     summary["auroc_iou_0.5"] = {name: auroc([r[name] for r in records], right) for name in score_names}
     summary["opposite_direction_iou"] = {
@@ -424,6 +492,11 @@ def summarise(items: list[Item], records: list[dict]) -> dict:
         for low, high in SIZE_BINS:
             if low <= record["size_patches"] < high:
                 by_size[f"{low}-{high}"][record["outcome"]] += 1
+    summary["direction_outcomes"] = {
+        kind: dict(Counter(r["direction_outcome"] for r in records if r["kind"] == kind))
+        for kind in ("position", "relation")
+        if any(r["kind"] == kind for r in records)
+    }
     summary["colour_shape_outcomes"] = {k: dict(v) for k, v in diagnosis.items()}
     summary["colour_shape_outcomes_by_size"] = {k: dict(v) for k, v in by_size.items()}
     sized = {f"{low}-{high}": [] for low, high in SIZE_BINS}  # in size order
@@ -459,6 +532,11 @@ def markdown(summary: dict, model: str, count: int, seed: int) -> str:
     lines += ["", "Direction words: mean IoU of each answer with the answer to the same expression with the opposite "
               "direction (1.0: the direction word is not read):", "", "| kind | IoU |", "|---|---|"]
     lines += [f"| {kind} | {value:.3f} |" for kind, value in summary["opposite_direction_iou"].items()]
+    lines += ["", "Position and relation answers by outcome (count; `opposite`: on the shape the opposite direction "
+              "names):", "", "| kind | " + " | ".join(DIRECTION_OUTCOMES) + " |",
+              "|---" * (len(DIRECTION_OUTCOMES) + 1) + "|"]  # fmt: skip
+    for kind, counts in summary["direction_outcomes"].items():
+        lines.append(f"| {kind} | " + " | ".join(str(counts.get(o, 0)) for o in DIRECTION_OUTCOMES) + " |")
     lines += ["", "colour_shape answers by outcome (count):", "",
               "| background / target size | " + " | ".join(OUTCOMES) + " |", "|---" * (len(OUTCOMES) + 1) + "|"]
     for key, counts in summary["colour_shape_outcomes"].items():

@@ -50,6 +50,35 @@ def test_outcomes_name_where_a_colour_shape_answer_went(heldout):
     assert heldout.outcome(item, ~item.masks.any(0), 0.0) == "background"
 
 
+def disk(x: float, y: float, r: float, size: int = 100) -> np.ndarray:
+    rows, cols = np.mgrid[:size, :size]
+    return (cols - x) ** 2 + (rows - y) ** 2 <= r * r
+
+
+def test_outcomes_name_where_a_position_or_relation_answer_went(heldout):
+    """Three red circles in a row (left, middle, right) above a blue square, drawn by hand."""
+    places = [("circle", "red", 20, 30), ("circle", "red", 50, 30), ("circle", "red", 80, 30),
+              ("square", "blue", 50, 75)]
+    shapes = [heldout.Shape(form, colour, x, y, 8.0) for form, colour, x, y in places]
+    masks = np.stack([disk(s.x, s.y, s.r) for s in shapes])
+    image = heldout.Image.new("RGB", (100, 100), "white")
+    leftmost = heldout.Item(image, shapes, masks, "pale", "position", "leftmost red circle", (0,))
+    outcome = heldout.direction_outcome
+    assert outcome(leftmost, masks[0], 1.0) == "right"
+    assert outcome(leftmost, np.zeros_like(masks[0]), 0.0) == "empty"
+    assert outcome(leftmost, masks[:3].any(0), 1 / 3) == "group"
+    assert outcome(leftmost, masks[2], 0.0) == "opposite"  # the rightmost red circle
+    assert outcome(leftmost, masks[1], 0.0) == "other member"
+    assert outcome(leftmost, masks[3], 0.0) == "outside group"
+    assert outcome(leftmost, ~masks.any(0), 0.0) == "background"
+    assert outcome(leftmost, disk(20, 30, 3), 0.14) == "poor outline"
+    highest = heldout.Item(image, shapes, masks, "pale", "position", "highest shape", (1,))
+    assert outcome(highest, masks[3], 0.0) == "opposite"  # the lowest shape: the square
+    above = heldout.Item(image, shapes, masks, "pale", "relation", "red circle above the blue square", (1,))
+    assert outcome(above, masks[3], 0.0) == "anchor"
+    assert outcome(above, masks[0], 0.0) == "opposite"
+
+
 def test_every_position_and_relation_expression_has_its_opposite(heldout):
     """The direction check turns each direction word round, once, and nothing else."""
     assert heldout.opposite_direction("leftmost red shape") == "rightmost red shape"
@@ -65,7 +94,7 @@ def test_every_position_and_relation_expression_has_its_opposite(heldout):
             assert heldout.opposite_direction(turned) == item.text and set(turned.split()) <= set(vocabulary())
 
 
-def test_the_command_scores_the_shipped_model_and_writes_json_and_markdown(tmp_path):
+def test_the_command_scores_the_shipped_model_and_writes_json_and_markdown(heldout, tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--pale", "3", "--per-family", "1", "--json", "h.json", "--markdown", "h.md",
          "--threads", "1"],
@@ -80,6 +109,8 @@ def test_the_command_scores_the_shipped_model_and_writes_json_and_markdown(tmp_p
     assert set(summary["auroc_iou_0.5"]) == {"presence", "predicted_iou"}  # the shipped model has an IoU head
     turned = [r for r in report["records"] if r["kind"] in ("position", "relation")]
     assert turned and all(0 <= r["opposite_iou"] <= 1 for r in turned)
-    assert set(summary["opposite_direction_iou"]) == {r["kind"] for r in turned}
+    assert set(summary["opposite_direction_iou"]) == {r["kind"] for r in turned} == set(summary["direction_outcomes"])
+    assert all(r["direction_outcome"] in heldout.DIRECTION_OUTCOMES for r in turned)
+    assert "| position |" in (tmp_path / "h.md").read_text() or "| relation |" in (tmp_path / "h.md").read_text()
     table = (tmp_path / "h.md").read_text()
     assert table in result.stdout and "| overall | 9 |" in table and str(default_model_dir().name) in table
