@@ -420,7 +420,7 @@ tags:
 # selfie-refshapes
 
 A small SELFIE model (InternVL-shaped: {args.vision_layers}-layer ViT of width {args.vision_width} with
-{args.patch_size} px patches on {args.tile_size} px tiles, up to {args.max_tiles} tiles per image, {tokens} LLM tokens per tile,
+{args.patch_size} px patches on {args.tile_size} px tiles, up to {args.max_tiles} tile{'s' * (args.max_tiles != 1)} per image, {tokens} LLM tokens per tile,
 {args.llm_layers}-layer Qwen2 LLM of width {args.llm_width},
 {args.param_count / 1e6:.1f} M parameters) trained **from scratch on CPU** on RefShapes{scenes}, the package's synthetic
 referring-segmentation set (coloured shapes; expressions by colour and shape, position, size, relation, several
