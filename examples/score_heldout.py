@@ -40,7 +40,8 @@ and per background family; and for the position and relation expressions, per an
     outside group   most of the answer on a shape outside the group
     poor outline    most of the answer on the target, IoU < 0.5
     background      most of the answer on the background
- `--json` writes every figure and the per-expression records; `--markdown` the tables.
+
+`--json` writes every figure and the per-expression records; `--markdown` the tables.
 """
 
 import argparse
@@ -91,6 +92,9 @@ class Shape:
 
 @dataclass
 class Item:
+    """One held-out expression on its scene; a position or relation expression also keeps its `direction` (a key
+    of `DIRECTIONS`), the members of the group it chooses among and, for a relation, its anchor."""
+
     image: Image.Image
     shapes: list[Shape]
     masks: np.ndarray  # bool [n, H, W]
@@ -98,6 +102,9 @@ class Item:
     kind: str
     text: str
     targets: tuple[int, ...]
+    direction: str | None = None
+    group: tuple[int, ...] = ()
+    anchor: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,26 +261,28 @@ def opposite_direction(text: str) -> str | None:
     return None
 
 
-def expressions(shapes: list[Shape], masks: np.ndarray, kind: str, size: tuple[int, int]) -> list[tuple]:
-    """Every unambiguous (text, targets) of `kind` in the scene."""
+def expressions(shapes: list[Shape], masks: np.ndarray, kind: str, size: tuple[int, int]) -> list[dict]:
+    """Every unambiguous expression of `kind` in the scene: `text`, `targets` and, for position and relation,
+    `direction`, `group` (the members chosen among) and `anchor` (the fields of `Item`)."""
     areas = masks.sum(axis=(1, 2))
     centres = np.array([[s.x, s.y] for s in shapes])
     out = []
     for colour, form, members in _groups(shapes):
         name = _group_name(colour, form)
         if kind == "colour_shape" and colour and form and len(members) == 1:
-            out.append((name, members))
+            out.append({"text": name, "targets": members})
         if kind == "position" and len(members) >= 2:
             for direction, (axis, sign) in DIRECTIONS.items():
                 ranked = sorted(members, key=lambda i: sign * centres[i, axis], reverse=True)
                 if sign * (centres[ranked[0], axis] - centres[ranked[1], axis]) >= POSITION_MARGIN * size[axis]:
-                    out += [(f"{word} {name}", (ranked[0],)) for word in POSITION_WORDS[direction]]
+                    out += [{"text": f"{word} {name}", "targets": (ranked[0],), "direction": direction,
+                             "group": members} for word in POSITION_WORDS[direction]]
         if kind == "size" and len(members) >= 2:
             for largest, words in ((True, ("largest", "biggest")), (False, ("smallest",))):
                 ranked = sorted(members, key=lambda i: areas[i], reverse=largest)
                 big, small = (ranked[0], ranked[1]) if largest else (ranked[1], ranked[0])
                 if areas[big] >= SIZE_RATIO * areas[small]:
-                    out += [(f"{word} {name}", (ranked[0],)) for word in words]
+                    out += [{"text": f"{word} {name}", "targets": (ranked[0],)} for word in words]
         if kind == "relation" and colour and form and len(members) == 1:
             anchor = members[0]
             for other_colour, other_form, group in _groups(shapes):
@@ -286,7 +295,8 @@ def expressions(shapes: list[Shape], masks: np.ndarray, kind: str, size: tuple[i
                     ahead = [i for i in group if along[i] > shapes[anchor].r and along[i] > across[i]]
                     if len(ahead) == 1 and all(along[i] < -0.5 * shapes[anchor].r for i in group if i != ahead[0]):
                         text = f"{_group_name(other_colour, other_form)} {RELATION_WORDS[direction]} {name}"
-                        out.append((text, (ahead[0],)))
+                        out.append({"text": text, "targets": (ahead[0],), "direction": direction, "group": group,
+                                    "anchor": anchor})
     return out
 
 
@@ -305,8 +315,7 @@ def build_items(seed: int, pale: int, per_family: int) -> list[Item]:
                 image, shapes, masks = draw_scene(rng, family)
                 found = expressions(shapes, masks, kind, image.size)
                 if len(shapes) >= 2 and found:
-                    text, targets = rng.choice(found)
-                    items.append(Item(image, shapes, masks, family, kind, text, targets))
+                    items.append(Item(image, shapes, masks, family, kind, **rng.choice(found)))
                     break
     return items
 
@@ -351,28 +360,6 @@ def outcome(item: Item, pred: np.ndarray, iou: float) -> str:
     return "wrong shape" if best in same else "other colour"
 
 
-def _members(name: str, shapes: list[Shape]) -> tuple[int, ...]:
-    """The shapes a group name ("red shape", "circle", "blue star") covers."""
-    words = name.split()
-    colour = next((w for w in words if w in NAMED), None)
-    form = next((w for w in words if w in FORMS), None)
-    return tuple(i for i, s in enumerate(shapes) if colour in (None, s.colour) and form in (None, s.form))
-
-
-def direction_parts(item: Item) -> tuple[str, tuple[int, ...], int | None]:
-    """(direction, members of the named group, anchor or `None`) of a position or relation expression."""
-    for direction, words in POSITION_WORDS.items():
-        for word in words:
-            if item.text.startswith(word + " "):
-                return direction, _members(item.text[len(word) + 1 :], item.shapes), None
-    for direction, words in RELATION_WORDS.items():
-        if f" {words} " in item.text:
-            group, anchor_name = item.text.split(f" {words} ")
-            (anchor,) = _members(anchor_name, item.shapes)
-            return direction, tuple(i for i in _members(group, item.shapes) if i != anchor), anchor
-    raise ValueError(f"no direction word in {item.text!r}")
-
-
 def direction_outcome(item: Item, pred: np.ndarray, iou: float) -> str:
     """Where a position or relation answer went (see `DIRECTION_OUTCOMES`): `group` covers the target and another
     member of the named group (each at least half); `opposite` is mostly on the member the opposite direction word
@@ -383,8 +370,7 @@ def direction_outcome(item: Item, pred: np.ndarray, iou: float) -> str:
     if not pred.any():
         return "empty"
     (target,) = item.targets
-    direction, members, anchor = direction_parts(item)
-    others = [i for i in members if i != target]
+    others = [i for i in item.group if i != target]
     covered = [(pred & m).sum() / max(1, m.sum()) for m in item.masks]
     if covered[target] >= 0.5 and any(covered[i] >= 0.5 for i in others):
         return "group"
@@ -394,14 +380,14 @@ def direction_outcome(item: Item, pred: np.ndarray, iou: float) -> str:
         return "background"
     if best == target:
         return "poor outline"
-    if best == anchor:
+    if best == item.anchor:
         return "anchor"
     if best not in others:
         return "outside group"
-    axis, sign = DIRECTIONS[direction]
+    axis, sign = DIRECTIONS[item.direction]
     centres = [(s.x, s.y)[axis] for s in item.shapes]
-    opposite_end = min(members, key=lambda i: sign * centres[i])
-    return "opposite" if anchor is not None or best == opposite_end else "other member"
+    opposite_end = min(item.group, key=lambda i: sign * centres[i])
+    return "opposite" if item.anchor is not None or best == opposite_end else "other member"
 
 
 def auroc(scores: list[float], positive: list[bool]) -> float | None:

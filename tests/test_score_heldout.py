@@ -62,7 +62,7 @@ def test_outcomes_name_where_a_position_or_relation_answer_went(heldout):
     shapes = [heldout.Shape(form, colour, x, y, 8.0) for form, colour, x, y in places]
     masks = np.stack([disk(s.x, s.y, s.r) for s in shapes])
     image = heldout.Image.new("RGB", (100, 100), "white")
-    leftmost = heldout.Item(image, shapes, masks, "pale", "position", "leftmost red circle", (0,))
+    leftmost = heldout.Item(image, shapes, masks, "pale", "position", "leftmost red circle", (0,), "left", (0, 1, 2))
     outcome = heldout.direction_outcome
     assert outcome(leftmost, masks[0], 1.0) == "right"
     assert outcome(leftmost, np.zeros_like(masks[0]), 0.0) == "empty"
@@ -72,9 +72,10 @@ def test_outcomes_name_where_a_position_or_relation_answer_went(heldout):
     assert outcome(leftmost, masks[3], 0.0) == "outside group"
     assert outcome(leftmost, ~masks.any(0), 0.0) == "background"
     assert outcome(leftmost, disk(20, 30, 3), 0.14) == "poor outline"
-    highest = heldout.Item(image, shapes, masks, "pale", "position", "highest shape", (1,))
+    highest = heldout.Item(image, shapes, masks, "pale", "position", "highest shape", (1,), "top", (0, 1, 2, 3))
     assert outcome(highest, masks[3], 0.0) == "opposite"  # the lowest shape: the square
-    above = heldout.Item(image, shapes, masks, "pale", "relation", "red circle above the blue square", (1,))
+    above = heldout.Item(image, shapes, masks, "pale", "relation", "red circle above the blue square", (1,), "top",
+                         (0, 1, 2), anchor=3)
     assert outcome(above, masks[3], 0.0) == "anchor"
     assert outcome(above, masks[0], 0.0) == "opposite"
 
