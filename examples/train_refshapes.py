@@ -13,22 +13,25 @@ writing; the same command plus `--resume` continues it in the next lease):
         --data-workers 12 --curve-every 250 --run-dir outputs/train_refshapes_gpu --output outputs/models/refshapes-gpu
 
 The model is InternVL-shaped but small (a 4-layer ViT on 112 px tiles, a 4-layer Qwen2 LLM, up to `--max-tiles`
-tiles per image, 2 by default, 6 for the shipped model, so that shapes span more ViT patches), with a word-level tokenizer over the RefShapes vocabulary and the
-paper's prompt templates. `--patch-size` and `--downsample-ratio` set the mask grid: RFA unshuffles each ViT patch
-into `1 / downsample_ratio` cells a side, so 14 px patches with a 1/4 pixel shuffle give 32x32 mask cells per tile
-(and 2x2 LLM tokens per tile) at the cost of 14 px patches with InternVL's 1/2 (16x16 cells). `--init-from` a model
-with a coarser shuffle re-lays its weights for the finer one (`regrid_state`), so a stage can give the LLM more tokens
-per tile without starting from scratch.
+tiles per image, 2 by default, so that shapes span more ViT patches), with a word-level tokenizer over the
+RefShapes vocabulary and the paper's prompt templates. `--patch-size` and `--downsample-ratio` set the mask grid:
+RFA unshuffles each ViT patch into `1 / downsample_ratio` cells a side, so 14 px patches with a 1/4 pixel shuffle
+give 32x32 mask cells per tile (and 2x2 LLM tokens per tile) at the cost of 14 px patches with InternVL's 1/2 (16x16
+cells). `--init-from` a model with a coarser shuffle re-lays its weights for the finer one (`regrid_state`), so a
+stage can give the LLM more tokens per tile without starting from scratch.
 
 Training uses `SelfieTrainer` with the SELFIE loss (text CE + BCE + DICE + auxiliary low-resolution term); the
 learning-rate schedule spans `--max-steps`. `--minutes` is the time budget of one invocation: when it runs out, a
 checkpoint is saved in `--run-dir` (with the run's settings and the training time so far), and `--resume` continues
 from there in a later invocation, exactly as if never stopped. `--curve-every N` scores the model on the first
 `--curve-size` test expressions every N steps and appends the result to `RUN_DIR/curve.jsonl` (cIoU against training
-minutes, and the direction check: how alike the answers to "leftmost X" and "rightmost X" are). The first `--warmup-fraction` of the samples hold only the expressions that name colours and forms
-(`--warmup-kinds`): trained from scratch on the whole mix, the model stays on a plateau where it segments every shape
-and ignores the phrase; on these it learns to read the phrase first. Each training image is asked up to
-`--max-turns` expressions, one `[SEG]` turn each (as SELF1E's RefCOCO samples hold several sentences of an image).
+minutes, and the direction check: how alike the answers to "leftmost X" and "rightmost X" are). The first
+`--warmup-fraction` of the samples hold only the expressions that name colours and forms (`--warmup-kinds`): trained
+from scratch on the whole mix, the model stays on a plateau where it segments every shape and ignores the phrase; on
+these it learns to read the phrase first. Each training image is asked up to `--max-turns` expressions, one `[SEG]`
+turn each (as SELF1E's RefCOCO samples hold several sentences of an image). `--form-loss-weight` adds a training-only
+term (`FormLossTrainer`): a linear classifier, dropped before the model is saved, reads the form of the shape under
+each mask cell from the features the `[SEG]` vector is dotted with.
 
 Afterwards it measures cIoU / gIoU per expression kind on the RefShapes test split next to the colour-match baseline
 (every shape of the named colour) and the ceiling of the model's mask grid, and the rate of empty masks on no-target
@@ -59,6 +62,7 @@ from modeling_selfie.data.refshapes import (
     COLOURS,
     DEFAULT_KIND_WEIGHTS,
     EXPRESSION_KINDS,
+    FORMS,
     RefShapesDataset,
     check_backgrounds,
     check_directions,
@@ -211,12 +215,13 @@ class LearningCurve(TrainerCallback):
 
     def __init__(self, path: Path, every: int, dataset, processor, clock: TrainingClock):
         self.path, self.every, self.dataset, self.processor, self.clock = path, every, dataset, processor, clock
+        self.pairs = opposite_pairs(dataset)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every and state.global_step != state.max_steps:
             return
         results = evaluate_by_kind(model, self.processor, self.dataset)
-        direction = opposite_answer_iou(model, self.processor, self.dataset)
+        direction = opposite_answer_iou(model, self.processor, self.pairs)
         model.train()
         entry = {"step": state.global_step, "minutes": round(self.clock.seconds / 60, 4)}
         entry.update({key: round(value["cIoU"], 4) for key, value in results.items() if isinstance(value, dict)})
@@ -227,6 +232,85 @@ class LearningCurve(TrainerCallback):
         with atomic_output_file(self.path) as staging:
             staging.write_text("".join(line + "\n" for line in [*kept, json.dumps(entry)]))
         print(f"curve: {json.dumps(entry)}", flush=True)
+
+
+class FormCollator(SelfieDataCollator):
+    """`SelfieDataCollator` that also passes on each sample's `form_map` (`Scene.form_map`) as `form_maps`, a list of
+    `[H, W]` tensors, for `FormLossTrainer`."""
+
+    def __call__(self, samples):
+        return {**super().__call__(samples), "form_maps": [torch.from_numpy(s["form_map"]) for s in samples]}
+
+
+def cell_forms(form_map: torch.Tensor, size: tuple[int, int], cover: float = 0.6) -> torch.Tensor:
+    """long `[h, w]`: the form index (`FORMS`) of the shape that covers at least `cover` of each mask cell, else
+    -100 (background, edges, several shapes) - from a `Scene.form_map` `[H, W]` (0 background, 1 + form index)."""
+    one_hot = torch.nn.functional.one_hot(form_map.long(), 1 + len(FORMS)).permute(2, 0, 1)[None].float()
+    shares = torch.nn.functional.interpolate(one_hot, size=size, mode="area")[0, 1:]
+    best, form = shares.max(0)
+    return torch.where(best >= cover, form, -100)
+
+
+class FormLossTrainer(SelfieTrainer):
+    """`SelfieTrainer` with a training-only auxiliary loss: a linear classifier (`model.form_classifier`, added by
+    `add_form_classifier` and removed before the model is saved) reads the form of the shape under each mask cell
+    from the pixel features F'_IMG that the `[SEG]` vector is dotted with. Those features carry colour but not form
+    (`docs/demo-model.md`), so where two shapes share the named colour no `[SEG]` vector separates them; this term
+    asks them to carry form. The loss is `form_loss_weight` x the cross-entropy over the cells inside one shape;
+    the logs get `form_loss` and `form_accuracy`. Every sample must hold one image with `[SEG]` (as RefShapes')."""
+
+    def __init__(self, *args, form_loss_weight: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.form_loss_weight = form_loss_weight
+        self._form_totals = torch.zeros(3)  # loss x cells, right cells, cells since the last log
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        form_maps = inputs.pop("form_maps")
+        features = []  # F'_IMG `[n, H, W, C]` per tile grid, as `predict_masks` computes them
+        hook = self.accelerator.unwrap_model(model).seg_head.proj_out.register_forward_hook(
+            lambda module, args, output: features.append(output) if output.dim() == 4 else None
+        )
+        try:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        finally:
+            hook.remove()
+        loss = loss + self.form_loss_weight * self.form_loss(model, features, form_maps, inputs["tile_grid"])
+        return (loss, outputs) if return_outputs else loss
+
+    def form_loss(self, model, features: list, form_maps: list, tile_grid: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of `model.form_classifier` over the cells inside one shape; `features` come in
+        `predict_masks`' order (tile grids sorted, images in batch order within each)."""
+        grids = [tuple(grid) for grid in tile_grid.tolist()]
+        if len(grids) != len(form_maps) or len(features) != len(set(grids)):
+            raise ValueError(f"FormLossTrainer needs one image with [SEG] per sample; got {len(form_maps)} samples, "
+                             f"{len(grids)} images and pixel features for {len(features)} tile grids.")
+        classifier = self.accelerator.unwrap_model(model).form_classifier
+        logits, labels = [], []
+        for grid, pixels in zip(sorted(set(grids)), features):
+            maps = [form_map for form_map, image_grid in zip(form_maps, grids) if image_grid == grid]
+            labels.append(torch.stack([cell_forms(m, tuple(pixels.shape[1:3])) for m in maps]).flatten())
+            logits.append(classifier(pixels.float()).flatten(0, 2))
+        logits, labels = torch.cat(logits), torch.cat(labels).to(logits[0].device)
+        kept = labels != -100
+        if not kept.any():
+            return logits.sum() * 0
+        loss = torch.nn.functional.cross_entropy(logits[kept], labels[kept])
+        cells = int(kept.sum())
+        right = int((logits[kept].argmax(-1) == labels[kept]).sum())
+        self._form_totals += torch.tensor([loss.item() * cells, right, cells])
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._form_totals[2] > 0:
+            loss, right, cells = self._form_totals.tolist()
+            logs = {**logs, "form_loss": loss / cells, "form_accuracy": right / cells}
+            self._form_totals.zero_()
+        super().log(logs, start_time)
+
+
+def add_form_classifier(model) -> None:
+    """Give `model` the linear `form_classifier` (seg_hidden_size -> len(FORMS)) that `FormLossTrainer` trains."""
+    model.form_classifier = torch.nn.Linear(model.config.seg_hidden_size, len(FORMS))
 
 
 def results_by_kind(metrics: dict) -> dict:
@@ -283,18 +367,23 @@ def evaluate_by_kind(model, processor, dataset, batch_size: int = 32) -> dict:
 
 
 @torch.inference_mode()
-def opposite_answer_iou(model, processor, dataset, batch_size: int = 32) -> dict[str, float]:
-    """The direction check: for each position and relation expression of `dataset` whose scene also holds the
-    opposite one ("rightmost red circle" for "leftmost red circle", `opposite_expression`), the IoU of the model's
-    masks for the two, averaged per kind. 1.0 means the model does not read the direction word; answers that both
-    hit their targets score 0."""
-    pairs = defaultdict(list)  # kind -> [(image, expression, opposite expression)]
+def opposite_pairs(dataset) -> dict[str, list]:
+    """`{kind: [(image, expression, opposite expression), ...]}` for each position and relation expression of
+    `dataset` whose scene also holds the opposite one ("rightmost red circle" for "leftmost red circle",
+    `opposite_expression`)."""
+    pairs = defaultdict(list)
     for i in range(len(dataset)):
         example = dataset.example(i)
         if example.expression.kind in ("position", "relation"):
             opposite = opposite_expression(example.scene, example.expression, dataset.directions)
             if opposite is not None:
                 pairs[example.expression.kind].append((example.scene.image, example.expression, opposite))
+    return dict(pairs)
+
+
+def opposite_answer_iou(model, processor, pairs: dict[str, list], batch_size: int = 32) -> dict[str, float]:
+    """The direction check: the IoU of the model's masks for each of `opposite_pairs`' two expressions, averaged
+    per kind. 1.0 means the model does not read the direction word; answers that both hit their targets score 0."""
     model.eval()
     results = {}
     for kind, items in pairs.items():
@@ -372,14 +461,18 @@ def command_line(args) -> str:
         + ("--tiny-shapes " if args.tiny_shapes else "")
         + (f"--directions {','.join(args.directions)} " if args.directions != ALL_DIRECTIONS else "")
         + ("--opposite-pairs " if args.opposite_pairs else "")
+        + (f"--form-loss-weight {args.form_loss_weight:g} " if args.form_loss_weight else "")
         + ("--device cuda" if args.device == "cuda" else f"--threads {args.threads}")
         + (" --init-from MODEL_OF_THE_STAGE_BEFORE" if args.init_from else "")
     )
 
 
-def model_card(results: dict, baseline: dict, ceiling: dict, args, stages: list[dict]) -> str:
+def model_card(
+    results: dict, baseline: dict, ceiling: dict, args, stages: list[dict], direction: dict[str, float]
+) -> str:
     """The model card; `stages` are the training runs that made the model, each `{"command", "steps", "minutes"}`,
-    each after the first starting from the weights of the one before (`--init-from`)."""
+    each after the first starting from the weights of the one before (`--init-from`); `direction` is the direction
+    check (`opposite_answer_iou`) per kind."""
     steps, minutes = sum(stage["steps"] for stage in stages), sum(stage["minutes"] for stage in stages)
     commands = "\n".join(stage["command"] for stage in stages)
     staged = (
@@ -392,20 +485,26 @@ def model_card(results: dict, baseline: dict, ceiling: dict, args, stages: list[
         "|---|---|---|---|---|---|",
     ]
     for key, values in results.items():
-        if isinstance(values, dict) and key != "opposite_iou":
+        if isinstance(values, dict):
             best = ceiling[key]
             rows.append(
                 f"| {key} | {values['count']} | {values['cIoU']:.3f} | {values['gIoU']:.3f} "
                 f"| {baseline[key]['cIoU']:.3f} | {best['cIoU']:.3f} / {best['gIoU']:.3f} |"
             )
     cells = args.tile_size // args.patch_size * round(1 / args.downsample_ratio)
-    checks = ", ".join(f"{kind} {value:.3f}" for kind, value in results["opposite_iou"].items())
-    direction = (
+    checks = ", ".join(f"{kind} {value:.3f}" for kind, value in direction.items())
+    direction_line = (
         f"\n\nDirection words: the IoU of the answers to an expression and to its opposite direction on the same scene"
         f" (1.0: the word is not read): {checks}." if checks else ""
     )
     scenes = f" ({', '.join(args.backgrounds)} backgrounds{'; shapes down to about one ViT patch' * args.tiny_shapes})"
     tokens = round(args.tile_size // args.patch_size * args.downsample_ratio) ** 2
+    tiles = f"{args.max_tiles} tile{'s' * (args.max_tiles != 1)}"
+    form_loss = (
+        f" The last stage added {args.form_loss_weight:g} x a training-only form loss (`--form-loss-weight`): a linear"
+        " classifier, dropped before saving, read the form of the shape under each mask cell from the features the"
+        " `[SEG]` vector is dotted with." if args.form_loss_weight else ""
+    )
     return f"""---
 library_name: transformers
 pipeline_tag: image-segmentation
@@ -420,7 +519,7 @@ tags:
 # selfie-refshapes
 
 A small SELFIE model (InternVL-shaped: {args.vision_layers}-layer ViT of width {args.vision_width} with
-{args.patch_size} px patches on {args.tile_size} px tiles, up to {args.max_tiles} tile{'s' * (args.max_tiles != 1)} per image, {tokens} LLM tokens per tile,
+{args.patch_size} px patches on {args.tile_size} px tiles, up to {tiles} per image, {tokens} LLM tokens per tile,
 {args.llm_layers}-layer Qwen2 LLM of width {args.llm_width},
 {args.param_count / 1e6:.1f} M parameters) trained **from scratch on CPU** on RefShapes{scenes}, the package's synthetic
 referring-segmentation set (coloured shapes; expressions by colour and shape, position, size, relation, several
@@ -439,11 +538,11 @@ the minutes of every invocation). Training images are generated on the fly, each
 expressions, one `[SEG]` turn each (as SELF1E's RefCOCO samples hold several sentences of an image). The pixel
 shuffle keeps 1/{round(1 / args.downsample_ratio)} of each ViT side for the LLM, and RFA unshuffles each ViT patch
 back into {round(1 / args.downsample_ratio)}x{round(1 / args.downsample_ratio)} mask cells: {cells}x{cells} mask
-cells per {args.tile_size} px tile. The SELFIE loss (text CE + {args.bce_loss_weight:g} BCE + {args.dice_loss_weight:g} DICE, each
-with the auxiliary low-resolution term; the released model uses 2 BCE + 0.5 DICE; from scratch, DICE-heavy weights
-learn small targets faster), dual-pathway
-attention. Curriculum: a run with `--warmup-fraction F` gives the first F of its images only `--warmup-kinds`
-expressions, the rest the full mix.
+cells per {args.tile_size} px tile. The SELFIE loss (text CE + {args.bce_loss_weight:g} BCE +
+{args.dice_loss_weight:g} DICE, each with the auxiliary low-resolution term; the released model uses 2 BCE + 0.5
+DICE; from scratch, DICE-heavy weights learn small targets faster), dual-pathway attention. Curriculum: a run with
+`--warmup-fraction F` gives the first F of its images only `--warmup-kinds` expressions, the rest the full
+mix.{form_loss}
 
 ## Held-out results (RefShapes test split, {results['overall']['count']} expressions, seed {TEST_SEED})
 
@@ -451,7 +550,7 @@ expressions, the rest the full mix.
 
 No-target expressions answered with an empty mask: {100 * results['no_target_empty_rate']:.1f}%; of the
 {results['no_target_colour_present_count']} whose named colour is in the scene:
-{100 * results['no_target_colour_present_empty_rate']:.1f}%.{direction}
+{100 * results['no_target_colour_present_empty_rate']:.1f}%.{direction_line}
 
 cIoU is total intersection over total union; gIoU the mean per-expression IoU (an empty target with an empty
 prediction counts 1). The colour-match baseline answers every expression with all shapes of the colour it names
@@ -524,7 +623,7 @@ RUN_SETTINGS = (  # what defines a training run: a resumed run keeps the values 
     "max_steps", "batch_size", "learning_rate", "warmup_steps", "warmup_kinds", "warmup_fraction", "max_turns",
     "seed", "patch_size", "downsample_ratio", "vision_layers", "llm_layers", "vision_width", "llm_width", "init_from",
     "train_kinds", "backgrounds", "tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight", "tile_size",
-    "sincos_positions", "directions", "opposite_pairs",
+    "sincos_positions", "directions", "opposite_pairs", "form_loss_weight",
 )  # fmt: skip
 KIND_SETTINGS = ("warmup_kinds", "train_kinds")  # run settings stored as "KIND=WEIGHT,..." text
 
@@ -546,7 +645,7 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
     saved["backgrounds"] = check_backgrounds(saved["backgrounds"])
     saved["directions"] = check_directions(saved.get("directions", "all"))  # "all" for runs before the option
     newer = ("tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight", "tile_size", "sincos_positions",
-             "opposite_pairs")
+             "opposite_pairs", "form_loss_weight")
     for name in newer:  # settings newer than some runs
         saved.setdefault(name, parser.get_default(name))
     for name in KIND_SETTINGS:
@@ -726,6 +825,9 @@ def main(argv=None):
     parser.add_argument("--opposite-pairs", action="store_true",
                         help="each position or relation expression is followed in its batch by the opposite one "
                              "on the same scene ('rightmost red shape' after 'leftmost red shape') where there is one")
+    parser.add_argument("--form-loss-weight", type=float, default=0.0,
+                        help="weight of a training-only loss that asks each mask cell's features for the form of "
+                             "the shape under it (FormLossTrainer; 0: off)")
     parser.add_argument("--tiny-shapes", action="store_true",
                         help="also draw shapes about one ViT patch across (a third of the shapes)")
     parser.add_argument("--max-turns", type=int, default=6, help="expressions ([SEG] turns) per training image")
@@ -753,6 +855,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.tile_size % args.patch_size or (args.tile_size // args.patch_size * args.downsample_ratio) % 1:
         parser.error(f"--patch-size must divide --tile-size {args.tile_size} and --downsample-ratio the patch grid")
+    if args.form_loss_weight < 0:
+        parser.error(f"--form-loss-weight must be non-negative, got {args.form_loss_weight}")
     if args.opposite_pairs and args.batch_size % 2:
         parser.error(f"--opposite-pairs needs an even --batch-size (each pair is two items of one batch), got "
                      f"{args.batch_size}")
@@ -775,6 +879,8 @@ def main(argv=None):
         stages = init_from(model, args.init_from, parser)
     if args.sincos_positions:
         sincos_position_embeddings_(model, args.sincos_positions)
+    if args.form_loss_weight:
+        add_form_classifier(model)
     train = curriculum_dataset(
         args.max_steps * args.batch_size, args.warmup_fraction, args.warmup_kinds, args.seed, args.max_turns,
         args.train_kinds, args.backgrounds, args.tiny_shapes, args.directions, args.opposite_pairs,
@@ -807,11 +913,19 @@ def main(argv=None):
         curve_set = RefShapesDataset("test", size=args.curve_size, seed=TEST_SEED, backgrounds=args.backgrounds,
                                      tiny_shapes=args.tiny_shapes)
         callbacks.append(LearningCurve(args.run_dir / "curve.jsonl", args.curve_every, curve_set, processor, clock))
-    trainer = SelfieTrainer(
-        model=model, args=training_args, train_dataset=train, data_collator=SelfieDataCollator(processor),
-        callbacks=callbacks,
-    )
+    if args.form_loss_weight:
+        trainer = FormLossTrainer(
+            model=model, args=training_args, train_dataset=train, data_collator=FormCollator(processor),
+            callbacks=callbacks, form_loss_weight=args.form_loss_weight,
+        )
+    else:
+        trainer = SelfieTrainer(
+            model=model, args=training_args, train_dataset=train, data_collator=SelfieDataCollator(processor),
+            callbacks=callbacks,
+        )
     trainer.train(resume_from_checkpoint=checkpoint)
+    if args.form_loss_weight:
+        del model.form_classifier  # training only: the saved model is a plain SelfieForSegmentation
     minutes, steps = clock.seconds / 60, trainer.state.global_step
     stages.append({"command": command_line(args), "steps": steps, "minutes": round(minutes, 2)})
     if steps < args.max_steps:
@@ -820,20 +934,22 @@ def main(argv=None):
 
     test = RefShapesDataset("test", size=args.eval_size, seed=TEST_SEED)
     results = evaluate_by_kind(model.eval(), processor, test)
-    results["opposite_iou"] = opposite_answer_iou(model, processor, test)
+    direction = opposite_answer_iou(model, processor, opposite_pairs(test))
     baseline = colour_match_baseline(test)
     ceiling = mask_grid_ceiling(model, processor, test)
-    print(json.dumps({"results": results, "colour_match_baseline": baseline, "grid_ceiling": ceiling}, indent=1))
+    evaluation = {**results, "opposite_iou": direction, "colour_match_baseline": baseline, "grid_ceiling": ceiling}
+    print(json.dumps(evaluation, indent=1))
     with atomic_output_dir(args.output, overwrite=args.overwrite) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         drop_remote_code(staging)
         old_card = args.output / "README.md"
         kept = kept_sections(old_card.read_text()) if old_card.exists() else ""
-        curve = learning_curve_section(args.run_dir / "curve.jsonl", args.curve_size, args.backgrounds, args.tiny_shapes)
-        (staging / "README.md").write_text(model_card(results, baseline, ceiling, args, stages) + curve + kept)
-        evaluation = {**results, "colour_match_baseline": baseline, "grid_ceiling": ceiling, "training": stages}
-        (staging / "eval_results.json").write_text(json.dumps(evaluation, indent=1) + "\n")
+        curve = learning_curve_section(args.run_dir / "curve.jsonl", args.curve_size, args.backgrounds,
+                                       args.tiny_shapes)
+        card = model_card(results, baseline, ceiling, args, stages, direction)
+        (staging / "README.md").write_text(card + curve + kept)
+        (staging / "eval_results.json").write_text(json.dumps({**evaluation, "training": stages}, indent=1) + "\n")
     print(f"wrote {args.output} ({steps} steps, {minutes:.1f} min, overall cIoU {results['overall']['cIoU']:.3f})")
 
 

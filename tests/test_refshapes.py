@@ -448,3 +448,16 @@ def test_tiny_shapes_are_about_one_patch_across_once_tiled():
         return min(shape.radius / min(scene.size) for scene in scenes for shape in scene.shapes)
 
     assert smallest(plain) >= 0.11 - 1e-9 and smallest(tiny) < 0.09
+
+
+def test_the_form_map_names_the_visible_form_of_each_pixel():
+    """A star drawn over part of a ring: the overlap is the star's, the ring's hole and the rest are background."""
+    shapes = [PlacedShape("ring", "red", (40, 40), 20), PlacedShape("star", "blue", (62, 40), 14)]
+    scene = render_scene(shapes, np.full((80, 100, 3), 230, np.uint8))
+    forms = scene.form_map()
+    assert forms.shape == (80, 100) and forms.dtype == np.uint8
+    ring, star = 1 + FORMS.index("ring"), 1 + FORMS.index("star")
+    assert forms[40, 22] == ring and forms[40, 40] == 0 and forms[40, 62] == star and forms[5, 5] == 0
+    assert (forms == ring).sum() == scene.areas[0] and (forms == star).sum() == scene.areas[1]
+    item = RefShapesDataset("train", size=1, seed=0)[0]
+    assert item["form_map"].shape == item["masks"].shape[1:] and item["form_map"].max() > 0

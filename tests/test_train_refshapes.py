@@ -148,8 +148,9 @@ class WholeImage(TargetOracle):
 def test_the_direction_check_tells_a_model_that_reads_direction_words_from_one_that_does_not(script):
     test = RefShapesDataset("test", size=60, seed=0, kind_weights={"position": 1, "relation": 1, "colour_shape": 0,
                             "size": 0, "multi_target": 0, "no_target": 0, "reasoning": 0})  # fmt: skip
-    reads = script.opposite_answer_iou(TargetOracle(test), None, test, batch_size=7)
-    blind = script.opposite_answer_iou(WholeImage(test), None, test, batch_size=7)
+    pairs = script.opposite_pairs(test)
+    reads = script.opposite_answer_iou(TargetOracle(test), None, pairs, batch_size=7)
+    blind = script.opposite_answer_iou(WholeImage(test), None, pairs, batch_size=7)
     assert set(reads) == set(blind) == {"position", "relation"}
     assert reads["position"] < 0.05 and reads["relation"] < 0.05  # other targets: (nearly) disjoint masks
     assert blind == {"position": 1.0, "relation": 1.0}
@@ -195,7 +196,7 @@ def test_resuming_refuses_what_would_mix_runs(script, interrupted_run, tmp_path)
     with pytest.raises(SystemExit):  # a run setting other than the run's own
         script.main(["--resume", "--run-dir", str(run_dir), "--patch-size", "7"])
     data_settings = (["--backgrounds", "dark"], ["--tiny-shapes"], ["--max-tiles", "6"], ["--directions", "left"],
-                     ["--opposite-pairs"])
+                     ["--opposite-pairs"], ["--form-loss-weight", "1"])
     for setting in data_settings:  # what the images and expressions are drawn from is a run setting too
         with pytest.raises(SystemExit):
             script.main(["--resume", "--run-dir", str(run_dir), *setting])
@@ -215,20 +216,68 @@ def test_a_run_on_every_background_keeps_one_checkpoint_saved_by_the_clock(scrip
     run_dir = tmp_path / "run"
     run(script, "--backgrounds", "all", "--tiny-shapes", "--max-tiles", "4", "--bce-loss-weight", "2",
         "--dice-loss-weight", "0.5", "--directions", "left,top", "--opposite-pairs", "--save-minutes", "0",
-        "--save-steps", "1000", "--keep-checkpoints", "1",
+        "--save-steps", "1000", "--keep-checkpoints", "1", "--form-loss-weight", "1",
         "--run-dir", str(run_dir), "--output", str(tmp_path / "model"))  # fmt: skip
     assert [path.name for path in run_dir.glob("checkpoint-*")] == ["checkpoint-2"]  # saved by time, not by steps
     settings = json.loads((run_dir / "run_settings.json").read_text())
     assert settings["backgrounds"] == "pale,dark,mid,saturated,gradient,noise,texture" and settings["tiny_shapes"]
     assert settings["max_tiles"] == 4 and (settings["bce_loss_weight"], settings["dice_loss_weight"]) == (2, 0.5)
-    assert settings["directions"] == "left,top" and settings["opposite_pairs"]
+    assert settings["directions"] == "left,top" and settings["opposite_pairs"] and settings["form_loss_weight"] == 1
+    assert "form_classifier.weight" in load_file(run_dir / "checkpoint-2" / "model.safetensors")  # resumable
+    assert not any("form" in name for name in load_file(tmp_path / "model" / "model.safetensors"))  # training only
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert (config["bce_loss_weight"], config["dice_loss_weight"]) == (2, 0.5)
     assert SelfieProcessor.from_pretrained(tmp_path / "model").image_processor.max_patches == 4
     stages = json.loads((tmp_path / "model" / "eval_results.json").read_text())["training"]
     command = stages[0]["command"]
     assert "--max-tiles 4 --bce-loss-weight 2 --dice-loss-weight 0.5 --backgrounds pale,dark,mid" in command
-    assert "--tiny-shapes --directions left,top --opposite-pairs " in command
+    assert "--tiny-shapes --directions left,top --opposite-pairs --form-loss-weight 1 " in command
+    assert "1 x a training-only form loss" in (tmp_path / "model" / "README.md").read_text()
+
+
+def test_cell_forms_keep_the_cells_inside_one_shape():
+    """A hand-written form map (0 background, 1 + FORMS index) read at 2x2 cells: a cell takes the form covering at
+    least 60% of it, else -100 (ignored)."""
+    form_map = torch.zeros(8, 8, dtype=torch.uint8)
+    form_map[:4, :4] = 3  # top-left cell: all FORMS[2]
+    form_map[4:, :] = 5  # bottom cells: FORMS[4], with a quarter of the right one FORMS[0]
+    form_map[6:, 6:] = 1
+    form_map[:4, 4:5] = 2  # top-right cell: a quarter FORMS[1], the rest background
+    script = load_script(SCRIPT)
+    assert script.cell_forms(form_map, (2, 2)).tolist() == [[2, -100], [4, 4]]
+    assert script.cell_forms(form_map, (2, 2), cover=0.8).tolist() == [[2, -100], [4, -100]]
+
+
+def test_the_form_loss_reads_each_image_of_a_batch_of_mixed_tile_grids(script, tmp_path):
+    """Batched, the form loss is the cell-weighted mean of each sample's own: the pixel features are matched to
+    their images although `predict_masks` groups images by tile grid."""
+    model, processor = script.build_model_and_processor(0, vision_width=64, llm_width=64, max_tiles=3)
+    script.add_form_classifier(model)
+    data = RefShapesDataset("train", size=6, seed=3)
+    samples = [data[i] for i in range(6)]
+    grids = [tuple(processor.image_processor(images=[s["image"]])["tile_grid"][0]) for s in samples]
+    assert len(set(grids)) > 1 and grids != sorted(grids)  # the batch order is not the grouped order
+    args = script.TrainingArguments(str(tmp_path), remove_unused_columns=False, use_cpu=True, report_to=[])
+    model.eval()
+    trainer = script.FormLossTrainer(model=model, args=args, form_loss_weight=2.0)
+    collate = script.FormCollator(processor)
+
+    def form_loss_and_cells(batch_samples):
+        """The form term of the loss (total minus the SELFIE loss, over the weight) and the cells it averaged."""
+        trainer._form_totals.zero_()
+        batch = collate(batch_samples)
+        plain_inputs = {key: value for key, value in batch.items() if key != "form_maps"}
+        with torch.no_grad():
+            total = trainer.compute_loss(model, dict(batch))
+            plain = script.SelfieTrainer.compute_loss(trainer, model, plain_inputs)
+        return float(total - plain) / 2.0, float(trainer._form_totals[2])
+
+    batched, batched_cells = form_loss_and_cells(samples)
+    alone = [form_loss_and_cells([sample]) for sample in samples]
+    assert batched_cells == sum(cells for _, cells in alone) > 0
+    expected = sum(loss * cells for loss, cells in alone) / batched_cells
+    assert batched == pytest.approx(expected, rel=1e-4)
+    assert batched > 0
 
 
 def test_a_run_can_start_from_the_weights_of_an_earlier_one(script, interrupted_run, tmp_path):

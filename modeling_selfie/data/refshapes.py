@@ -198,6 +198,13 @@ class Scene:
         """(width, height) of the image."""
         return self.image.size
 
+    def form_map(self) -> np.ndarray:
+        """uint8 `[H, W]`: 0 where no shape is visible, else 1 + the `FORMS` index of the visible shape's form."""
+        forms = np.zeros(self.masks.shape[1:], dtype=np.uint8)
+        for shape, mask in zip(self.shapes, self.masks):
+            forms[mask] = 1 + FORMS.index(shape.form)
+        return forms
+
 
 @dataclass(frozen=True)
 class Group:
@@ -794,8 +801,8 @@ class RefShapesDataset(torch.utils.data.Dataset):
 
     Each item holds `image` (PIL RGB), `conversation` (one user question and one assistant answer with one [SEG]
     per turn), `masks` (uint8 `[n_turns, H, W]`, empty for `no_target`), `task` "referring", `source` "refshapes",
-    and, of the first turn, `query` (the expression), `query_kind` ("phrase" or "instruction") and
-    `expression_kind` (one of `EXPRESSION_KINDS`).
+    of the first turn, `query` (the expression), `query_kind` ("phrase" or "instruction") and `expression_kind` (one
+    of `EXPRESSION_KINDS`), and `form_map` (`Scene.form_map`: each pixel's visible form, for training-only losses).
     """
 
     def __init__(
@@ -878,6 +885,7 @@ class RefShapesDataset(torch.utils.data.Dataset):
             "query": expression.text,
             "query_kind": expression.query_kind,
             "expression_kind": expression.kind,
+            "form_map": example.scene.form_map(),
         }
 
     def __repr__(self) -> str:
