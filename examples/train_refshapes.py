@@ -31,7 +31,8 @@ from scratch on the whole mix, the model stays on a plateau where it segments ev
 these it learns to read the phrase first. Each training image is asked up to `--max-turns` expressions, one `[SEG]`
 turn each (as SELF1E's RefCOCO samples hold several sentences of an image). `--form-loss-weight` adds a training-only
 term (`FormLossTrainer`): a linear classifier, dropped before the model is saved, reads the form of the shape under
-each mask cell from the features the `[SEG]` vector is dotted with.
+each mask cell from the features the `[SEG]` vector is dotted with; `--vision-learning-rate` gives the vision tower
+its own learning rate (`examples/train_vision_forms.py` trains the tower alone on the same form labels).
 
 Afterwards it measures cIoU / gIoU per expression kind on the RefShapes test split next to the colour-match baseline
 (every shape of the named colour) and the ceiling of the model's mask grid, and the rate of empty masks on no-target
@@ -52,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_selfie import SelfieConfig, SelfieForSegmentation, SelfieImageProcessor, SelfieProcessor
@@ -84,7 +85,8 @@ from modeling_selfie.processing_selfie import (
     select_tile_grid,
 )
 from modeling_selfie.tokenization import build_word_level_tokenizer
-from modeling_selfie.training import SelfieDataCollator, SelfieTrainer
+from modeling_selfie.training import SelfieDataCollator, SelfieTrainer, SelfieTrainingArguments
+from modeling_selfie.training_defaults import VISION_LEARNING_RATE_HELP
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "modeling_selfie" / "pretrained" / "selfie-refshapes"
@@ -301,10 +303,12 @@ class FormLossTrainer(SelfieTrainer):
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._form_totals[2] > 0:
-            loss, right, cells = self._form_totals.tolist()
-            logs = {**logs, "form_loss": loss / cells, "form_accuracy": right / cells}
+        if "loss" in logs:  # every process logs at the same steps: the totals are summed over them
+            totals = self.accelerator.reduce(self._form_totals.to(self.accelerator.device), reduction="sum")
             self._form_totals.zero_()
+            loss, right, cells = totals.tolist()
+            if cells:
+                logs = {**logs, "form_loss": loss / cells, "form_accuracy": right / cells}
         super().log(logs, start_time)
 
 
@@ -448,7 +452,8 @@ def command_line(args) -> str:
     return (
         f"python examples/train_refshapes.py --max-steps {args.max_steps} --batch-size {args.batch_size} "
         f"--seed {args.seed} --learning-rate {args.learning_rate} --warmup-steps {args.warmup_steps} "
-        f"--warmup-kinds {warmup_kinds} --warmup-fraction {args.warmup_fraction} --train-kinds {train_kinds} "
+        + (f"--vision-learning-rate {args.vision_learning_rate:g} " if args.vision_learning_rate else "")
+        + f"--warmup-kinds {warmup_kinds} --warmup-fraction {args.warmup_fraction} --train-kinds {train_kinds} "
         f"--max-turns {args.max_turns} --patch-size {args.patch_size} --downsample-ratio {args.downsample_ratio:g} "
         f"--vision-layers {args.vision_layers} --llm-layers {args.llm_layers} --vision-width {args.vision_width} "
         f"--llm-width {args.llm_width} "
@@ -623,7 +628,7 @@ RUN_SETTINGS = (  # what defines a training run: a resumed run keeps the values 
     "max_steps", "batch_size", "learning_rate", "warmup_steps", "warmup_kinds", "warmup_fraction", "max_turns",
     "seed", "patch_size", "downsample_ratio", "vision_layers", "llm_layers", "vision_width", "llm_width", "init_from",
     "train_kinds", "backgrounds", "tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight", "tile_size",
-    "sincos_positions", "directions", "opposite_pairs", "form_loss_weight",
+    "sincos_positions", "directions", "opposite_pairs", "form_loss_weight", "vision_learning_rate",
 )  # fmt: skip
 KIND_SETTINGS = ("warmup_kinds", "train_kinds")  # run settings stored as "KIND=WEIGHT,..." text
 
@@ -645,7 +650,7 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
     saved["backgrounds"] = check_backgrounds(saved["backgrounds"])
     saved["directions"] = check_directions(saved.get("directions", "all"))  # "all" for runs before the option
     newer = ("tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight", "tile_size", "sincos_positions",
-             "opposite_pairs", "form_loss_weight")
+             "opposite_pairs", "form_loss_weight", "vision_learning_rate")
     for name in newer:  # settings newer than some runs
         saved.setdefault(name, parser.get_default(name))
     for name in KIND_SETTINGS:
@@ -806,6 +811,7 @@ def main(argv=None):
     parser.add_argument("--curve-size", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="2e-3 keeps the model on the plateau")
+    parser.add_argument("--vision-learning-rate", type=float, default=None, help=VISION_LEARNING_RATE_HELP)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to train (default auto: the GPU if there is one)")
@@ -886,11 +892,12 @@ def main(argv=None):
         args.train_kinds, args.backgrounds, args.tiny_shapes, args.directions, args.opposite_pairs,
     )
     save_settings(args, args.run_dir)
-    training_args = TrainingArguments(
+    training_args = SelfieTrainingArguments(
         output_dir=str(args.run_dir),
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        vision_learning_rate=args.vision_learning_rate,
         warmup_steps=args.warmup_steps,
         lr_scheduler_type="cosine",
         weight_decay=0.01,
@@ -913,16 +920,12 @@ def main(argv=None):
         curve_set = RefShapesDataset("test", size=args.curve_size, seed=TEST_SEED, backgrounds=args.backgrounds,
                                      tiny_shapes=args.tiny_shapes)
         callbacks.append(LearningCurve(args.run_dir / "curve.jsonl", args.curve_every, curve_set, processor, clock))
-    if args.form_loss_weight:
-        trainer = FormLossTrainer(
-            model=model, args=training_args, train_dataset=train, data_collator=FormCollator(processor),
-            callbacks=callbacks, form_loss_weight=args.form_loss_weight,
-        )
-    else:
-        trainer = SelfieTrainer(
-            model=model, args=training_args, train_dataset=train, data_collator=SelfieDataCollator(processor),
-            callbacks=callbacks,
-        )
+    trainer_class, collator, extra = (
+        (FormLossTrainer, FormCollator(processor), {"form_loss_weight": args.form_loss_weight})
+        if args.form_loss_weight else (SelfieTrainer, SelfieDataCollator(processor), {})
+    )
+    trainer = trainer_class(model=model, args=training_args, train_dataset=train, data_collator=collator,
+                            callbacks=callbacks, **extra)  # fmt: skip
     trainer.train(resume_from_checkpoint=checkpoint)
     if args.form_loss_weight:
         del model.form_classifier  # training only: the saved model is a plain SelfieForSegmentation

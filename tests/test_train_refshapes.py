@@ -3,12 +3,16 @@ folder with a model card carrying measured numbers (next to a colour-match basel
 and the command that made it; an interrupted run resumes from its own checkpoint to the same weights."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModel, TrainingArguments
 
 from modeling_selfie import SelfieForSegmentation, SelfieProcessor
 from modeling_selfie.data.refshapes import COLOURS, RefShapesDataset, RefShapesExample, scene_expressions
@@ -257,7 +261,7 @@ def test_the_form_loss_reads_each_image_of_a_batch_of_mixed_tile_grids(script, t
     samples = [data[i] for i in range(6)]
     grids = [tuple(processor.image_processor(images=[s["image"]])["tile_grid"][0]) for s in samples]
     assert len(set(grids)) > 1 and grids != sorted(grids)  # the batch order is not the grouped order
-    args = script.TrainingArguments(str(tmp_path), remove_unused_columns=False, use_cpu=True, report_to=[])
+    args = TrainingArguments(str(tmp_path), remove_unused_columns=False, use_cpu=True, report_to=[])
     model.eval()
     trainer = script.FormLossTrainer(model=model, args=args, form_loss_weight=2.0)
     collate = script.FormCollator(processor)
@@ -402,3 +406,65 @@ def test_the_card_curve_shows_the_direction_check_where_the_run_measured_it(scri
     assert table[0].endswith("| position opposite IoU |")
     assert table[1] == "| 200 | 4.0 | 0.400 | 0.300 | 50% | - |"
     assert table[2] == "| 400 | 8.0 | 0.500 | 0.400 | 50% | 0.250 |"
+
+
+def test_the_vision_tower_trains_at_its_own_learning_rate(script, interrupted_run, tmp_path):
+    """`--vision-learning-rate` gives the vision tower its own rate: with the rest at 0, only the tower moves."""
+    _, earlier = interrupted_run
+    output = tmp_path / "model"
+    run(script, "--init-from", str(earlier), "--learning-rate", "0", "--vision-learning-rate", "1e-2",
+        "--warmup-steps", "0", "--max-steps", "1", "--output", str(output),
+        "--run-dir", str(tmp_path / "run"))  # fmt: skip
+    before, after = load_file(earlier / "model.safetensors"), load_file(output / "model.safetensors")
+    moved = {name for name, tensor in before.items() if not torch.equal(after[name], tensor)}
+    assert moved and all(".vision_tower." in f".{name}" for name in moved)
+    stages = json.loads((output / "eval_results.json").read_text())["training"]
+    assert "--vision-learning-rate 0.01 " in stages[-1]["command"]
+
+
+VISION_SCRIPT = SCRIPT.parent / "train_vision_forms.py"
+
+
+def test_vision_form_training_writes_the_model_with_only_its_tower_trained(interrupted_run, tmp_path, capsys):
+    """`examples/train_vision_forms.py` from a shell, on a folder written by `train_refshapes.py`: the output loads
+    with `AutoModel`, differs from the input in the vision tower only, and its training stages gain this one with
+    the held-out checks; `--frozen` with `--output` is refused."""
+    _, earlier = interrupted_run
+    output = tmp_path / "towered"
+    command = [sys.executable, str(VISION_SCRIPT), "--init-from", str(earlier), "--steps", "3", "--check-every", "2",
+               "--check-size", "4", "--warmup-steps", "0", "--learning-rate", "1e-2", "--threads", "1"]  # fmt: skip
+    done = subprocess.run([*command, "--output", str(output)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "held-out patch form accuracy" in done.stderr + done.stdout
+    before, after = load_file(earlier / "model.safetensors"), load_file(output / "model.safetensors")
+    assert before.keys() == after.keys()
+    moved = {name for name, tensor in before.items() if not torch.equal(after[name], tensor)}
+    assert moved and all(name.startswith("model.vision_tower.") for name in moved)
+    stages = json.loads((output / "eval_results.json").read_text())["training"]
+    assert stages[:-1] == json.loads((earlier / "eval_results.json").read_text())["training"]
+    assert stages[-1]["steps"] == 3 and [c["step"] for c in stages[-1]["patch_form_accuracy"]] == [0, 2, 3]
+    assert 0 < stages[-1]["commonest_form"] <= 1
+    assert type(AutoModel.from_pretrained(output)).__name__ == "SelfieForSegmentation"
+    with pytest.raises(SystemExit):
+        load_script(VISION_SCRIPT).parse_args(["--init-from", str(earlier), "--frozen", "--output", str(output)])
+    assert "--frozen trains no tower weights" in capsys.readouterr().err
+
+
+def test_patch_form_accuracy_counts_the_labelled_patches_only():
+    """A tower whose patch features are the forms themselves (one-hot, after a class token) and an identity
+    classifier: 3 of the 4 labelled patches are named right; unlabelled (-100) patches do not count."""
+    vision = load_script(VISION_SCRIPT)
+    forms = torch.tensor([[0, 1, 2, 3, 4, 5]])
+    features = torch.nn.functional.one_hot(forms, 7).float()
+    class_token = torch.zeros(1, 1, 7)
+
+    def tower(pixel_values):
+        return SimpleNamespace(last_hidden_state=torch.cat([class_token, features], 1))
+
+    classifier = torch.nn.Linear(7, 7)
+    with torch.no_grad():
+        classifier.weight.copy_(torch.eye(7))
+        classifier.bias.zero_()
+    labels = torch.tensor([[0, 1, 2, 0, -100, -100]])
+    assert vision.patch_form_accuracy(tower, classifier, None, labels) == 0.75
+    assert vision.commonest_share(labels) == 0.5
