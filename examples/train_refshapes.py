@@ -863,6 +863,8 @@ def main(argv=None):
         parser.error(f"--patch-size must divide --tile-size {args.tile_size} and --downsample-ratio the patch grid")
     if args.form_loss_weight < 0:
         parser.error(f"--form-loss-weight must be non-negative, got {args.form_loss_weight}")
+    if args.vision_learning_rate is not None and args.vision_learning_rate < 0:
+        parser.error(f"--vision-learning-rate must be non-negative, got {args.vision_learning_rate}")
     if args.opposite_pairs and args.batch_size % 2:
         parser.error(f"--opposite-pairs needs an even --batch-size (each pair is two items of one batch), got "
                      f"{args.batch_size}")

@@ -103,6 +103,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "check_every", "check_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.frozen and args.output:
         parser.error("--frozen trains no tower weights: there is nothing to write to --output")
     if not (args.init_from / "eval_results.json").is_file():

@@ -408,7 +408,7 @@ def test_the_card_curve_shows_the_direction_check_where_the_run_measured_it(scri
     assert table[2] == "| 400 | 8.0 | 0.500 | 0.400 | 50% | 0.250 |"
 
 
-def test_the_vision_tower_trains_at_its_own_learning_rate(script, interrupted_run, tmp_path):
+def test_the_vision_tower_trains_at_its_own_learning_rate(script, interrupted_run, tmp_path, capsys):
     """`--vision-learning-rate` gives the vision tower its own rate: with the rest at 0, only the tower moves."""
     _, earlier = interrupted_run
     output = tmp_path / "model"
@@ -420,6 +420,9 @@ def test_the_vision_tower_trains_at_its_own_learning_rate(script, interrupted_ru
     assert moved and all(".vision_tower." in f".{name}" for name in moved)
     stages = json.loads((output / "eval_results.json").read_text())["training"]
     assert "--vision-learning-rate 0.01 " in stages[-1]["command"]
+    with pytest.raises(SystemExit):
+        script.main(["--vision-learning-rate", "-1", "--run-dir", str(tmp_path / "other")])
+    assert "--vision-learning-rate must be non-negative, got -1.0" in capsys.readouterr().err
 
 
 VISION_SCRIPT = SCRIPT.parent / "train_vision_forms.py"
@@ -448,6 +451,9 @@ def test_vision_form_training_writes_the_model_with_only_its_tower_trained(inter
     with pytest.raises(SystemExit):
         load_script(VISION_SCRIPT).parse_args(["--init-from", str(earlier), "--frozen", "--output", str(output)])
     assert "--frozen trains no tower weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_script(VISION_SCRIPT).parse_args(["--init-from", str(earlier), "--check-every", "0"])
+    assert "--check-every must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_patch_form_accuracy_counts_the_labelled_patches_only():
