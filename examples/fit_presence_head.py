@@ -22,7 +22,6 @@ per kind of negative, and the share of each kind whose mask comes back empty.
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -32,10 +31,10 @@ import torch
 from modeling_selfie import SelfieForSegmentation, SelfieProcessor
 from modeling_selfie.cli import default_model_dir
 from modeling_selfie.data.refshapes import presence_probes
-from modeling_selfie.io_utils import atomic_output_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_refshapes import drop_remote_code  # noqa: E402  (the script beside this one wrote the shipped folder)
+# the script beside this one wrote the shipped folder
+from train_refshapes import TOKENIZER_FILES, write_model_folder  # noqa: E402
 
 FIT_SEED = 21
 EVAL_SEED = 21
@@ -107,15 +106,9 @@ def fit_logistic(
 
 
 def write_model(model, processor, folder: Path) -> None:
-    """Replace `folder` with the model and processor, keeping its card, evaluation and tokenizer files as they are
-    (a loaded tokenizer saves its loading options too)."""
-    with atomic_output_dir(folder, overwrite=True) as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        drop_remote_code(staging)
-        for name in ("README.md", "eval_results.json", "tokenizer.json", "tokenizer_config.json"):
-            if (folder / name).exists():
-                shutil.copy(folder / name, staging / name)
+    """Replace `folder` with the model and processor, keeping its card, evaluation and tokenizer files as they are."""
+    write_model_folder(model, processor, folder, copy_from=folder, copy=("README.md", "eval_results.json",
+                                                                         *TOKENIZER_FILES))
 
 
 SCENES = {"any": {"backgrounds": "all", "tiny_shapes": True}, "pale": {"backgrounds": "pale", "tiny_shapes": False}}

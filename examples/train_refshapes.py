@@ -31,8 +31,10 @@ from scratch on the whole mix, the model stays on a plateau where it segments ev
 these it learns to read the phrase first. Each training image is asked up to `--max-turns` expressions, one `[SEG]`
 turn each (as SELF1E's RefCOCO samples hold several sentences of an image). `--form-loss-weight` adds a training-only
 term (`FormLossTrainer`): a linear classifier, dropped before the model is saved, reads the form of the shape under
-each mask cell from the features the `[SEG]` vector is dotted with; `--vision-learning-rate` gives the vision tower
-its own learning rate (`examples/train_vision_forms.py` trains the tower alone on the same form labels).
+each mask cell from the features the `[SEG]` vector is dotted with; `--other-shape-weight` adds a training-only BCE
+on the pixels of the shapes an expression does not name, averaged over those pixels alone (hard negatives: a shape of
+the named colour but another form); `--vision-learning-rate` gives the vision tower its own learning rate
+(`examples/train_vision_forms.py` trains the tower alone on the same form labels).
 
 Afterwards it measures cIoU / gIoU per expression kind on the RefShapes test split next to the colour-match baseline
 (every shape of the named colour) and the ceiling of the model's mask grid, and the rate of empty masks on no-target
@@ -45,6 +47,7 @@ import json
 import math
 import random
 import re
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -254,17 +257,27 @@ def cell_forms(form_map: torch.Tensor, size: tuple[int, int], cover: float = 0.6
 
 
 class FormLossTrainer(SelfieTrainer):
-    """`SelfieTrainer` with a training-only auxiliary loss: a linear classifier (`model.form_classifier`, added by
-    `add_form_classifier` and removed before the model is saved) reads the form of the shape under each mask cell
-    from the pixel features F'_IMG that the `[SEG]` vector is dotted with. Those features carry colour but not form
-    (`docs/demo-model.md`), so where two shapes share the named colour no `[SEG]` vector separates them; this term
-    asks them to carry form. The loss is `form_loss_weight` x the cross-entropy over the cells inside one shape;
-    the logs get `form_loss` and `form_accuracy`. Every sample must hold one image with `[SEG]` (as RefShapes')."""
+    """`SelfieTrainer` with two training-only terms that read each scene's form map (`Scene.form_map`):
 
-    def __init__(self, *args, form_loss_weight: float, **kwargs):
+    * the form loss: a linear classifier (`model.form_classifier`, added by `add_form_classifier` and removed before
+      the model is saved) reads the form of the shape under each mask cell from the pixel features F'_IMG that the
+      `[SEG]` vector is dotted with. Those features carried colour but not form (`docs/demo-model.md`), so where two
+      shapes share the named colour no `[SEG]` vector separated them; this term asks them to carry form.
+      `form_loss_weight` x the cross-entropy over the cells inside one shape; the logs get `form_loss` and
+      `form_accuracy`.
+    * the other-shape loss: `other_shape_weight` x the mean BCE (towards 0) of the mask logits over the pixels of
+      the shapes the expression does not name. The mask's own BCE averages over every pixel, where a same-colour
+      shape covered by mistake is a few percent of them; this term weighs those hard negatives as much as the rest
+      of the mask. The logs get `other_shape_loss`.
+
+    Every sample must hold one image with `[SEG]` (as RefShapes')."""
+
+    def __init__(self, *args, form_loss_weight: float = 0.0, other_shape_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.form_loss_weight = form_loss_weight
+        self.other_shape_weight = other_shape_weight
         self._form_totals = torch.zeros(3)  # loss x cells, right cells, cells since the last log
+        self._other_totals = torch.zeros(2)  # summed other-shape loss, masks since the last log
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         form_maps = inputs.pop("form_maps")
@@ -276,8 +289,31 @@ class FormLossTrainer(SelfieTrainer):
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         finally:
             hook.remove()
-        loss = loss + self.form_loss_weight * self.form_loss(model, features, form_maps, inputs["tile_grid"])
+        if self.form_loss_weight:
+            loss = loss + self.form_loss_weight * self.form_loss(model, features, form_maps, inputs["tile_grid"])
+        if self.other_shape_weight:
+            loss = loss + self.other_shape_weight * self.other_shape_loss(
+                outputs.pred_masks, inputs["mask_labels"], form_maps
+            )
         return (loss, outputs) if return_outputs else loss
+
+    def other_shape_loss(self, pred_masks: list, mask_labels: list, form_maps: list) -> torch.Tensor:
+        """Mean over masks of the BCE towards 0 of the logits `[n, H, W]` on the pixels of shapes outside the
+        mask's label `[n, h, w]` (any shape of the form map `[h, w]`), each logit cell weighed by the share of it
+        such pixels cover; masks with no other shape do not count."""
+        losses = []
+        for logits, labels, form_map in zip(pred_masks, mask_labels, form_maps):
+            others = ((form_map > 0)[None] & (labels == 0)).to(logits.device, logits.dtype)
+            shares = torch.nn.functional.interpolate(others[None], size=tuple(logits.shape[-2:]), mode="area")[0]
+            total = shares.flatten(1).sum(1)
+            kept = total > 0
+            bce = (shares * torch.nn.functional.softplus(logits)).flatten(1).sum(1)
+            losses += list(bce[kept] / total[kept])
+        if not losses:
+            return sum(logits.sum() * 0 for logits in pred_masks)
+        loss = torch.stack(losses).mean()
+        self._other_totals += torch.tensor([loss.item() * len(losses), len(losses)])
+        return loss
 
     def form_loss(self, model, features: list, form_maps: list, tile_grid: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of `model.form_classifier` over the cells inside one shape; `features` come in
@@ -309,6 +345,10 @@ class FormLossTrainer(SelfieTrainer):
             loss, right, cells = totals.tolist()
             if cells:
                 logs = {**logs, "form_loss": loss / cells, "form_accuracy": right / cells}
+            other, masks = self.accelerator.reduce(self._other_totals.to(self.accelerator.device), "sum").tolist()
+            self._other_totals.zero_()
+            if masks:
+                logs = {**logs, "other_shape_loss": other / masks}
         super().log(logs, start_time)
 
 
@@ -467,6 +507,7 @@ def command_line(args) -> str:
         + (f"--directions {','.join(args.directions)} " if args.directions != ALL_DIRECTIONS else "")
         + ("--opposite-pairs " if args.opposite_pairs else "")
         + (f"--form-loss-weight {args.form_loss_weight:g} " if args.form_loss_weight else "")
+        + (f"--other-shape-weight {args.other_shape_weight:g} " if args.other_shape_weight else "")
         + ("--device cuda" if args.device == "cuda" else f"--threads {args.threads}")
         + (" --init-from MODEL_OF_THE_STAGE_BEFORE" if args.init_from else "")
     )
@@ -509,6 +550,10 @@ def model_card(
         f" The last stage added {args.form_loss_weight:g} x a training-only form loss (`--form-loss-weight`): a linear"
         " classifier, dropped before saving, read the form of the shape under each mask cell from the features the"
         " `[SEG]` vector is dotted with." if args.form_loss_weight else ""
+    ) + (
+        f" The last stage added {args.other_shape_weight:g} x a training-only BCE on the pixels of the shapes an"
+        " expression does not name, averaged over those pixels alone (`--other-shape-weight`)."
+        if args.other_shape_weight else ""
     )
     return f"""---
 library_name: transformers
@@ -624,11 +669,33 @@ def drop_remote_code(folder: Path) -> None:
         (folder / name).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def write_model_folder(
+    model, processor, output: Path, files: dict[str, str] | None = None, copy_from: Path | None = None,
+    copy: tuple[str, ...] = (), overwrite: bool = True,
+) -> None:
+    """Replace `output` atomically (a failed write leaves it as it was) with the model and processor, less their
+    remote-code copies (`drop_remote_code`); then copy the `copy` files that `copy_from` has (e.g. its
+    `TOKENIZER_FILES`: a loaded tokenizer would save its loading options too) and write `files` (name -> text)."""
+    with atomic_output_dir(output, overwrite=overwrite) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        drop_remote_code(staging)
+        for name in copy:
+            if (copy_from / name).exists():
+                shutil.copy(copy_from / name, staging / name)
+        for name, text in (files or {}).items():
+            (staging / name).write_text(text)
+
+
 RUN_SETTINGS = (  # what defines a training run: a resumed run keeps the values it was started with
     "max_steps", "batch_size", "learning_rate", "warmup_steps", "warmup_kinds", "warmup_fraction", "max_turns",
     "seed", "patch_size", "downsample_ratio", "vision_layers", "llm_layers", "vision_width", "llm_width", "init_from",
     "train_kinds", "backgrounds", "tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight", "tile_size",
     "sincos_positions", "directions", "opposite_pairs", "form_loss_weight", "vision_learning_rate",
+    "other_shape_weight",
 )  # fmt: skip
 KIND_SETTINGS = ("warmup_kinds", "train_kinds")  # run settings stored as "KIND=WEIGHT,..." text
 
@@ -650,7 +717,7 @@ def resume_settings(args, parser, run_dir: Path) -> str | None:
     saved["backgrounds"] = check_backgrounds(saved["backgrounds"])
     saved["directions"] = check_directions(saved.get("directions", "all"))  # "all" for runs before the option
     newer = ("tiny_shapes", "max_tiles", "bce_loss_weight", "dice_loss_weight", "tile_size", "sincos_positions",
-             "opposite_pairs", "form_loss_weight", "vision_learning_rate")
+             "opposite_pairs", "form_loss_weight", "vision_learning_rate", "other_shape_weight")
     for name in newer:  # settings newer than some runs
         saved.setdefault(name, parser.get_default(name))
     for name in KIND_SETTINGS:
@@ -834,6 +901,9 @@ def main(argv=None):
     parser.add_argument("--form-loss-weight", type=float, default=0.0,
                         help="weight of a training-only loss that asks each mask cell's features for the form of "
                              "the shape under it (FormLossTrainer; 0: off)")
+    parser.add_argument("--other-shape-weight", type=float, default=0.0,
+                        help="weight of a training-only BCE on the pixels of the shapes an expression does not "
+                             "name, averaged over those pixels alone (FormLossTrainer; 0: off)")
     parser.add_argument("--tiny-shapes", action="store_true",
                         help="also draw shapes about one ViT patch across (a third of the shapes)")
     parser.add_argument("--max-turns", type=int, default=6, help="expressions ([SEG] turns) per training image")
@@ -861,8 +931,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.tile_size % args.patch_size or (args.tile_size // args.patch_size * args.downsample_ratio) % 1:
         parser.error(f"--patch-size must divide --tile-size {args.tile_size} and --downsample-ratio the patch grid")
-    if args.form_loss_weight < 0:
-        parser.error(f"--form-loss-weight must be non-negative, got {args.form_loss_weight}")
+    for name in ("form_loss_weight", "other_shape_weight"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
     if args.vision_learning_rate is not None and args.vision_learning_rate < 0:
         parser.error(f"--vision-learning-rate must be non-negative, got {args.vision_learning_rate}")
     if args.opposite_pairs and args.batch_size % 2:
@@ -922,9 +993,10 @@ def main(argv=None):
         curve_set = RefShapesDataset("test", size=args.curve_size, seed=TEST_SEED, backgrounds=args.backgrounds,
                                      tiny_shapes=args.tiny_shapes)
         callbacks.append(LearningCurve(args.run_dir / "curve.jsonl", args.curve_every, curve_set, processor, clock))
+    scene_losses = {"form_loss_weight": args.form_loss_weight, "other_shape_weight": args.other_shape_weight}
     trainer_class, collator, extra = (
-        (FormLossTrainer, FormCollator(processor), {"form_loss_weight": args.form_loss_weight})
-        if args.form_loss_weight else (SelfieTrainer, SelfieDataCollator(processor), {})
+        (FormLossTrainer, FormCollator(processor), scene_losses)
+        if any(scene_losses.values()) else (SelfieTrainer, SelfieDataCollator(processor), {})
     )
     trainer = trainer_class(model=model, args=training_args, train_dataset=train, data_collator=collator,
                             callbacks=callbacks, **extra)  # fmt: skip
@@ -944,17 +1016,13 @@ def main(argv=None):
     ceiling = mask_grid_ceiling(model, processor, test)
     evaluation = {**results, "opposite_iou": direction, "colour_match_baseline": baseline, "grid_ceiling": ceiling}
     print(json.dumps(evaluation, indent=1))
-    with atomic_output_dir(args.output, overwrite=args.overwrite) as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        drop_remote_code(staging)
-        old_card = args.output / "README.md"
-        kept = kept_sections(old_card.read_text()) if old_card.exists() else ""
-        curve = learning_curve_section(args.run_dir / "curve.jsonl", args.curve_size, args.backgrounds,
-                                       args.tiny_shapes)
-        card = model_card(results, baseline, ceiling, args, stages, direction)
-        (staging / "README.md").write_text(card + curve + kept)
-        (staging / "eval_results.json").write_text(json.dumps({**evaluation, "training": stages}, indent=1) + "\n")
+    old_card = args.output / "README.md"
+    kept = kept_sections(old_card.read_text()) if old_card.exists() else ""
+    curve = learning_curve_section(args.run_dir / "curve.jsonl", args.curve_size, args.backgrounds, args.tiny_shapes)
+    card = model_card(results, baseline, ceiling, args, stages, direction)
+    files = {"README.md": card + curve + kept,
+             "eval_results.json": json.dumps({**evaluation, "training": stages}, indent=1) + "\n"}
+    write_model_folder(model, processor, args.output, files, overwrite=args.overwrite)
     print(f"wrote {args.output} ({steps} steps, {minutes:.1f} min, overall cIoU {results['overall']['cIoU']:.3f})")
 
 

@@ -20,7 +20,6 @@ a starting point for a SELFIE stage, not a segmenter to use as it is.
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,11 +30,10 @@ from transformers import get_cosine_schedule_with_warmup
 
 from modeling_selfie import SelfieForSegmentation, SelfieProcessor
 from modeling_selfie.data.refshapes import FORMS, RefShapesDataset, check_backgrounds
-from modeling_selfie.io_utils import atomic_output_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the script beside this one
-from train_refshapes import TEST_SEED, argument_type, cell_forms, drop_remote_code  # noqa: E402
+from train_refshapes import TEST_SEED, TOKENIZER_FILES, argument_type, cell_forms, write_model_folder  # noqa: E402
 
 
 def patch_batch(processor, dataset, indices, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,21 +68,16 @@ def commonest_share(labels: torch.Tensor) -> float:
 def write_stage(model, processor, source: Path, output: Path, stage: dict) -> None:
     """`output` := the model and processor, with `source`'s tokenizer files and training stages plus `stage`."""
     stages = json.loads((source / "eval_results.json").read_text())["training"] + [stage]
-    with atomic_output_dir(output, overwrite=True) as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        drop_remote_code(staging)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(source / name, staging / name)
-        (staging / "eval_results.json").write_text(json.dumps({"training": stages}, indent=1) + "\n")
-        (staging / "README.md").write_text(
-            "# A RefShapes SELFIE model after per-patch form training of its vision tower\n\n"
-            f"Written by `{stage['command']}` from `{source}`. Its LLM and heads still read the tower's features "
-            "as they were, so this folder starts a SELFIE stage (`examples/train_refshapes.py --init-from`); it "
-            "is not a segmenter to use as it is.\n\n"
-            f"Held-out patch form accuracy: {stage['patch_form_accuracy'][-1]['accuracy']:.3f} (always naming the "
-            f"commonest form: {stage['commonest_form']:.3f}).\n"
-        )
+    card = (
+        "# A RefShapes SELFIE model after per-patch form training of its vision tower\n\n"
+        f"Written by `{stage['command']}` from `{source}`. Its LLM and heads still read the tower's features "
+        "as they were, so this folder starts a SELFIE stage (`examples/train_refshapes.py --init-from`); it "
+        "is not a segmenter to use as it is.\n\n"
+        f"Held-out patch form accuracy: {stage['patch_form_accuracy'][-1]['accuracy']:.3f} (always naming the "
+        f"commonest form: {stage['commonest_form']:.3f}).\n"
+    )
+    files = {"eval_results.json": json.dumps({"training": stages}, indent=1) + "\n", "README.md": card}
+    write_model_folder(model, processor, output, files, copy_from=source, copy=TOKENIZER_FILES)
 
 
 def parse_args(argv=None):

@@ -220,13 +220,14 @@ def test_a_run_on_every_background_keeps_one_checkpoint_saved_by_the_clock(scrip
     run_dir = tmp_path / "run"
     run(script, "--backgrounds", "all", "--tiny-shapes", "--max-tiles", "4", "--bce-loss-weight", "2",
         "--dice-loss-weight", "0.5", "--directions", "left,top", "--opposite-pairs", "--save-minutes", "0",
-        "--save-steps", "1000", "--keep-checkpoints", "1", "--form-loss-weight", "1",
+        "--save-steps", "1000", "--keep-checkpoints", "1", "--form-loss-weight", "1", "--other-shape-weight", "2",
         "--run-dir", str(run_dir), "--output", str(tmp_path / "model"))  # fmt: skip
     assert [path.name for path in run_dir.glob("checkpoint-*")] == ["checkpoint-2"]  # saved by time, not by steps
     settings = json.loads((run_dir / "run_settings.json").read_text())
     assert settings["backgrounds"] == "pale,dark,mid,saturated,gradient,noise,texture" and settings["tiny_shapes"]
     assert settings["max_tiles"] == 4 and (settings["bce_loss_weight"], settings["dice_loss_weight"]) == (2, 0.5)
     assert settings["directions"] == "left,top" and settings["opposite_pairs"] and settings["form_loss_weight"] == 1
+    assert settings["other_shape_weight"] == 2
     assert "form_classifier.weight" in load_file(run_dir / "checkpoint-2" / "model.safetensors")  # resumable
     assert not any("form" in name for name in load_file(tmp_path / "model" / "model.safetensors"))  # training only
     config = json.loads((tmp_path / "model" / "config.json").read_text())
@@ -236,7 +237,9 @@ def test_a_run_on_every_background_keeps_one_checkpoint_saved_by_the_clock(scrip
     command = stages[0]["command"]
     assert "--max-tiles 4 --bce-loss-weight 2 --dice-loss-weight 0.5 --backgrounds pale,dark,mid" in command
     assert "--tiny-shapes --directions left,top --opposite-pairs --form-loss-weight 1 " in command
-    assert "1 x a training-only form loss" in (tmp_path / "model" / "README.md").read_text()
+    assert "--other-shape-weight 2 " in command
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "1 x a training-only form loss" in card and "2 x a training-only BCE on the pixels of the shapes" in card
 
 
 def test_cell_forms_keep_the_cells_inside_one_shape():
@@ -282,6 +285,30 @@ def test_the_form_loss_reads_each_image_of_a_batch_of_mixed_tile_grids(script, t
     expected = sum(loss * cells for loss, cells in alone) / batched_cells
     assert batched == pytest.approx(expected, rel=1e-4)
     assert batched > 0
+
+
+def test_the_other_shape_loss_is_the_bce_over_the_pixels_of_shapes_the_expression_does_not_name(script, tmp_path):
+    """Hand-made: a 4x4 scene read at 2x2 logit cells. The target fills the top-left cell; another shape fills the
+    bottom-right cell and half the top-right one. The loss is softplus (BCE towards 0) of those cells' logits,
+    weighed by the share the other shape covers; a mask with no other shape in its scene does not count."""
+    model, _ = script.build_model_and_processor(0, vision_width=64, llm_width=64)
+    args = TrainingArguments(str(tmp_path), remove_unused_columns=False, use_cpu=True, report_to=[])
+    trainer = script.FormLossTrainer(model=model, args=args, other_shape_weight=1.0)
+    logits = torch.tensor([[[0.0, 2.0], [-1.0, 5.0]]])
+    label = torch.zeros(1, 4, 4, dtype=torch.uint8)
+    label[0, :2, :2] = 1
+    form_map = torch.zeros(4, 4, dtype=torch.uint8)
+    form_map[:2, :2] = 1  # the target
+    form_map[2:, 2:] = 4  # another shape: the bottom-right cell
+    form_map[:2, 3] = 4  # and half the top-right one
+    alone = torch.zeros(4, 4, dtype=torch.uint8)
+    alone[:2, :2] = 1  # a scene of the target only
+    softplus = torch.nn.functional.softplus
+    expected = (0.5 * softplus(torch.tensor(2.0)) + softplus(torch.tensor(5.0))) / 1.5
+    loss = trainer.other_shape_loss([logits, logits], [label, label], [form_map, alone])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert trainer._other_totals.tolist() == pytest.approx([expected.item(), 1])  # one mask counted
+    assert trainer.other_shape_loss([logits], [label], [alone]).item() == 0
 
 
 def test_a_run_can_start_from_the_weights_of_an_earlier_one(script, interrupted_run, tmp_path):
