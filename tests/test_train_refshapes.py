@@ -501,3 +501,42 @@ def test_patch_form_accuracy_counts_the_labelled_patches_only():
     labels = torch.tensor([[0, 1, 2, 0, -100, -100]])
     assert vision.patch_form_accuracy(tower, classifier, None, labels) == 0.75
     assert vision.commonest_share(labels) == 0.5
+
+
+PROBE_SCRIPT = SCRIPT.parent / "probe_seg_vector.py"
+
+
+def test_the_seg_vector_probe_scores_a_trained_folder_from_a_shell(interrupted_run, tmp_path, capsys):
+    """`examples/probe_seg_vector.py` from a shell on a folder written by `train_refshapes.py`: the three kinds of
+    vector are scored on the second half of the expressions, and the JSON holds what the table prints."""
+    _, earlier = interrupted_run
+    command = [sys.executable, str(PROBE_SCRIPT), "--model", str(earlier), "--size", "4", "--fit-steps", "2",
+               "--epochs", "1", "--threads", "1", "--json", str(tmp_path / "probe.json")]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "probe.json").read_text())
+    assert results["expressions_scored"] == 2
+    for name in ("model", "colour + form", "per expression"):
+        row = results[name]
+        assert row["shared_count"] + row["own_count"] == 2
+        assert all(row[key] is None or 0 <= row[key] <= 1 for key in ("shared_cIoU", "own_cIoU",
+                                                                      "other_shape_covered"))
+        assert f"| {name} | " in done.stdout
+    with pytest.raises(SystemExit):
+        load_script(PROBE_SCRIPT).parse_args(["--model", str(earlier), "--size", "1"])
+    assert "--size must be at least 2 (half fit, half scored), got 1" in capsys.readouterr().err
+
+
+def test_the_seg_vector_probe_counts_cells_the_target_or_other_shape_covers_half_of():
+    """Hand-made 2x2 grids: a shared-colour item whose mask covers its target and half its other shape's cells,
+    and an own-colour item whose mask misses half its target."""
+    probe = load_script(PROBE_SCRIPT)
+    shared = {"shared": True, "target": torch.tensor([[1.0, 0.0], [0.0, 0.0]]),
+              "other": torch.tensor([[0.0, 1.0], [0.6, 0.2]])}  # fmt: skip
+    own = {"shared": False, "target": torch.tensor([[1.0, 1.0], [0.0, 0.0]]), "other": torch.zeros(2, 2)}
+    logits = [torch.tensor([[3.0, 2.0], [-1.0, 4.0]]), torch.tensor([[1.0, -1.0], [-1.0, -1.0]])]
+    result = probe.score([shared, own], logits)
+    assert result["shared_count"] == result["own_count"] == 1
+    assert result["shared_cIoU"] == pytest.approx(1 / 3)  # the target cell of the three masked cells
+    assert result["own_cIoU"] == pytest.approx(1 / 2)
+    assert result["other_shape_covered"] == pytest.approx(1 / 2)  # of the two cells the other shape half-covers
