@@ -20,7 +20,8 @@ if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
 else
     echo "browser.sh: not root or no apt-get: installing no Debian packages"
 fi
-pip install -q -e ".[app,dev]" "selenium>=4.40,<5"
+# .ci/run builds other virtualenvs meanwhile: editable installs of this folder take turns (each writes its egg-info)
+flock .ci-editable.lock pip install -q -e ".[app,dev]" "selenium>=4.40,<5"
 
 tests=(examples/test_app.py)
 if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
